@@ -1,0 +1,891 @@
+//! The engine task: the one owner of the [`Scheduler`], driven by commands.
+//!
+//! It plans a step, sleeps the modeled step time (divided by the time scale), applies the step,
+//! and fans tokens out to each request's channel. It also serves the prefill side of the NIXL side
+//! channel (block reads, read notifications, lease expiry) and drives decode-side KV pulls, which
+//! run as their own tasks (see [`transfer`]) and report back by command.
+//!
+//! Time: the simulated clock is `(tokio now - start) * time_scale`, so paused-time tests and
+//! accelerated replays both work; every metric is observed in simulated seconds.
+
+mod transfer;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::cost::{CostModel, LinkClass};
+use crate::faults::Faults;
+use crate::kv_events::KvEventPublisher;
+use crate::metrics::{EngineMetrics, FinishedReason, FinishedRequest, SchedulerGauges};
+use crate::sampler::{prompt_fingerprint, sample, SampleVocab};
+use crate::scheduler::{FinishReason, NewSeq, Scheduler, SchedulerConfig, SeqId, StepPlan};
+use crate::side_channel::{CompatFactors, SideRequest};
+use crate::tokenizer::SimTokenizer;
+
+pub use transfer::{RemoteKv, TransferError};
+
+/// What to do when a decode-side KV load fails (vLLM's `kv_load_failure_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvLoadFailurePolicy {
+    Fail,
+    Recompute,
+}
+
+impl KvLoadFailurePolicy {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "fail" => Some(Self::Fail),
+            "recompute" => Some(Self::Recompute),
+            _ => None,
+        }
+    }
+}
+
+/// Everything the engine task needs, resolved at start-up.
+#[derive(Debug)]
+pub struct EngineConfig {
+    pub served_model_name: String,
+    pub cost: CostModel,
+    pub sched: SchedulerConfig,
+    /// Simulated seconds per real second.
+    pub time_scale: f64,
+    pub seed: u64,
+    pub eos_ppm: u32,
+    /// This engine's NIXL engine id and side-channel address, as put in `kv_transfer_params`.
+    pub engine_id: String,
+    pub side_channel_host: String,
+    pub side_channel_port: u16,
+    pub tp_size: u32,
+    pub compat: CompatFactors,
+    /// Prefill side: how long pinned blocks wait for a read notification (simulated time).
+    pub abort_timeout: Duration,
+    pub kv_load_failure_policy: KvLoadFailurePolicy,
+    /// Link class charged for KV pulls by this (decode) engine.
+    pub link: LinkClass,
+    /// Real-time limit for each side-channel call (vLLM's handshake uses 5 s).
+    pub side_channel_timeout: Duration,
+    /// Bytes actually moved per block on the side channel (a stand-in for the modeled size).
+    pub kv_bytes_per_token: u64,
+}
+
+/// Sampling and stopping parameters of one request.
+#[derive(Debug, Clone)]
+pub struct SeqParams {
+    pub max_tokens: usize,
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub include_stop_str_in_output: bool,
+    /// The request's `seed`, else the engine's.
+    pub seed: Option<u64>,
+}
+
+/// Which side of a P/D pair a request is on.
+#[derive(Debug, Clone)]
+pub enum Role {
+    Colocated,
+    /// `do_remote_decode`: prefill, return one token and a KV handle.
+    Prefill,
+    /// `do_remote_prefill` with valid params: pull the KV, then decode.
+    Decode(RemoteKv),
+}
+
+/// A request as the HTTP layer hands it over.
+#[derive(Debug)]
+pub struct Submit {
+    /// Engine-internal request id (external id plus the random suffix).
+    pub internal_id: String,
+    pub prompt: Arc<[u32]>,
+    pub params: SeqParams,
+    pub n: u32,
+    pub role: Role,
+    /// Simulated arrival time, stamped before the per-request overhead.
+    pub arrival: f64,
+    /// Take EOS as the first token (the `eos_next` fault).
+    pub force_eos_first: bool,
+    pub max_tokens_param: u64,
+}
+
+/// The KV handle a prefill-role request leaves for the decode engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvHandle {
+    pub block_ids: Vec<u32>,
+    pub remote_request_id: String,
+    pub num_tokens: usize,
+}
+
+/// How a sequence ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    pub reason: FinishReason,
+    /// The matched stop string or stop token id (vLLM's `stop_reason`).
+    pub stop_reason: Option<serde_json::Value>,
+    /// Prefill role, length-capped: the pinned KV.
+    pub kv: Option<KvHandle>,
+    /// Prompt tokens that hit the local prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// What a request's channel carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// One sampled token; the last one of a sequence carries its finish.
+    Token {
+        index: u32,
+        token: u32,
+        /// Newly decoded text (may be empty).
+        text: String,
+        finish: Option<Finish>,
+    },
+    /// The sequence failed without a token (KV load failure under the `fail` policy).
+    Failed { index: u32, error: String },
+}
+
+enum Command {
+    Submit(Box<Submit>, mpsc::UnboundedSender<Event>, Vec<SeqId>),
+    Abort(Vec<SeqId>),
+    Side(SideRequest),
+    TransferDone(SeqId, Result<transfer::TransferStats, TransferError>),
+    ExhaustKv(bool),
+    ResetPrefixCache(tokio::sync::oneshot::Sender<bool>),
+}
+
+/// A cheap handle to the engine task.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+    clock: SimClock,
+    overhead: Duration,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+/// Simulated time.
+#[derive(Clone, Copy, Debug)]
+pub struct SimClock {
+    start: Instant,
+    scale: f64,
+}
+
+impl SimClock {
+    pub fn new(scale: f64) -> Self {
+        SimClock {
+            start: Instant::now(),
+            scale,
+        }
+    }
+
+    /// Simulated seconds since start.
+    pub fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * self.scale
+    }
+
+    /// Real time that a simulated duration takes.
+    pub fn real(&self, sim: Duration) -> Duration {
+        sim.div_f64(self.scale)
+    }
+
+    /// Simulated duration of a real one.
+    pub fn real_to_sim(&self, real: Duration) -> f64 {
+        real.as_secs_f64() * self.scale
+    }
+
+    /// The real instant at which simulated time `t` is reached.
+    pub fn instant_at(&self, t: f64) -> Instant {
+        self.start + Duration::from_secs_f64((t / self.scale).max(0.0))
+    }
+}
+
+/// A request's stream of events. Dropping it aborts whatever is unfinished.
+#[derive(Debug)]
+pub struct RequestStream {
+    pub rx: mpsc::UnboundedReceiver<Event>,
+    ids: Vec<SeqId>,
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        // Aborting finished sequences is a no-op in the engine, so always send.
+        let _ = self.tx.send(Command::Abort(std::mem::take(&mut self.ids)));
+    }
+}
+
+impl EngineHandle {
+    /// Queue a request; its events arrive on the returned stream.
+    pub fn submit(&self, req: Submit) -> RequestStream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let first = self
+            .next_id
+            .fetch_add(u64::from(req.n), std::sync::atomic::Ordering::Relaxed);
+        let ids: Vec<SeqId> = (first..first + u64::from(req.n)).collect();
+        // A closed engine drops the sender; the stream then ends and the caller reports it.
+        let _ = self
+            .tx
+            .send(Command::Submit(Box::new(req), tx, ids.clone()));
+        RequestStream {
+            rx,
+            ids,
+            tx: self.tx.clone(),
+        }
+    }
+
+    pub fn clock(&self) -> SimClock {
+        self.clock
+    }
+
+    /// The modeled per-request overhead (HTTP, tokenisation, scheduling), in real time.
+    pub fn overhead(&self) -> Duration {
+        self.clock.real(self.overhead)
+    }
+
+    pub fn set_exhaust_kv(&self, on: bool) {
+        let _ = self.tx.send(Command::ExhaustKv(on));
+    }
+
+    pub async fn reset_prefix_cache(&self) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Command::ResetPrefixCache(tx)).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// A sender for side-channel requests, to give to the side-channel server.
+    pub fn side_sender(&self) -> mpsc::Sender<SideRequest> {
+        let (tx, mut rx) = mpsc::channel::<SideRequest>(64);
+        let cmd = self.tx.clone();
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                if cmd.send(Command::Side(r)).is_err() {
+                    break;
+                }
+            }
+        });
+        tx
+    }
+}
+
+struct SeqMeta {
+    index: u32,
+    out: mpsc::UnboundedSender<Event>,
+    params: SeqParams,
+    seed: u64,
+    fingerprint: u64,
+    prompt_len: usize,
+    internal_id: String,
+    remote: Option<RemoteKv>,
+    force_eos_first: bool,
+    n: u32,
+    max_tokens_param: u64,
+    text: String,
+    cached_tokens: usize,
+    arrival: f64,
+    first_scheduled: Option<f64>,
+    first_token: Option<f64>,
+    last_token: Option<f64>,
+    generated: u64,
+    /// Text length already sent, so a stop string can hold back text that might still match.
+    sent_len: usize,
+    stop_reason: Option<serde_json::Value>,
+}
+
+struct Pinned {
+    seq: SeqId,
+    deadline: f64,
+}
+
+/// Spawn the engine task.
+pub fn spawn(
+    cfg: EngineConfig,
+    tokenizer: Arc<SimTokenizer>,
+    metrics: Arc<EngineMetrics>,
+    events: Option<KvEventPublisher>,
+    faults: Faults,
+) -> EngineHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let clock = SimClock::new(cfg.time_scale);
+    let handle = EngineHandle {
+        tx: tx.clone(),
+        next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        clock,
+        overhead: cfg.cost.per_request_overhead(),
+    };
+    let vocab = tokenizer.sample_vocab(cfg.eos_ppm);
+    let sched = Scheduler::new(cfg.sched.clone());
+    let engine = Engine {
+        cfg: Arc::new(cfg),
+        sched,
+        tokenizer,
+        vocab,
+        metrics,
+        events,
+        faults,
+        clock,
+        meta: HashMap::new(),
+        pinned: HashMap::new(),
+        agents: HashMap::new(),
+        reserved: Vec::new(),
+        tx,
+    };
+    tokio::spawn(engine.run(rx));
+    handle
+}
+
+struct Engine {
+    cfg: Arc<EngineConfig>,
+    sched: Scheduler,
+    tokenizer: Arc<SimTokenizer>,
+    vocab: SampleVocab,
+    metrics: Arc<EngineMetrics>,
+    events: Option<KvEventPublisher>,
+    faults: Faults,
+    clock: SimClock,
+    meta: HashMap<SeqId, SeqMeta>,
+    /// Prefill role: pinned KV by internal request id.
+    pinned: HashMap<String, Pinned>,
+    /// Decode role: compatibility hashes of remote engines already handshaken.
+    agents: HashMap<String, String>,
+    /// Blocks held by the `exhaust_kv` fault.
+    reserved: Vec<u32>,
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Engine {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        if self.faults.exhaust_kv() {
+            self.set_exhaust(true);
+        }
+        loop {
+            // Take everything queued, then plan.
+            while let Ok(cmd) = rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.expire_leases();
+            let plan = self.sched.schedule();
+            self.after_plan(&plan);
+            if plan.is_empty() {
+                self.publish_gauges();
+                let next_deadline = self
+                    .pinned
+                    .values()
+                    .map(|p| p.deadline)
+                    .fold(f64::INFINITY, f64::min);
+                let cmd = if next_deadline.is_finite() {
+                    tokio::select! {
+                        c = rx.recv() => c,
+                        _ = tokio::time::sleep_until(self.clock.instant_at(next_deadline)) => continue,
+                    }
+                } else {
+                    rx.recv().await
+                };
+                match cmd {
+                    Some(c) => self.handle(c),
+                    None => return,
+                }
+                continue;
+            }
+            let dur = self.cfg.cost.step_time(&self.sched.shape(&plan));
+            tokio::time::sleep(self.clock.real(dur)).await;
+            // Commands that arrived during the step (aborts, reads) apply before its results.
+            while let Ok(cmd) = rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.complete(&plan);
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(req, out, ids) => self.admit(*req, out, ids),
+            Command::Abort(ids) => {
+                for id in ids {
+                    self.abort(id);
+                }
+            }
+            Command::Side(req) => self.side(req),
+            Command::TransferDone(id, result) => self.transfer_done(id, result),
+            Command::ExhaustKv(on) => self.set_exhaust(on),
+            Command::ResetPrefixCache(reply) => {
+                let ok = self.sched.reset_prefix_cache();
+                self.flush_events();
+                let _ = reply.send(ok);
+            }
+        }
+    }
+
+    fn admit(&mut self, req: Submit, out: mpsc::UnboundedSender<Event>, ids: Vec<SeqId>) {
+        let fingerprint = prompt_fingerprint(&req.prompt);
+        let seed = req.params.seed.unwrap_or(self.cfg.seed);
+        let (prefill, remote) = match &req.role {
+            Role::Colocated => (false, None),
+            Role::Prefill => (true, None),
+            Role::Decode(r) => (false, Some(r.clone())),
+        };
+        self.metrics.prompt_tokens(req.prompt.len() as u64);
+        for (index, id) in ids.into_iter().enumerate() {
+            self.sched.add(NewSeq {
+                id,
+                prompt: req.prompt.clone(),
+                max_tokens: req.params.max_tokens,
+                remote_prefill: remote.is_some(),
+                // Only the first choice's KV is handed off, as vLLM returns
+                // `final_res_batch[0].kv_transfer_params`.
+                remote_decode: prefill && index == 0,
+            });
+            self.meta.insert(
+                id,
+                SeqMeta {
+                    index: index as u32,
+                    out: out.clone(),
+                    params: req.params.clone(),
+                    seed,
+                    fingerprint,
+                    prompt_len: req.prompt.len(),
+                    internal_id: req.internal_id.clone(),
+                    remote: remote.clone(),
+                    force_eos_first: req.force_eos_first,
+                    n: req.n,
+                    max_tokens_param: req.max_tokens_param,
+                    text: String::new(),
+                    cached_tokens: 0,
+                    arrival: req.arrival,
+                    first_scheduled: None,
+                    first_token: None,
+                    last_token: None,
+                    generated: 0,
+                    sent_len: 0,
+                    stop_reason: None,
+                },
+            );
+        }
+    }
+
+    fn abort(&mut self, id: SeqId) {
+        if !self.sched.abort(id) {
+            return;
+        }
+        if let Some(m) = self.meta.remove(&id) {
+            // A decode-role request aborted before its KV arrived still tells the prefill engine
+            // to free the blocks (vLLM enqueues an empty receive for the same reason).
+            if let Some(remote) = &m.remote {
+                transfer::spawn_notify(remote.clone(), self.cfg.clone(), self.metrics.clone());
+            }
+            self.record_finished(&m, FinishReason::Abort);
+        }
+        self.flush_events();
+    }
+
+    fn after_plan(&mut self, plan: &StepPlan) {
+        let now = self.clock.now();
+        if plan.prefix_queries > 0 {
+            self.metrics
+                .prefix_cache(plan.prefix_queries, plan.prefix_hits);
+        }
+        for id in &plan.first_scheduled {
+            if let Some(m) = self.meta.get_mut(id) {
+                m.first_scheduled.get_or_insert(now);
+            }
+        }
+        if !plan.preempted.is_empty() {
+            self.metrics.preempted(plan.preempted.len() as u64);
+        }
+        for s in &plan.scheduled {
+            if s.start == 0 || !plan.first_scheduled.contains(&s.id) {
+                continue;
+            }
+            if let Some(m) = self.meta.get_mut(&s.id) {
+                if m.remote.is_none() {
+                    m.cached_tokens = s.start;
+                }
+            }
+        }
+        for t in &plan.transfers {
+            let Some(m) = self.meta.get_mut(&t.id) else {
+                continue;
+            };
+            m.first_scheduled.get_or_insert(now);
+            m.cached_tokens = t.local_hit_blocks * self.cfg.sched.block_size as usize;
+            let remote = m.remote.clone().expect("transfers are for decode-role sequences");
+            let expected = self
+                .sched
+                .expected_prompt_contents(t.id)
+                .expect("sequence is in the scheduler");
+            let known = self.agents.get(&remote.engine_id).cloned();
+            transfer::spawn_pull(
+                transfer::Pull {
+                    seq: t.id,
+                    remote,
+                    local_hit_blocks: t.local_hit_blocks,
+                    expected,
+                    known_hash: known,
+                    prompt_len: m.prompt_len,
+                },
+                self.cfg.clone(),
+                self.clock,
+                self.tx.clone(),
+            );
+        }
+        self.flush_events();
+    }
+
+    fn complete(&mut self, plan: &StepPlan) {
+        let now = self.clock.now();
+        self.metrics.iteration_tokens(plan.num_tokens() as u64);
+        let Engine {
+            sched,
+            meta,
+            tokenizer,
+            vocab,
+            ..
+        } = self;
+        let outputs = sched.complete(plan, &mut |id, tokens, prompt_len| {
+            let m = meta.get_mut(&id).expect("every scheduled sequence has metadata");
+            decide(m, tokenizer, vocab, tokens, prompt_len)
+        });
+        for o in outputs {
+            let Some(m) = self.meta.get_mut(&o.id) else {
+                continue;
+            };
+            m.generated += 1;
+            self.metrics.generation_tokens(1);
+            match m.last_token {
+                None => self.metrics.ttft(now - m.arrival),
+                Some(prev) => self.metrics.itl(now - prev),
+            }
+            m.first_token.get_or_insert(now);
+            m.last_token = Some(now);
+            let finish = o.finished.as_ref().map(|f| f.reason);
+            // Text held back for a possible stop string is released when the sequence ends.
+            let visible = if finish.is_some() || m.params.stop.is_empty() {
+                m.text.len()
+            } else {
+                let hold = m.params.stop.iter().map(|s| s.len()).max().unwrap_or(0) - 1;
+                floor_char_boundary(&m.text, m.text.len().saturating_sub(hold))
+            };
+            let delta = if visible > m.sent_len {
+                m.text[m.sent_len..visible].to_string()
+            } else {
+                String::new()
+            };
+            m.sent_len = m.sent_len.max(visible);
+            let Some(f) = o.finished else {
+                let _ = m.out.send(Event::Token {
+                    index: m.index,
+                    token: o.token,
+                    text: delta,
+                    finish: None,
+                });
+                continue;
+            };
+            let m = self.meta.remove(&o.id).expect("present above");
+            let kv = f.pinned_blocks.map(|block_ids| {
+                let deadline = now + self.cfg.abort_timeout.as_secs_f64();
+                self.pinned.insert(
+                    m.internal_id.clone(),
+                    Pinned {
+                        seq: o.id,
+                        deadline,
+                    },
+                );
+                KvHandle {
+                    block_ids,
+                    remote_request_id: m.internal_id.clone(),
+                    num_tokens: m.prompt_len,
+                }
+            });
+            self.record_finished(&m, f.reason);
+            let _ = m.out.send(Event::Token {
+                index: m.index,
+                token: o.token,
+                text: delta,
+                finish: Some(Finish {
+                    reason: f.reason,
+                    stop_reason: m.stop_reason.clone(),
+                    kv,
+                    cached_tokens: m.cached_tokens,
+                }),
+            });
+        }
+        self.flush_events();
+        self.publish_gauges();
+    }
+
+    fn record_finished(&self, m: &SeqMeta, reason: FinishReason) {
+        let now = self.clock.now();
+        let sched = m.first_scheduled.unwrap_or(now);
+        let first = m.first_token.unwrap_or(now);
+        let mean_tpot = (m.generated > 1).then(|| {
+            (m.last_token.unwrap_or(now) - first) / (m.generated - 1) as f64
+        });
+        self.metrics.request_finished(&FinishedRequest {
+            reason: match reason {
+                FinishReason::Stop => FinishedReason::Stop,
+                FinishReason::Length => FinishedReason::Length,
+                FinishReason::Abort => FinishedReason::Abort,
+                FinishReason::Error => FinishedReason::Error,
+            },
+            prompt_tokens: m.prompt_len as u64,
+            generation_tokens: m.generated,
+            max_tokens_param: m.max_tokens_param,
+            n: m.n,
+            e2e_s: now - m.arrival,
+            queue_s: sched - m.arrival,
+            prefill_s: first - sched,
+            decode_s: now - first,
+            inference_s: now - sched,
+            prefill_kv_computed_tokens: m.prompt_len.saturating_sub(m.cached_tokens) as u64,
+            mean_tpot_s: mean_tpot,
+        });
+    }
+
+    fn flush_events(&mut self) {
+        let events = self.sched.take_events();
+        if let Some(p) = &self.events {
+            p.publish(wall_clock_secs(), events);
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let (capacity, deferred) = self.sched.num_waiting();
+        self.metrics.set_scheduler(SchedulerGauges {
+            running: self.sched.num_running() as u64,
+            waiting_capacity: capacity as u64,
+            waiting_deferred: deferred as u64,
+            kv_cache_usage: self.sched.kv_usage(),
+        });
+    }
+
+    fn set_exhaust(&mut self, on: bool) {
+        if on {
+            let got = self.sched.reserve_blocks(usize::MAX);
+            self.reserved.extend(got);
+        } else {
+            let blocks = std::mem::take(&mut self.reserved);
+            self.sched.unreserve_blocks(&blocks);
+        }
+        self.flush_events();
+        self.publish_gauges();
+    }
+
+    fn expire_leases(&mut self) {
+        let now = self.clock.now();
+        let expired: Vec<String> = self
+            .pinned
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in expired {
+            let p = self.pinned.remove(&id).expect("listed above");
+            self.sched.release_pinned(p.seq);
+            self.metrics.nixl_expired(1);
+            tracing::warn!(
+                request_id = %id,
+                "Releasing expired KV blocks for request {id} which were retrieved by 0 decode worker(s) within {} seconds.",
+                self.cfg.abort_timeout.as_secs()
+            );
+        }
+        if !self.pinned.is_empty() || self.sched.num_running() == 0 {
+            self.publish_gauges();
+        }
+    }
+
+    fn side(&mut self, req: SideRequest) {
+        match req {
+            SideRequest::Read {
+                remote_request_id,
+                block_ids,
+                reply,
+            } => {
+                if self.faults.take_kv_refuse() {
+                    let _ = reply.send(Err("KV read refused (fault injection)".to_string()));
+                    return;
+                }
+                if !self.pinned.contains_key(&remote_request_id) {
+                    // Real NIXL reads whatever the blocks hold now; the decode side's check
+                    // catches recycled content. vLLM logs the same worry on the notification.
+                    tracing::warn!(
+                        "KV read for unrecognized request {remote_request_id}; blocks may have expired"
+                    );
+                }
+                let corrupt = self.faults.take_kv_corrupt();
+                let mut blocks = Vec::with_capacity(block_ids.len());
+                for &b in &block_ids {
+                    if b >= self.sched.num_blocks() {
+                        let _ = reply.send(Err(format!("block id {b} out of range")));
+                        return;
+                    }
+                    let mut bytes = self
+                        .sched
+                        .block_content(b)
+                        .map(|d| d.to_vec())
+                        .unwrap_or_else(|| vec![0; 32]);
+                    if corrupt {
+                        bytes[0] ^= 0xff;
+                    }
+                    blocks.push(bytes);
+                }
+                let _ = reply.send(Ok(blocks));
+            }
+            SideRequest::Notify {
+                remote_request_id,
+                world_size: _,
+                reply,
+            } => {
+                match self.pinned.remove(&remote_request_id) {
+                    Some(p) => {
+                        self.sched.release_pinned(p.seq);
+                        self.publish_gauges();
+                    }
+                    None => tracing::warn!(
+                        "Potentially invalid KV blocks for unrecognized request {remote_request_id} were retrieved by a decode worker. They may have expired."
+                    ),
+                }
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn transfer_done(&mut self, id: SeqId, result: Result<transfer::TransferStats, TransferError>) {
+        if !self.sched.contains(id) {
+            return; // aborted meanwhile
+        }
+        match result {
+            Ok(stats) => {
+                if let Some(hash) = stats.handshake_hash {
+                    if let Some(m) = self.meta.get(&id) {
+                        if let Some(r) = &m.remote {
+                            self.agents.insert(r.engine_id.clone(), hash);
+                        }
+                    }
+                }
+                if stats.notify_failed {
+                    self.metrics.nixl_failed_notification();
+                }
+                self.metrics.nixl_transfer(
+                    stats.xfer_s,
+                    stats.post_s,
+                    stats.bytes,
+                    stats.descriptors,
+                );
+                self.sched.remote_kv_done(id);
+            }
+            Err(e) => {
+                self.metrics.nixl_failed_transfer();
+                tracing::warn!(seq = id, error = %e, "KV load failed");
+                match self.cfg.kv_load_failure_policy {
+                    KvLoadFailurePolicy::Recompute => {
+                        self.sched.remote_kv_recompute(id);
+                        if let Some(m) = self.meta.get_mut(&id) {
+                            m.cached_tokens = 0;
+                        }
+                    }
+                    KvLoadFailurePolicy::Fail => {
+                        self.sched.abort(id);
+                        if let Some(m) = self.meta.remove(&id) {
+                            self.record_finished(&m, FinishReason::Error);
+                            let _ = m.out.send(Event::Failed {
+                                index: m.index,
+                                error: e.to_string(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        self.flush_events();
+        self.publish_gauges();
+    }
+}
+
+/// Sample the next token of a sequence and decide whether it ends it.
+fn decide(
+    m: &mut SeqMeta,
+    tokenizer: &SimTokenizer,
+    vocab: &SampleVocab,
+    tokens: &[u32],
+    prompt_len: usize,
+) -> (u32, Option<FinishReason>) {
+    let position = tokens.len() - prompt_len;
+    let token = if position == 0 && m.force_eos_first {
+        vocab.eos
+    } else {
+        sample(vocab, m.seed, m.fingerprint, position, m.index)
+    };
+    let may_stop = position >= m.params.min_tokens;
+    if token == vocab.eos && !m.params.ignore_eos && may_stop {
+        return (token, Some(FinishReason::Stop));
+    }
+    if may_stop && m.params.stop_token_ids.contains(&token) {
+        m.stop_reason = Some(token.into());
+        return (token, Some(FinishReason::Stop));
+    }
+    let mut output: Vec<u32> = tokens[prompt_len..].to_vec();
+    output.push(token);
+    // Decoding the whole output keeps multi-byte characters intact across token boundaries.
+    let text = tokenizer.decode(&output).unwrap_or_default();
+    if may_stop {
+        let search_from = floor_char_boundary(
+            &text,
+            m.text
+                .len()
+                .saturating_sub(m.params.stop.iter().map(|s| s.len()).max().unwrap_or(0)),
+        );
+        for stop in &m.params.stop {
+            if stop.is_empty() {
+                continue;
+            }
+            if let Some(pos) = text[search_from..].find(stop.as_str()) {
+                let at = search_from + pos;
+                let end = if m.params.include_stop_str_in_output {
+                    at + stop.len()
+                } else {
+                    at
+                };
+                m.text = text[..end].to_string();
+                m.stop_reason = Some(stop.clone().into());
+                return (token, Some(FinishReason::Stop));
+            }
+        }
+    }
+    m.text = text;
+    (token, None)
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    if i >= s.len() {
+        return s.len();
+    }
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Wall-clock seconds, vLLM's `time.time()` for event batch timestamps.
+fn wall_clock_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A fresh 8-hex-char suffix for internal request ids (vLLM's `random_uuid()[:8]`).
+pub fn random_suffix(rng: &mut impl Rng) -> String {
+    format!("{:08x}", rng.random::<u32>())
+}
+
+#[cfg(test)]
+mod tests;

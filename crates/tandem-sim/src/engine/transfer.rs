@@ -1,0 +1,204 @@
+//! Decode side of a P/D handoff: pull the prompt's KV from the prefill engine named in
+//! `kv_transfer_params`, verify it, charge the modeled transfer time, and notify the prefill
+//! engine so it frees its pinned blocks.
+//!
+//! The bytes moved are a 32-byte stand-in per block (the digest of the block's tokens), so the
+//! check is real: a recycled, corrupted or wrong block fails loudly. The timing model charges the
+//! full modeled size (`tokens * kv_bytes_per_token`) over the configured link class.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::{Command, EngineConfig, SimClock};
+use crate::kv_cache::BlockDigest;
+use crate::metrics::EngineMetrics;
+use crate::scheduler::SeqId;
+use crate::side_channel::{self, SideChannelError};
+
+/// The validated remote half of `kv_transfer_params` (vLLM NixlConnector, §1.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteKv {
+    pub block_ids: Vec<u32>,
+    pub engine_id: String,
+    pub request_id: String,
+    pub host: String,
+    pub port: u16,
+    pub tp_size: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("remote_block_ids has {got} blocks but the prompt needs {expected}: prompts differ between prefill and decode")]
+    BlockCountMismatch { expected: usize, got: usize },
+    #[error("NIXL handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: SideChannelError,
+    },
+    #[error("NIXL compatibility hash mismatch. Local: {local}, Remote: {remote}")]
+    HashMismatch { local: String, remote: String },
+    #[error("Remote NIXL agent engine ID mismatch: expected {expected}, got {got}")]
+    EngineIdMismatch { expected: String, got: String },
+    #[error("KV read from {addr} failed: {source}")]
+    Read {
+        addr: String,
+        #[source]
+        source: SideChannelError,
+    },
+    #[error("KV block {index} (remote block id {block_id}) does not hold the expected tokens")]
+    Corrupt { index: usize, block_id: u32 },
+}
+
+#[derive(Debug)]
+pub(super) struct TransferStats {
+    pub xfer_s: f64,
+    pub post_s: f64,
+    pub bytes: u64,
+    pub descriptors: u64,
+    pub notify_failed: bool,
+    /// Set when this pull performed the handshake, to cache it.
+    pub handshake_hash: Option<String>,
+}
+
+pub(super) struct Pull {
+    pub seq: SeqId,
+    pub remote: RemoteKv,
+    pub local_hit_blocks: usize,
+    pub expected: Vec<BlockDigest>,
+    pub known_hash: Option<String>,
+    pub prompt_len: usize,
+}
+
+pub(super) fn spawn_pull(
+    p: Pull,
+    cfg: Arc<EngineConfig>,
+    clock: SimClock,
+    tx: mpsc::UnboundedSender<Command>,
+) {
+    tokio::spawn(async move {
+        let result = pull(&p, &cfg, clock).await;
+        // The engine may have stopped; nothing else to tell then.
+        let _ = tx.send(Command::TransferDone(p.seq, result));
+    });
+}
+
+/// Tell the prefill engine to free a request's blocks without reading them.
+pub(super) fn spawn_notify(remote: RemoteKv, cfg: Arc<EngineConfig>, metrics: Arc<EngineMetrics>) {
+    tokio::spawn(async move {
+        if let Err(e) = side_channel::notify(
+            &remote.host,
+            remote.port,
+            &remote.request_id,
+            cfg.tp_size,
+            cfg.side_channel_timeout,
+        )
+        .await
+        {
+            metrics.nixl_failed_notification();
+            tracing::warn!(
+                "NIXL send_notif failed for request {}: P worker blocks will be freed after timeout. ({e})",
+                remote.request_id
+            );
+        }
+    });
+}
+
+async fn pull(p: &Pull, cfg: &EngineConfig, clock: SimClock) -> Result<TransferStats, TransferError> {
+    let r = &p.remote;
+    let addr = format!("{}:{}", r.host, r.port);
+    if r.block_ids.len() != p.expected.len() {
+        return Err(TransferError::BlockCountMismatch {
+            expected: p.expected.len(),
+            got: r.block_ids.len(),
+        });
+    }
+    let mut handshake_hash = None;
+    if p.known_hash.is_none() {
+        let agent = side_channel::handshake(&r.host, r.port, 0, cfg.side_channel_timeout)
+            .await
+            .map_err(|source| TransferError::Handshake {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local = side_channel::compatibility_hash(&cfg.compat);
+        if agent.compatibility_hash != local {
+            return Err(TransferError::HashMismatch {
+                local,
+                remote: agent.compatibility_hash,
+            });
+        }
+        if agent.engine_id != r.engine_id {
+            return Err(TransferError::EngineIdMismatch {
+                expected: r.engine_id.clone(),
+                got: agent.engine_id,
+            });
+        }
+        handshake_hash = Some(agent.compatibility_hash);
+    }
+    let to_read = &r.block_ids[p.local_hit_blocks..];
+    let post_started = clock.now();
+    let blocks = side_channel::read_blocks(
+        &r.host,
+        r.port,
+        &r.request_id,
+        to_read,
+        cfg.side_channel_timeout,
+    )
+    .await
+    .map_err(|source| TransferError::Read {
+        addr: addr.clone(),
+        source,
+    })?;
+    let post_s = clock.now() - post_started;
+    for (i, (got, want)) in blocks
+        .iter()
+        .zip(&p.expected[p.local_hit_blocks..])
+        .enumerate()
+    {
+        if got.as_slice() != want.as_slice() {
+            return Err(TransferError::Corrupt {
+                index: p.local_hit_blocks + i,
+                block_id: to_read[i],
+            });
+        }
+    }
+    if blocks.len() != to_read.len() {
+        return Err(TransferError::Corrupt {
+            index: p.local_hit_blocks + blocks.len(),
+            block_id: to_read.get(blocks.len()).copied().unwrap_or(0),
+        });
+    }
+    let bs = cfg.sched.block_size as usize;
+    let tokens = p.prompt_len.saturating_sub(p.local_hit_blocks * bs) as u64;
+    let bytes = tokens * cfg.kv_bytes_per_token;
+    let modeled = cfg.cost.transfer_time(bytes, cfg.link);
+    // The real read already took some (simulated) time; charge only the rest of the model.
+    let remaining = (modeled.as_secs_f64() - post_s).max(0.0);
+    tokio::time::sleep(clock.real(Duration::from_secs_f64(remaining))).await;
+    let notified = side_channel::notify(
+        &r.host,
+        r.port,
+        &r.request_id,
+        cfg.tp_size,
+        cfg.side_channel_timeout,
+    )
+    .await;
+    if let Err(e) = &notified {
+        // The data is here; only the prefill side's memory waits for its timeout.
+        tracing::warn!(
+            "NIXL send_notif failed for request {}: P worker blocks will be freed after timeout. ({e})",
+            r.request_id
+        );
+    }
+    Ok(TransferStats {
+        xfer_s: modeled.as_secs_f64(),
+        post_s,
+        bytes,
+        descriptors: to_read.len() as u64,
+        notify_failed: notified.is_err(),
+        handshake_hash,
+    })
+}

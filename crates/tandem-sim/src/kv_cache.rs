@@ -1,0 +1,288 @@
+//! The paged KV block pool with prefix caching, as vLLM V1's `BlockPool` does it.
+//!
+//! Pure: no IO, no clock. The pool records the KV events it causes in `pending_events`, and the
+//! engine drains them once per step so that one step publishes one batch (vLLM §4.4).
+//!
+//! Blocks are identified by their index; a block is "cached" when it is full and its chained hash is
+//! registered in the hash map. Free blocks (ref count 0) sit in an LRU queue whether cached or not;
+//! allocating takes the least recently freed one and, if it was cached, evicts its hash (BlockRemoved).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::kv_events::KvEvent;
+
+/// A block's full 32-byte chained digest (vLLM's `BlockHash`).
+pub type BlockDigest = [u8; 32];
+
+/// Index of a physical block, as sent in `remote_block_ids`.
+pub type BlockId = u32;
+
+/// vLLM's `NONE_HASH` for a given `PYTHONHASHSEED` string: `sha256_cbor(seed)`.
+pub fn none_hash(seed: &str) -> BlockDigest {
+    sha256_cbor(&seed)
+}
+
+/// `sha256_cbor((parent, tuple(tokens), extra_keys=None))`, vLLM's cross-language block hash.
+///
+/// Partial blocks are hashed the same way; their digest stands in for the block's KV content so a
+/// decode engine can verify that it received the right bytes for the tokens it expected.
+pub fn hash_block(parent: &BlockDigest, tokens: &[u32]) -> BlockDigest {
+    #[derive(Serialize)]
+    struct Input<'a>(
+        #[serde(with = "serde_bytes")] &'a [u8],
+        &'a [u32],
+        Option<()>,
+    );
+    sha256_cbor(&Input(parent, tokens, None))
+}
+
+fn sha256_cbor<T: Serialize>(value: &T) -> BlockDigest {
+    let mut buf = Vec::with_capacity(64);
+    // Serialising plain data into a Vec cannot fail.
+    ciborium::into_writer(value, &mut buf).expect("cbor encoding into a Vec");
+    Sha256::digest(&buf).into()
+}
+
+/// The value vLLM publishes in KV events: the low 64 bits of the digest, big-endian.
+pub fn external_hash(d: &BlockDigest) -> u64 {
+    u64::from_be_bytes(d[24..32].try_into().expect("8 bytes"))
+}
+
+/// Root of the KV *content* chain. Content must not depend on the per-process `NONE_HASH`
+/// (which differs between engines, as in vLLM), so it is chained from a fixed root.
+pub fn content_root() -> BlockDigest {
+    sha256_cbor(&"tandem-kv-content")
+}
+
+/// Digests of every block (full and trailing partial) of `tokens`, chained from `root`.
+pub fn chain_digests(root: &BlockDigest, tokens: &[u32], block_size: usize) -> Vec<BlockDigest> {
+    let mut out = Vec::with_capacity(tokens.len().div_ceil(block_size));
+    let mut parent = *root;
+    for chunk in tokens.chunks(block_size) {
+        parent = hash_block(&parent, chunk);
+        out.push(parent);
+    }
+    out
+}
+
+#[derive(Debug, Clone, Default)]
+struct Block {
+    ref_cnt: u32,
+    /// Set once the block is full and registered in the prefix cache.
+    hash: Option<BlockDigest>,
+    /// Digest of the KV content currently written (full or partial block); `None` until written.
+    content: Option<BlockDigest>,
+    /// Position in the free queue, when free.
+    free_seq: Option<u64>,
+}
+
+/// The block pool.
+#[derive(Debug)]
+pub struct BlockPool {
+    block_size: usize,
+    blocks: Vec<Block>,
+    /// LRU free queue: lowest sequence number is evicted first.
+    free: BTreeMap<u64, BlockId>,
+    next_free_seq: u64,
+    cached: HashMap<BlockDigest, BlockId>,
+    pending_events: Vec<KvEvent>,
+}
+
+impl BlockPool {
+    pub fn new(num_blocks: u32, block_size: u32) -> Self {
+        let mut pool = BlockPool {
+            block_size: block_size as usize,
+            blocks: vec![Block::default(); num_blocks as usize],
+            free: BTreeMap::new(),
+            next_free_seq: 0,
+            cached: HashMap::new(),
+            pending_events: Vec::new(),
+        };
+        for id in 0..num_blocks {
+            pool.push_free(id);
+        }
+        pool
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> u32 {
+        self.blocks.len() as u32
+    }
+
+    pub fn num_free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// vLLM's `kv_cache_usage`: cached-but-free blocks count as free.
+    pub fn usage(&self) -> f64 {
+        if self.blocks.is_empty() {
+            return 0.0;
+        }
+        1.0 - self.free.len() as f64 / self.blocks.len() as f64
+    }
+
+    /// The longest run of leading full-block hashes already cached, as block ids.
+    pub fn lookup_prefix(&self, hashes: &[BlockDigest]) -> Vec<BlockId> {
+        hashes
+            .iter()
+            .map_while(|h| self.cached.get(h).copied())
+            .collect()
+    }
+
+    /// Take a reference on blocks found by [`Self::lookup_prefix`].
+    pub fn touch(&mut self, ids: &[BlockId]) {
+        for &id in ids {
+            let b = &mut self.blocks[id as usize];
+            if b.ref_cnt == 0 {
+                if let Some(seq) = b.free_seq.take() {
+                    self.free.remove(&seq);
+                }
+            }
+            b.ref_cnt += 1;
+        }
+    }
+
+    /// Allocate `n` fresh blocks, evicting cached free blocks in LRU order. `None` if not enough.
+    pub fn allocate(&mut self, n: usize) -> Option<Vec<BlockId>> {
+        if self.free.len() < n {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut evicted = Vec::new();
+        for _ in 0..n {
+            let (_, id) = self.free.pop_first().expect("checked length");
+            let b = &mut self.blocks[id as usize];
+            b.free_seq = None;
+            b.ref_cnt = 1;
+            b.content = None;
+            if let Some(h) = b.hash.take() {
+                if self.cached.get(&h) == Some(&id) {
+                    self.cached.remove(&h);
+                    evicted.push(external_hash(&h));
+                }
+            }
+            out.push(id);
+        }
+        if !evicted.is_empty() {
+            self.pending_events.push(KvEvent::BlockRemoved {
+                block_hashes: evicted,
+            });
+        }
+        Some(out)
+    }
+
+    /// Drop a reference on each block. Blocks are queued tail-first, as vLLM does, so that the
+    /// end of a sequence is evicted before its (more shareable) beginning.
+    pub fn free(&mut self, ids: &[BlockId]) {
+        for &id in ids.iter().rev() {
+            let b = &mut self.blocks[id as usize];
+            debug_assert!(b.ref_cnt > 0, "double free of block {id}");
+            b.ref_cnt = b.ref_cnt.saturating_sub(1);
+            if b.ref_cnt == 0 {
+                self.push_free(id);
+            }
+        }
+    }
+
+    fn push_free(&mut self, id: BlockId) {
+        let seq = self.next_free_seq;
+        self.next_free_seq += 1;
+        self.free.insert(seq, id);
+        self.blocks[id as usize].free_seq = Some(seq);
+    }
+
+    /// Record that KV for a block's tokens has been written (content digest).
+    pub fn write(&mut self, id: BlockId, content: BlockDigest) {
+        self.blocks[id as usize].content = Some(content);
+    }
+
+    pub fn content(&self, id: BlockId) -> Option<BlockDigest> {
+        self.blocks.get(id as usize).and_then(|b| b.content)
+    }
+
+    pub fn ref_count(&self, id: BlockId) -> u32 {
+        self.blocks.get(id as usize).map_or(0, |b| b.ref_cnt)
+    }
+
+    /// Register newly full blocks in the prefix cache and queue one `BlockStored` for them.
+    ///
+    /// `blocks[i]` holds `tokens[i*bs..(i+1)*bs]` with digest `digests[i]`; `parent` is the digest of
+    /// the block before the first one (None at the start of a sequence).
+    pub fn cache_full_blocks(
+        &mut self,
+        blocks: &[BlockId],
+        digests: &[BlockDigest],
+        parent: Option<&BlockDigest>,
+        tokens: &[u32],
+    ) {
+        debug_assert_eq!(blocks.len(), digests.len());
+        debug_assert_eq!(tokens.len(), blocks.len() * self.block_size);
+        // Consecutive newly cached blocks form one event; a block that is skipped (already cached)
+        // ends the run and becomes the parent of the next one, so parent links always chain.
+        let mut run: Vec<u64> = Vec::new();
+        let mut run_tokens: Vec<u32> = Vec::new();
+        let mut run_parent = parent.map(external_hash);
+        let mut next_parent = run_parent;
+        for (i, (&id, d)) in blocks.iter().zip(digests).enumerate() {
+            let b = &mut self.blocks[id as usize];
+            let fresh = b.hash.is_none() && !self.cached.contains_key(d);
+            if b.hash.is_none() {
+                b.hash = Some(*d);
+            }
+            if fresh {
+                self.cached.insert(*d, id);
+                if run.is_empty() {
+                    run_parent = next_parent;
+                }
+                run.push(external_hash(d));
+                run_tokens
+                    .extend_from_slice(&tokens[i * self.block_size..(i + 1) * self.block_size]);
+            } else {
+                // Already cached: a prefix hit, or a duplicate computed concurrently by another
+                // request (vLLM keeps the first mapping and publishes nothing for the duplicate).
+                self.flush_stored(&mut run, &mut run_tokens, run_parent);
+            }
+            next_parent = Some(external_hash(d));
+        }
+        self.flush_stored(&mut run, &mut run_tokens, run_parent);
+    }
+
+    fn flush_stored(&mut self, run: &mut Vec<u64>, tokens: &mut Vec<u32>, parent: Option<u64>) {
+        if run.is_empty() {
+            return;
+        }
+        self.pending_events.push(KvEvent::BlockStored {
+            block_hashes: std::mem::take(run),
+            parent_block_hash: parent,
+            token_ids: std::mem::take(tokens),
+            block_size: self.block_size as u32,
+        });
+    }
+
+    /// Drop every cached hash (vLLM's `reset_prefix_cache`); only free blocks are touched.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if self.blocks.iter().any(|b| b.ref_cnt > 0) {
+            return false;
+        }
+        for b in &mut self.blocks {
+            b.hash = None;
+            b.content = None;
+        }
+        self.cached.clear();
+        self.pending_events.push(KvEvent::AllBlocksCleared);
+        true
+    }
+
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        std::mem::take(&mut self.pending_events)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,386 @@
+//! `tandem-sim`: a faithful, GPU-free vLLM engine.
+//!
+//! # Layout
+//!
+//! Pure core (no IO, no clock, no spawning; time is an argument):
+//! - [`profile`]: model and GPU profiles (H100/H200), KV bytes per token, derived `num_gpu_blocks`.
+//! - [`cost`]: the calibrated timing model of `perf-model.md` §2.4 (prefill, decode step, KV transfer).
+//! - [`kv_cache`]: the paged KV block pool with prefix caching on full blocks and LRU eviction.
+//! - [`scheduler`]: vLLM-style continuous batching (running/waiting queues, chunked prefill, preemption).
+//! - [`sampler`]: deterministic output tokens, a function of (seed, prompt, position).
+//!
+//! Edges (IO, clocks, tasks):
+//! - [`engine`]: the engine task that owns the scheduler, sleeps the modeled step time and fans out tokens.
+//! - [`http`]: vLLM's OpenAI-compatible HTTP surface (axum) plus `/admin/faults`.
+//! - [`side_channel`]: the NIXL-like side channel (ZMQ ROUTER): vLLM's handshake plus a simulated block READ.
+//! - [`kv_events`]: vLLM's KV-event ZMQ PUB publisher with replay.
+//! - [`metrics`]: vLLM's Prometheus metrics, exact names, labels and buckets.
+//! - [`faults`]: fault injection state, set by flags or at runtime.
+
+pub mod cost;
+pub mod kv_cache;
+pub mod kv_events;
+pub mod metrics;
+pub mod profile;
+pub mod sampler;
+pub mod scheduler;
+pub mod side_channel;
+pub mod tokenizer;
+pub mod engine;
+pub mod faults;
+pub mod http;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::SeedableRng;
+
+use crate::cost::{CostModel, LinkClass};
+use crate::engine::{EngineConfig, EngineHandle, KvLoadFailurePolicy};
+use crate::faults::{FaultSpec, Faults};
+use crate::kv_events::{KvEventPublisher, KvEventsConfig};
+use crate::metrics::{CacheConfigInfo, EngineMetrics};
+use crate::profile::{GpuKind, Profile};
+use crate::scheduler::SchedulerConfig;
+use crate::side_channel::{CompatFactors, HandshakeInfo, SideChannelHandle, SideChannelServer};
+use crate::tokenizer::SimTokenizer;
+
+/// The simulator's own vLLM version string, part of the NIXL compatibility hash.
+pub const VLLM_VERSION: &str = "0.11.0+tandem-sim";
+
+/// Everything a simulated engine is started with (the `tandem sim` flags, resolved).
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Profile key or HF id, e.g. `llama-3.1-8b`.
+    pub model: String,
+    /// Name served in `/v1/models` and checked against `model`; defaults to the profile's HF id.
+    pub served_model_name: Option<String>,
+    pub gpu: GpuKind,
+    pub tp: Option<u32>,
+    pub tokenizer: Option<PathBuf>,
+    pub chat_template: Option<PathBuf>,
+    pub seed: u64,
+    /// Simulated seconds per real second (1 = real time).
+    pub time_scale: f64,
+    pub block_size: u32,
+    pub num_gpu_blocks_override: Option<u32>,
+    pub gpu_memory_utilization: f64,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_model_len: Option<u32>,
+    pub enable_prefix_caching: bool,
+    /// `PYTHONHASHSEED`: seeds `NONE_HASH`; random when unset, as in vLLM.
+    pub hash_seed: Option<String>,
+    /// KV events; `None` disables them.
+    pub kv_events: Option<KvEventsConfig>,
+    pub side_channel_host: String,
+    pub side_channel_port: u16,
+    pub engine_id: Option<String>,
+    /// `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`, simulated seconds.
+    pub nixl_abort_timeout: Duration,
+    pub kv_load_failure_policy: KvLoadFailurePolicy,
+    pub link: LinkClass,
+    pub eos_rate: f64,
+    pub enable_prompt_tokens_details: bool,
+    pub disable_request_id_randomization: bool,
+    pub faults: FaultSpec,
+}
+
+impl SimConfig {
+    /// Defaults matching vLLM's where vLLM has one (documented on each flag of `tandem sim`).
+    pub fn new(model: &str, gpu: GpuKind) -> Self {
+        SimConfig {
+            model: model.to_string(),
+            served_model_name: None,
+            gpu,
+            tp: None,
+            tokenizer: None,
+            chat_template: None,
+            seed: 0,
+            time_scale: 1.0,
+            block_size: 16,
+            num_gpu_blocks_override: None,
+            gpu_memory_utilization: 0.9,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            max_model_len: None,
+            enable_prefix_caching: true,
+            hash_seed: None,
+            kv_events: None,
+            side_channel_host: "127.0.0.1".into(),
+            side_channel_port: 0,
+            engine_id: None,
+            nixl_abort_timeout: Duration::from_secs(480),
+            kv_load_failure_policy: KvLoadFailurePolicy::Fail,
+            link: LinkClass::Rdma400,
+            eos_rate: 0.0,
+            enable_prompt_tokens_details: false,
+            disable_request_id_randomization: false,
+            faults: FaultSpec::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error(transparent)]
+    Profile(#[from] profile::ProfileError),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    #[error("cannot read chat template {path}: {source}")]
+    ChatTemplate {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("KV events: {0}")]
+    KvEvents(#[from] kv_events::KvEventsError),
+    #[error("side channel: {0}")]
+    SideChannel(#[from] side_channel::SideChannelError),
+    #[error("HTTP server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running simulated engine. Dropping it does not stop it; await [`RunningSim::wait`] or
+/// resolve the shutdown future given to [`start`].
+#[derive(Debug)]
+pub struct RunningSim {
+    pub http_addr: SocketAddr,
+    pub side_channel_endpoint: String,
+    pub kv_events_endpoint: Option<String>,
+    pub kv_events_replay_endpoint: Option<String>,
+    pub engine_id: String,
+    pub num_gpu_blocks: u32,
+    pub served_model_name: String,
+    pub engine: EngineHandle,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    _side: SideChannelHandle,
+}
+
+impl RunningSim {
+    /// The machine-readable ready line printed by `tandem sim`.
+    pub fn ready_line(&self) -> String {
+        serde_json::json!({
+            "ready": "tandem-sim",
+            "http": format!("http://{}", self.http_addr),
+            "side_channel": self.side_channel_endpoint,
+            "kv_events": self.kv_events_endpoint,
+            "kv_events_replay": self.kv_events_replay_endpoint,
+            "engine_id": self.engine_id,
+            "model": self.served_model_name,
+            "num_gpu_blocks": self.num_gpu_blocks,
+        })
+        .to_string()
+    }
+
+    /// Wait until the HTTP server stops.
+    pub async fn wait(self) -> Result<(), SimError> {
+        match self.server.await {
+            Ok(r) => r.map_err(SimError::Io),
+            Err(e) => Err(SimError::Config(format!("server task failed: {e}"))),
+        }
+    }
+}
+
+/// Start a simulated engine on an already-bound listener.
+pub async fn start(
+    cfg: SimConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<RunningSim, SimError> {
+    if !(cfg.time_scale > 0.0 && cfg.time_scale.is_finite()) {
+        return Err(SimError::Config(format!(
+            "--time-scale must be a positive number, got {}",
+            cfg.time_scale
+        )));
+    }
+    if cfg.block_size == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
+        return Err(SimError::Config(
+            "block size, max_num_seqs and max_num_batched_tokens must be positive".into(),
+        ));
+    }
+    if !(0.0..=1.0).contains(&cfg.eos_rate) {
+        return Err(SimError::Config(format!(
+            "--eos-rate must be within 0..=1, got {}",
+            cfg.eos_rate
+        )));
+    }
+    let mut profile = Profile::new(&cfg.model, cfg.gpu, cfg.tp)?;
+    profile.gpu_memory_utilization = cfg.gpu_memory_utilization;
+    let num_gpu_blocks = cfg
+        .num_gpu_blocks_override
+        .unwrap_or_else(|| profile.num_gpu_blocks(cfg.block_size));
+    if num_gpu_blocks == 0 {
+        return Err(SimError::Config(format!(
+            "{} does not fit on {} x{}: no memory left for KV cache",
+            profile.model.name,
+            cfg.gpu.name(),
+            profile.tp
+        )));
+    }
+    let max_model_len = cfg.max_model_len.unwrap_or(profile.model.max_model_len);
+    let served = cfg
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| profile.model.served_name.to_string());
+    let mut tokenizer = match &cfg.tokenizer {
+        Some(p) => SimTokenizer::from_file(p)?,
+        None => SimTokenizer::byte_level(),
+    };
+    if let Some(p) = &cfg.chat_template {
+        let src = std::fs::read_to_string(p).map_err(|source| SimError::ChatTemplate {
+            path: p.display().to_string(),
+            source,
+        })?;
+        tokenizer = tokenizer.with_chat_template(src)?;
+    }
+    let tokenizer = Arc::new(tokenizer);
+    let engine_id = cfg
+        .engine_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let hash_seed = cfg
+        .hash_seed
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let cache_info = CacheConfigInfo {
+        block_size: cfg.block_size,
+        num_gpu_blocks,
+        gpu_memory_utilization: cfg.gpu_memory_utilization,
+        cache_dtype: "auto".into(),
+        enable_prefix_caching: cfg.enable_prefix_caching,
+        prefix_caching_hash_algo: "sha256_cbor".into(),
+    };
+    let metrics = Arc::new(EngineMetrics::new(&served, "0", max_model_len, &cache_info));
+    let faults = Faults::new(&cfg.faults);
+    let (events, kv_bound) = match &cfg.kv_events {
+        Some(k) => {
+            let (p, b) = KvEventPublisher::start(k.clone()).await?;
+            (Some(p), Some(b))
+        }
+        None => (None, None),
+    };
+    let compat = CompatFactors {
+        vllm_version: VLLM_VERSION.into(),
+        nixl_connector_version: 2,
+        model: served.clone(),
+        dtype: "bfloat16".into(),
+        num_kv_heads: profile.model.num_kv_heads,
+        head_size: profile.model.head_dim,
+        num_hidden_layers: profile.model.num_layers,
+        attn_backend_name: "FLASH_ATTN".into(),
+        cache_dtype: "auto".into(),
+    };
+    let kv_bytes_per_token = profile.kv_bytes_per_token();
+    let tp = profile.tp;
+    // Reserve the side-channel port first so it can go into kv_transfer_params.
+    let (side_tx, side_rx) = tokio::sync::mpsc::channel(256);
+    let (side, side_endpoint) = SideChannelServer::start(
+        &format!("tcp://{}:{}", cfg.side_channel_host, cfg.side_channel_port),
+        HandshakeInfo {
+            engine_id: engine_id.clone(),
+            tp_size: tp,
+            num_blocks: num_gpu_blocks,
+            block_size: cfg.block_size,
+            block_len_bytes: kv_bytes_per_token / u64::from(profile.model.num_layers)
+                * u64::from(cfg.block_size),
+            factors: compat.clone(),
+        },
+        side_tx,
+        faults.handshake_stall_flag(),
+    )
+    .await?;
+    let side_port = side_endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .ok_or_else(|| SimError::Config(format!("cannot parse side channel endpoint {side_endpoint}")))?;
+    let engine = engine::spawn(
+        EngineConfig {
+            served_model_name: served.clone(),
+            cost: CostModel::new(profile.clone()),
+            sched: SchedulerConfig {
+                max_num_seqs: cfg.max_num_seqs,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                block_size: cfg.block_size,
+                num_gpu_blocks,
+                root_hash: kv_cache::none_hash(&hash_seed),
+                enable_prefix_caching: cfg.enable_prefix_caching,
+            },
+            time_scale: cfg.time_scale,
+            seed: cfg.seed,
+            eos_ppm: (cfg.eos_rate * 1e6).round() as u32,
+            engine_id: engine_id.clone(),
+            side_channel_host: cfg.side_channel_host.clone(),
+            side_channel_port: side_port,
+            tp_size: tp,
+            compat,
+            abort_timeout: cfg.nixl_abort_timeout,
+            kv_load_failure_policy: cfg.kv_load_failure_policy,
+            link: cfg.link,
+            side_channel_timeout: Duration::from_secs(5),
+            kv_bytes_per_token,
+        },
+        tokenizer.clone(),
+        metrics.clone(),
+        events,
+        faults.clone(),
+    );
+    forward_side_requests(side_rx, engine.side_sender());
+    let state = Arc::new(http::AppState {
+        engine: engine.clone(),
+        tokenizer,
+        metrics,
+        faults,
+        info: http::HttpInfo {
+            served_model_name: served.clone(),
+            max_model_len,
+            enable_prompt_tokens_details: cfg.enable_prompt_tokens_details,
+            engine_id: engine_id.clone(),
+            side_channel_host: cfg.side_channel_host.clone(),
+            side_channel_port: side_port,
+            tp_size: tp,
+            disable_request_id_randomization: cfg.disable_request_id_randomization,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        },
+        rng: Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed)),
+    });
+    let http_addr = listener.local_addr()?;
+    let app = http::router(state);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    Ok(RunningSim {
+        http_addr,
+        side_channel_endpoint: side_endpoint,
+        kv_events_endpoint: kv_bound.as_ref().map(|b| b.endpoint.clone()),
+        kv_events_replay_endpoint: kv_bound.and_then(|b| b.replay_endpoint),
+        engine_id,
+        num_gpu_blocks,
+        served_model_name: served,
+        engine,
+        server,
+        _side: side,
+    })
+}
+
+fn forward_side_requests(
+    mut rx: tokio::sync::mpsc::Receiver<side_channel::SideRequest>,
+    tx: tokio::sync::mpsc::Sender<side_channel::SideRequest>,
+) {
+    tokio::spawn(async move {
+        while let Some(r) = rx.recv().await {
+            if tx.send(r).await.is_err() {
+                break;
+            }
+        }
+    });
+}

@@ -1,0 +1,1481 @@
+//! vLLM's Prometheus metrics, as served on `GET /metrics` (protocol spec §3, §1.8, §7 item 18).
+//!
+//! Names, types, label sets and bucket lists follow vLLM's `PrometheusStatLogger` exactly. The
+//! registry is owned by [`EngineMetrics`] (no statics, no global registry), so several simulated
+//! engines can live in one process.
+//!
+//! # Encoding
+//!
+//! `prometheus-client` writes metric names verbatim (no validation, `:` is kept), but it speaks
+//! OpenMetrics: counter families are typed under their base name (`# TYPE vllm:prompt_tokens
+//! counter`, sample `vllm:prompt_tokens_total`), output ends with `# EOF`, and numbers are
+//! written Rust-style (`3`, not `3.0`). vLLM answers a plain scrape with Python
+//! `prometheus_client`'s text format 0.0.4, where the family itself is `vllm:prompt_tokens_total`,
+//! so [`EngineMetrics::encode`] post-processes the crate's output into that format:
+//! counter families renamed to `<name>_total`, no `# EOF`, every number (values and `le`)
+//! formatted like Python's `floatToGoString`, labels in the order vLLM's multiprocess collector
+//! emits them (sorted by key, `le` last). [`EngineMetrics::encode_openmetrics`] keeps the
+//! OpenMetrics shape, for clients that negotiate it (see [`EngineMetrics::encode_for_accept`]).
+//! No `_created` series are emitted: the crate has none, and vLLM runs `prometheus_client` in
+//! multiprocess mode, which drops them too.
+
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Content type of [`EngineMetrics::encode`]: Prometheus text format 0.0.4, which is what
+/// vLLM (`prometheus_client.CONTENT_TYPE_LATEST`) sends when the scraper does not ask for
+/// OpenMetrics.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Content type of [`EngineMetrics::encode_openmetrics`].
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `vllm:time_to_first_token_seconds` buckets (spec §3).
+pub const TTFT_BUCKETS: [f64; 22] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+
+/// Buckets of `vllm:inter_token_latency_seconds`, the deprecated
+/// `vllm:time_per_output_token_seconds` and `vllm:request_time_per_output_token_seconds` (spec §3).
+pub const ITL_BUCKETS: [f64; 19] = [
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+
+/// vLLM's `request_latency_buckets`: e2e, queue, inference, prefill and decode time (spec §3).
+pub const REQUEST_LATENCY_BUCKETS: [f64; 21] = [
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
+
+/// `vllm:request_params_n` buckets (spec §3).
+pub const REQUEST_PARAMS_N_BUCKETS: [f64; 5] = [1.0, 2.0, 5.0, 10.0, 20.0];
+
+/// `vllm:iteration_tokens_total` buckets (spec §3).
+pub const ITERATION_TOKENS_BUCKETS: [f64; 13] = [
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
+
+// The spec (§1.8) names the NIXL metrics but not their buckets. These are ours, chosen to match
+// upstream vLLM's `NixlPromMetrics` (`vllm/distributed/kv_transfer/kv_connector/v1/nixl/stats.py`
+// @bd33ba3ea6d0202d5d6fe7e21c9b1d36374fc638) so dashboards built on real instances bin alike.
+
+/// `vllm:nixl_post_time_seconds` buckets (ours, see above): 1 ms .. 5 s.
+pub const NIXL_POST_TIME_BUCKETS: [f64; 13] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0,
+];
+
+/// `vllm:nixl_xfer_time_seconds` buckets (ours): the post-time list without its 1 ms bucket,
+/// as upstream does (`buckets[1:]`).
+pub const NIXL_XFER_TIME_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0,
+];
+
+/// `vllm:nixl_bytes_transferred` buckets (ours): `2^(10+i)` for odd `i` in 1..25, 2 KiB .. 8 GiB.
+pub const NIXL_BYTES_BUCKETS: [f64; 12] = [
+    2048.0,
+    8192.0,
+    32768.0,
+    131072.0,
+    524288.0,
+    2097152.0,
+    8388608.0,
+    33554432.0,
+    134217728.0,
+    536870912.0,
+    2147483648.0,
+    8589934592.0,
+];
+
+/// `vllm:nixl_num_descriptors` buckets (ours): 10 .. 50 000 descriptors per transfer.
+pub const NIXL_NUM_DESCRIPTORS_BUCKETS: [f64; 14] = [
+    10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 200.0, 400.0, 1000.0, 2000.0, 4000.0, 10000.0, 20000.0,
+    50000.0,
+];
+
+/// vLLM's `build_1_2_5_buckets(max_value)`: 1, 2, 5, 10, 20, 50, ... while `<= max_value`.
+pub fn build_1_2_5_buckets(max_value: u64) -> Vec<u64> {
+    let mut buckets = Vec::new();
+    let mut scale: u64 = 1;
+    loop {
+        for mantissa in [1u64, 2, 5] {
+            match mantissa.checked_mul(scale) {
+                Some(value) if value <= max_value => buckets.push(value),
+                _ => return buckets,
+            }
+        }
+        scale = match scale.checked_mul(10) {
+            Some(s) => s,
+            None => return buckets,
+        };
+    }
+}
+
+/// The `CacheConfig` fields exported as labels of `vllm:cache_config_info`.
+#[derive(Debug, Clone)]
+pub struct CacheConfigInfo {
+    pub block_size: u32,
+    pub num_gpu_blocks: u32,
+    pub gpu_memory_utilization: f64,
+    /// vLLM default `"auto"`.
+    pub cache_dtype: String,
+    pub enable_prefix_caching: bool,
+    /// vLLM default `"sha256_cbor"` in the revisions the spec follows.
+    pub prefix_caching_hash_algo: String,
+}
+
+/// vLLM's `FinishReason`; the label value is Python's `str(reason)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FinishedReason {
+    Stop,
+    Length,
+    Abort,
+    Error,
+}
+
+impl FinishedReason {
+    /// In vLLM's enum order, which is also the order the series are created in.
+    pub const ALL: [FinishedReason; 4] = [Self::Stop, Self::Length, Self::Abort, Self::Error];
+
+    /// The `finished_reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Abort => "abort",
+            Self::Error => "error",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Everything vLLM observes once per finished request (`FinishedRequestStats`).
+#[derive(Debug, Clone)]
+pub struct FinishedRequest {
+    pub reason: FinishedReason,
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+    /// The request's `max_tokens`; 0 means unset and is not observed (vLLM: `if max_tokens_param`).
+    pub max_tokens_param: u64,
+    pub n: u32,
+    /// Arrival to finish.
+    pub e2e_s: f64,
+    /// Arrival (queued) to first scheduled.
+    pub queue_s: f64,
+    /// First scheduled to first token.
+    pub prefill_s: f64,
+    /// First token to finish.
+    pub decode_s: f64,
+    /// First scheduled to finish (prefill + decode).
+    pub inference_s: f64,
+    /// Prompt tokens minus prefix-cache (or remotely transferred) hits.
+    pub prefill_kv_computed_tokens: u64,
+    /// Per-request mean TPOT; observed only when present.
+    pub mean_tpot_s: Option<f64>,
+}
+
+/// Scheduler state sampled after each step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SchedulerGauges {
+    pub running: u64,
+    /// Waiting for scheduling capacity (KV blocks, batch budget).
+    pub waiting_capacity: u64,
+    /// Deferred by transient constraints; decode-side requests awaiting NIXL KV count here.
+    pub waiting_deferred: u64,
+    /// `1 - free/total`, in 0..=1.
+    pub kv_cache_usage: f64,
+}
+
+type Labels = Vec<(&'static str, String)>;
+type GaugeF64 = Gauge<f64, AtomicU64>;
+
+/// The metrics of one simulated engine: the registry and a handle per series.
+#[derive(Debug)]
+pub struct EngineMetrics {
+    registry: Registry,
+    running: Gauge,
+    waiting: Gauge,
+    waiting_capacity: Gauge,
+    waiting_deferred: Gauge,
+    kv_cache_usage: GaugeF64,
+    prefix_cache_queries: Counter,
+    prefix_cache_hits: Counter,
+    preemptions: Counter,
+    prompt_tokens: Counter,
+    generation_tokens: Counter,
+    /// Indexed by [`FinishedReason::index`].
+    request_success: [Counter; 4],
+    request_prompt_tokens: Histogram,
+    request_generation_tokens: Histogram,
+    iteration_tokens: Histogram,
+    request_max_num_generation_tokens: Histogram,
+    request_params_n: Histogram,
+    request_params_max_tokens: Histogram,
+    ttft: Histogram,
+    time_per_output_token: Histogram,
+    inter_token_latency: Histogram,
+    request_time_per_output_token: Histogram,
+    e2e_latency: Histogram,
+    queue_time: Histogram,
+    inference_time: Histogram,
+    prefill_time: Histogram,
+    decode_time: Histogram,
+    prefill_kv_computed_tokens: Histogram,
+    nixl_xfer_time: Histogram,
+    nixl_post_time: Histogram,
+    nixl_bytes_transferred: Histogram,
+    nixl_num_descriptors: Histogram,
+    nixl_failed_transfers: Counter,
+    nixl_failed_notifications: Counter,
+    nixl_kv_expired_reqs: Counter,
+}
+
+/// Registers one-series families carrying `engine` and `model_name` and hands back the series.
+///
+/// Every metric is a `Family` (rather than const labels on a sub-registry) so that extra labels
+/// can be sorted in with the base ones, and so the output keeps vLLM's registration order.
+struct Builder<'a> {
+    registry: &'a mut Registry,
+    base: Labels,
+}
+
+impl Builder<'_> {
+    fn labels(&self, extra: &[(&'static str, &str)]) -> Labels {
+        let mut labels = self.base.clone();
+        labels.extend(extra.iter().map(|(k, v)| (*k, escape_label_value(v))));
+        labels.sort_by_key(|(k, _)| *k);
+        labels
+    }
+
+    fn counter(&mut self, name: &str, help: &str) -> Counter {
+        let family = Family::<Labels, Counter>::default();
+        let series = family.get_or_create_owned(&self.labels(&[]));
+        self.registry.register(name, help, family);
+        series
+    }
+
+    fn gauge(&mut self, name: &str, help: &str) -> Gauge {
+        let family = Family::<Labels, Gauge>::default();
+        let series = family.get_or_create_owned(&self.labels(&[]));
+        self.registry.register(name, help, family);
+        series
+    }
+
+    fn gauge_f64(&mut self, name: &str, help: &str) -> GaugeF64 {
+        let family = Family::<Labels, GaugeF64>::default();
+        let series = family.get_or_create_owned(&self.labels(&[]));
+        self.registry.register(name, help, family);
+        series
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        let buckets = buckets.to_vec();
+        let family = Family::<Labels, Histogram, _>::new_with_constructor(move || {
+            Histogram::new(buckets.iter().copied())
+        });
+        let series = family.get_or_create_owned(&self.labels(&[]));
+        self.registry.register(name, help, family);
+        series
+    }
+}
+
+impl EngineMetrics {
+    /// Creates every series vLLM creates at startup, so all of them are scrapeable (at zero)
+    /// before the first request, as on a real instance.
+    pub fn new(
+        model_name: &str,
+        engine: &str,
+        max_model_len: u32,
+        cache: &CacheConfigInfo,
+    ) -> Self {
+        let mut registry = Registry::default();
+        let base: Labels = vec![
+            ("engine", escape_label_value(engine)),
+            ("model_name", escape_label_value(model_name)),
+        ];
+        let mut b = Builder {
+            registry: &mut registry,
+            base,
+        };
+        let len_buckets: Vec<f64> = build_1_2_5_buckets(u64::from(max_model_len))
+            .into_iter()
+            .map(|v| v as f64)
+            .collect();
+
+        let running = b.gauge(
+            "vllm:num_requests_running",
+            "Number of requests currently running.",
+        );
+        let waiting = b.gauge(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+        );
+        let by_reason = Family::<Labels, Gauge>::default();
+        let waiting_capacity = by_reason.get_or_create_owned(&b.labels(&[("reason", "capacity")]));
+        let waiting_deferred = by_reason.get_or_create_owned(&b.labels(&[("reason", "deferred")]));
+        b.registry.register(
+            "vllm:num_requests_waiting_by_reason",
+            "Number of requests waiting, by reason. 'capacity' = waiting for scheduling \
+             capacity (KV cache blocks, token budget); 'deferred' = deferred by transient \
+             constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals \
+             vllm:num_requests_waiting.",
+            by_reason,
+        );
+        let kv_cache_usage = b.gauge_f64(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+        );
+        let prefix_cache_queries = b.counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+        );
+        let prefix_cache_hits = b.counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+        );
+        let preemptions = b.counter(
+            "vllm:num_preemptions",
+            "Cumulative number of preemption from the engine.",
+        );
+        let prompt_tokens = b.counter("vllm:prompt_tokens", "Number of prefill tokens processed.");
+        let generation_tokens = b.counter(
+            "vllm:generation_tokens",
+            "Number of generation tokens processed.",
+        );
+        // vLLM creates one series per FinishReason up front, so all four show 0 at startup.
+        let success = Family::<Labels, Counter>::default();
+        let request_success = FinishedReason::ALL
+            .map(|r| success.get_or_create_owned(&b.labels(&[("finished_reason", r.as_str())])));
+        b.registry.register(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            success,
+        );
+
+        let request_prompt_tokens = b.histogram(
+            "vllm:request_prompt_tokens",
+            "Number of prefill tokens processed.",
+            &len_buckets,
+        );
+        let request_generation_tokens = b.histogram(
+            "vllm:request_generation_tokens",
+            "Number of generation tokens processed.",
+            &len_buckets,
+        );
+        let iteration_tokens = b.histogram(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            &ITERATION_TOKENS_BUCKETS,
+        );
+        let request_max_num_generation_tokens = b.histogram(
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            &len_buckets,
+        );
+        let request_params_n = b.histogram(
+            "vllm:request_params_n",
+            "Histogram of the n request parameter.",
+            &REQUEST_PARAMS_N_BUCKETS,
+        );
+        let request_params_max_tokens = b.histogram(
+            "vllm:request_params_max_tokens",
+            "Histogram of the max_tokens request parameter.",
+            &len_buckets,
+        );
+        let ttft = b.histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            &TTFT_BUCKETS,
+        );
+        let time_per_output_token = b.histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds. \
+             DEPRECATED: Use vllm:inter_token_latency_seconds instead.",
+            &ITL_BUCKETS,
+        );
+        let inter_token_latency = b.histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            &ITL_BUCKETS,
+        );
+        let request_time_per_output_token = b.histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            &ITL_BUCKETS,
+        );
+        let e2e_latency = b.histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            &REQUEST_LATENCY_BUCKETS,
+        );
+        let queue_time = b.histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            &REQUEST_LATENCY_BUCKETS,
+        );
+        let inference_time = b.histogram(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            &REQUEST_LATENCY_BUCKETS,
+        );
+        let prefill_time = b.histogram(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            &REQUEST_LATENCY_BUCKETS,
+        );
+        let decode_time = b.histogram(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            &REQUEST_LATENCY_BUCKETS,
+        );
+        let prefill_kv_computed_tokens = b.histogram(
+            "vllm:request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+            &len_buckets,
+        );
+
+        // `cache_config_info` is an info-style gauge: CacheConfig fields + `engine`, and no
+        // `model_name` (vLLM's `log_metrics_info` builds its label set from the config alone).
+        let info = Family::<Labels, Gauge>::default();
+        let gpu_util = py_float_repr(cache.gpu_memory_utilization);
+        let mut info_labels: Labels = [
+            ("block_size", cache.block_size.to_string()),
+            ("cache_dtype", cache.cache_dtype.clone()),
+            (
+                "enable_prefix_caching",
+                py_bool(cache.enable_prefix_caching).to_string(),
+            ),
+            ("engine", engine.to_string()),
+            ("gpu_memory_utilization", gpu_util),
+            ("num_gpu_blocks", cache.num_gpu_blocks.to_string()),
+            (
+                "prefix_caching_hash_algo",
+                cache.prefix_caching_hash_algo.clone(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, escape_label_value(&v)))
+        .collect();
+        info_labels.sort_by_key(|(k, _)| *k);
+        info.get_or_create(&info_labels).set(1);
+        b.registry.register(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            info,
+        );
+
+        let nixl_xfer_time = b.histogram(
+            "vllm:nixl_xfer_time_seconds",
+            "Histogram of transfer duration for NIXL KV Cache transfers.",
+            &NIXL_XFER_TIME_BUCKETS,
+        );
+        let nixl_post_time = b.histogram(
+            "vllm:nixl_post_time_seconds",
+            "Histogram of transfer post time for NIXL KV Cache transfers.",
+            &NIXL_POST_TIME_BUCKETS,
+        );
+        let nixl_bytes_transferred = b.histogram(
+            "vllm:nixl_bytes_transferred",
+            "Histogram of bytes transferred per NIXL KV Cache transfers.",
+            &NIXL_BYTES_BUCKETS,
+        );
+        let nixl_num_descriptors = b.histogram(
+            "vllm:nixl_num_descriptors",
+            "Histogram of number of descriptors per NIXL KV Cache transfers.",
+            &NIXL_NUM_DESCRIPTORS_BUCKETS,
+        );
+        let nixl_failed_transfers = b.counter(
+            "vllm:nixl_num_failed_transfers",
+            "Number of failed NIXL KV Cache transfers.",
+        );
+        let nixl_failed_notifications = b.counter(
+            "vllm:nixl_num_failed_notifications",
+            "Number of failed NIXL KV Cache notifications.",
+        );
+        let nixl_kv_expired_reqs = b.counter(
+            "vllm:nixl_num_kv_expired_reqs",
+            "Number of requests that had their KV expire. \
+             NOTE: This metric is tracked on the P instance.",
+        );
+
+        Self {
+            registry,
+            running,
+            waiting,
+            waiting_capacity,
+            waiting_deferred,
+            kv_cache_usage,
+            prefix_cache_queries,
+            prefix_cache_hits,
+            preemptions,
+            prompt_tokens,
+            generation_tokens,
+            request_success,
+            request_prompt_tokens,
+            request_generation_tokens,
+            iteration_tokens,
+            request_max_num_generation_tokens,
+            request_params_n,
+            request_params_max_tokens,
+            ttft,
+            time_per_output_token,
+            inter_token_latency,
+            request_time_per_output_token,
+            e2e_latency,
+            queue_time,
+            inference_time,
+            prefill_time,
+            decode_time,
+            prefill_kv_computed_tokens,
+            nixl_xfer_time,
+            nixl_post_time,
+            nixl_bytes_transferred,
+            nixl_num_descriptors,
+            nixl_failed_transfers,
+            nixl_failed_notifications,
+            nixl_kv_expired_reqs,
+        }
+    }
+
+    /// Per-step scheduler state. `num_requests_waiting` is derived as capacity + deferred so the
+    /// by-reason series always sum to it.
+    pub fn set_scheduler(&self, g: SchedulerGauges) {
+        self.running.set(to_i64(g.running));
+        self.waiting.set(to_i64(
+            g.waiting_capacity.saturating_add(g.waiting_deferred),
+        ));
+        self.waiting_capacity.set(to_i64(g.waiting_capacity));
+        self.waiting_deferred.set(to_i64(g.waiting_deferred));
+        self.kv_cache_usage.set(g.kv_cache_usage);
+    }
+
+    /// Prefix-cache lookups of one step, in tokens.
+    pub fn prefix_cache(&self, queries: u64, hits: u64) {
+        self.prefix_cache_queries.inc_by(queries);
+        self.prefix_cache_hits.inc_by(hits);
+    }
+
+    pub fn preempted(&self, n: u64) {
+        self.preemptions.inc_by(n);
+    }
+
+    pub fn prompt_tokens(&self, n: u64) {
+        self.prompt_tokens.inc_by(n);
+    }
+
+    pub fn generation_tokens(&self, n: u64) {
+        self.generation_tokens.inc_by(n);
+    }
+
+    /// Prompt + generation tokens scheduled in one engine step.
+    pub fn iteration_tokens(&self, n: u64) {
+        observe(&self.iteration_tokens, n as f64);
+    }
+
+    pub fn ttft(&self, s: f64) {
+        observe(&self.ttft, s);
+    }
+
+    /// Observes both `inter_token_latency_seconds` and its deprecated alias
+    /// `time_per_output_token_seconds`, as vLLM 0.11+ does.
+    pub fn itl(&self, s: f64) {
+        observe(&self.inter_token_latency, s);
+        observe(&self.time_per_output_token, s);
+    }
+
+    /// Once per finished request. `request_max_num_generation_tokens` and `request_params_n`
+    /// are observed here too: vLLM observes them per *parent* request (max generation tokens
+    /// over its `n` children), which is the same thing for `n == 1`.
+    pub fn request_finished(&self, r: &FinishedRequest) {
+        self.request_success[r.reason.index()].inc();
+        observe(&self.e2e_latency, r.e2e_s);
+        observe(&self.queue_time, r.queue_s);
+        observe(&self.prefill_time, r.prefill_s);
+        observe(&self.inference_time, r.inference_s);
+        observe(&self.decode_time, r.decode_s);
+        observe(&self.request_prompt_tokens, r.prompt_tokens as f64);
+        observe(&self.request_generation_tokens, r.generation_tokens as f64);
+        observe(
+            &self.request_max_num_generation_tokens,
+            r.generation_tokens as f64,
+        );
+        observe(&self.request_params_n, f64::from(r.n));
+        if r.max_tokens_param > 0 {
+            observe(&self.request_params_max_tokens, r.max_tokens_param as f64);
+        }
+        observe(
+            &self.prefill_kv_computed_tokens,
+            r.prefill_kv_computed_tokens as f64,
+        );
+        if let Some(tpot) = r.mean_tpot_s {
+            observe(&self.request_time_per_output_token, tpot);
+        }
+    }
+
+    /// One successful NIXL read (decode side).
+    pub fn nixl_transfer(&self, xfer_s: f64, post_s: f64, bytes: u64, descriptors: u64) {
+        observe(&self.nixl_xfer_time, xfer_s);
+        observe(&self.nixl_post_time, post_s);
+        observe(&self.nixl_bytes_transferred, bytes as f64);
+        observe(&self.nixl_num_descriptors, descriptors as f64);
+    }
+
+    pub fn nixl_failed_transfer(&self) {
+        self.nixl_failed_transfers.inc();
+    }
+
+    pub fn nixl_failed_notification(&self) {
+        self.nixl_failed_notifications.inc();
+    }
+
+    /// Requests whose pinned KV blocks expired before D read them (prefill side).
+    pub fn nixl_expired(&self, n: u64) {
+        self.nixl_kv_expired_reqs.inc_by(n);
+    }
+
+    /// Prometheus text format 0.0.4 (serve with [`CONTENT_TYPE`]); what vLLM returns to a
+    /// scraper that does not negotiate OpenMetrics.
+    pub fn encode(&self) -> String {
+        rewrite(&self.encode_raw(), false)
+    }
+
+    /// OpenMetrics 1.0 text (serve with [`OPENMETRICS_CONTENT_TYPE`]): counter families under
+    /// their base name, `# EOF` last.
+    pub fn encode_openmetrics(&self) -> String {
+        rewrite(&self.encode_raw(), true)
+    }
+
+    /// Picks the format from an `Accept` header the way `prometheus_client.choose_encoder`
+    /// does; returns the body and its content type.
+    pub fn encode_for_accept(&self, accept: Option<&str>) -> (String, &'static str) {
+        let wants_openmetrics = accept.unwrap_or("").split(',').any(|media| {
+            media.split(';').next().unwrap_or("").trim() == "application/openmetrics-text"
+        });
+        if wants_openmetrics {
+            (self.encode_openmetrics(), OPENMETRICS_CONTENT_TYPE)
+        } else {
+            (self.encode(), CONTENT_TYPE)
+        }
+    }
+
+    fn encode_raw(&self) -> String {
+        let mut out = String::with_capacity(32 * 1024);
+        // Writing into a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding into a String is infallible");
+        out
+    }
+}
+
+/// NaN or infinite observations would poison `_sum` forever; the engine never means them.
+fn observe(h: &Histogram, v: f64) {
+    if v.is_finite() {
+        h.observe(v);
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn py_bool(b: bool) -> &'static str {
+    if b {
+        "True"
+    } else {
+        "False"
+    }
+}
+
+/// Label-value escaping of the text formats; `prometheus-client` writes label values raw.
+fn escape_label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Python's `repr(float)`: shortest round-trip digits, exponent form when the decimal point
+/// position is `<= -4` or `> 16`, `.0` on integral values.
+fn py_float_repr(v: f64) -> String {
+    if v.is_nan() {
+        return "nan".to_string();
+    }
+    if v.is_infinite() {
+        return if v > 0.0 { "inf" } else { "-inf" }.to_string();
+    }
+    let sci = format!("{v:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let decpt = exp + 1;
+    if v != 0.0 && (decpt <= -4 || decpt > 16) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exp.abs())
+    } else {
+        let fixed = format!("{v}");
+        if fixed.contains('.') {
+            fixed
+        } else {
+            fixed + ".0"
+        }
+    }
+}
+
+/// `prometheus_client.utils.floatToGoString`, used by Python for every sample value and `le`.
+/// It keeps its quirks: 2097152 becomes `2.097152e+06` and 2^35 `3.4359738368e+010`.
+fn go_float(v: f64) -> String {
+    if v == f64::INFINITY {
+        return "+Inf".to_string();
+    }
+    if v == f64::NEG_INFINITY {
+        return "-Inf".to_string();
+    }
+    if v.is_nan() {
+        return "NaN".to_string();
+    }
+    let s = py_float_repr(v);
+    match s.find('.') {
+        Some(dot) if v > 0.0 && dot > 6 => {
+            let digits = format!("{}.{}{}", &s[..1], &s[1..dot], &s[dot + 1..]);
+            let mantissa = digits.trim_end_matches(['0', '.']);
+            format!("{mantissa}e+0{}", dot - 1)
+        }
+        _ => s,
+    }
+}
+
+/// One parsed sample line; label values stay in their escaped form.
+#[derive(Debug)]
+struct Sample<'a> {
+    name: &'a str,
+    labels: Vec<(&'a str, &'a str)>,
+    value: &'a str,
+}
+
+fn parse_sample(line: &str) -> Option<Sample<'_>> {
+    let name_end = line.find(['{', ' '])?;
+    let name = &line[..name_end];
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = after;
+        loop {
+            if let Some(after) = rest.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+            let eq = rest.find("=\"")?;
+            let key = &rest[..eq];
+            let body = &rest[eq + 2..];
+            let mut escaped = false;
+            let mut close = None;
+            for (i, c) in body.char_indices() {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => {
+                        close = Some(i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let close = close?;
+            labels.push((key, &body[..close]));
+            rest = &body[close + 1..];
+        }
+    }
+    let value = rest.strip_prefix(' ')?;
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// Re-renders a sample the way Python's multiprocess collector does: labels as given (sorted
+/// at registration), `le` moved last, numbers through [`go_float`].
+fn render_sample(s: &Sample<'_>, out: &mut String) {
+    let number = |v: &str| v.parse::<f64>().map_or_else(|_| v.to_string(), go_float);
+    out.push_str(s.name);
+    if !s.labels.is_empty() {
+        out.push('{');
+        let ordered = s
+            .labels
+            .iter()
+            .filter(|(k, _)| *k != "le")
+            .chain(s.labels.iter().filter(|(k, _)| *k == "le"));
+        for (i, (k, v)) in ordered.enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let v = if *k == "le" { number(v) } else { v.to_string() };
+            let _ = write!(out, "{k}=\"{v}\"");
+        }
+        out.push('}');
+    }
+    out.push(' ');
+    out.push_str(&number(s.value));
+    out.push('\n');
+}
+
+/// Turns the crate's OpenMetrics output into vLLM's exposition (see the module docs).
+/// Samples of counter and gauge families are sorted so multi-series families (whose order
+/// comes from a `HashMap`) encode deterministically.
+fn rewrite(raw: &str, openmetrics: bool) -> String {
+    let mut out = String::with_capacity(raw.len() + raw.len() / 4);
+    let mut help: Option<&str> = None;
+    let mut sortable = false;
+    let mut pending: Vec<String> = Vec::new();
+    let flush = |pending: &mut Vec<String>, sortable: bool, out: &mut String| {
+        if sortable {
+            pending.sort();
+        }
+        for line in pending.drain(..) {
+            out.push_str(&line);
+        }
+    };
+    for line in raw.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            flush(&mut pending, sortable, &mut out);
+            help = Some(rest);
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            flush(&mut pending, sortable, &mut out);
+            let (name, kind) = rest.rsplit_once(' ').unwrap_or((rest, "unknown"));
+            sortable = kind == "counter" || kind == "gauge";
+            let family = if kind == "counter" && !openmetrics {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, text)| text);
+                let _ = writeln!(out, "# HELP {family} {text}");
+            }
+            let _ = writeln!(out, "# TYPE {family} {kind}");
+        } else if line == "# EOF" {
+            flush(&mut pending, sortable, &mut out);
+            if openmetrics {
+                out.push_str("# EOF\n");
+            }
+        } else if line.starts_with('#') {
+            flush(&mut pending, sortable, &mut out);
+            out.push_str(line);
+            out.push('\n');
+        } else if let Some(sample) = parse_sample(line) {
+            let mut rendered = String::with_capacity(line.len() + 8);
+            render_sample(&sample, &mut rendered);
+            pending.push(rendered);
+        } else {
+            pending.push(format!("{line}\n"));
+        }
+    }
+    flush(&mut pending, sortable, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    const MODEL: &str = "test-model";
+
+    fn cache() -> CacheConfigInfo {
+        CacheConfigInfo {
+            block_size: 16,
+            num_gpu_blocks: 1000,
+            gpu_memory_utilization: 0.9,
+            cache_dtype: "auto".to_string(),
+            enable_prefix_caching: true,
+            prefix_caching_hash_algo: "sha256_cbor".to_string(),
+        }
+    }
+
+    fn metrics() -> EngineMetrics {
+        EngineMetrics::new(MODEL, "0", 2048, &cache())
+    }
+
+    fn finished(reason: FinishedReason) -> FinishedRequest {
+        FinishedRequest {
+            reason,
+            prompt_tokens: 100,
+            generation_tokens: 20,
+            max_tokens_param: 0,
+            n: 1,
+            e2e_s: 1.25,
+            queue_s: 0.1,
+            prefill_s: 0.2,
+            decode_s: 0.95,
+            inference_s: 1.15,
+            prefill_kv_computed_tokens: 36,
+            mean_tpot_s: None,
+        }
+    }
+
+    /// `# TYPE` lines as family -> type.
+    fn types(text: &str) -> BTreeMap<String, String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|rest| {
+                let (name, kind) = rest.rsplit_once(' ').unwrap();
+                (name.to_string(), kind.to_string())
+            })
+            .collect()
+    }
+
+    type Labels = BTreeMap<String, String>;
+
+    fn samples(text: &str) -> Vec<(String, Labels, Vec<String>, f64)> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let s = parse_sample(l).unwrap_or_else(|| panic!("unparseable line {l:?}"));
+                let keys = s.labels.iter().map(|(k, _)| k.to_string()).collect();
+                let labels = s
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                (s.name.to_string(), labels, keys, s.value.parse().unwrap())
+            })
+            .collect()
+    }
+
+    /// The value of the one sample named `name` whose labels include `with`.
+    fn value(text: &str, name: &str, with: &[(&str, &str)]) -> f64 {
+        let hits: Vec<f64> = samples(text)
+            .into_iter()
+            .filter(|(n, labels, _, _)| {
+                n == name
+                    && with
+                        .iter()
+                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(v))
+            })
+            .map(|(_, _, _, v)| v)
+            .collect();
+        assert_eq!(hits.len(), 1, "{name} {with:?}: {hits:?}");
+        hits[0]
+    }
+
+    fn le_list(text: &str, family: &str) -> Vec<String> {
+        let bucket = format!("{family}_bucket");
+        samples(text)
+            .into_iter()
+            .filter(|(n, ..)| *n == bucket)
+            .map(|(_, labels, ..)| labels["le"].clone())
+            .collect()
+    }
+
+    fn strs(list: &[&str]) -> Vec<String> {
+        list.iter()
+            .map(|s| s.to_string())
+            .chain(["+Inf".to_string()])
+            .collect()
+    }
+
+    const COUNTERS: [&str; 10] = [
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:num_preemptions_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:request_success_total",
+        "vllm:nixl_num_failed_transfers_total",
+        "vllm:nixl_num_failed_notifications_total",
+        "vllm:nixl_num_kv_expired_reqs_total",
+        // Not a counter in vLLM, listed to pin that it stays one series family below.
+        "vllm:iteration_tokens_total",
+    ];
+    const GAUGES: [&str; 5] = [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_waiting_by_reason",
+        "vllm:kv_cache_usage_perc",
+        "vllm:cache_config_info",
+    ];
+    const HISTOGRAMS: [&str; 23] = [
+        "vllm:request_prompt_tokens",
+        "vllm:request_generation_tokens",
+        "vllm:iteration_tokens_total",
+        "vllm:request_max_num_generation_tokens",
+        "vllm:request_params_n",
+        "vllm:request_params_max_tokens",
+        "vllm:time_to_first_token_seconds",
+        "vllm:time_per_output_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:request_time_per_output_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_queue_time_seconds",
+        "vllm:request_inference_time_seconds",
+        "vllm:request_prefill_time_seconds",
+        "vllm:request_decode_time_seconds",
+        "vllm:request_prefill_kv_computed_tokens",
+        "vllm:nixl_xfer_time_seconds",
+        "vllm:nixl_post_time_seconds",
+        "vllm:nixl_bytes_transferred",
+        "vllm:nixl_num_descriptors",
+        // Padding so the three lists stay fixed-size arrays; duplicates are harmless in a set.
+        "vllm:nixl_num_descriptors",
+        "vllm:nixl_num_descriptors",
+        "vllm:nixl_num_descriptors",
+    ];
+
+    #[test]
+    fn families_have_exact_names_and_types() {
+        let text = metrics().encode();
+        let mut expected = BTreeMap::new();
+        for c in &COUNTERS[..9] {
+            expected.insert(c.to_string(), "counter".to_string());
+        }
+        for g in GAUGES {
+            expected.insert(g.to_string(), "gauge".to_string());
+        }
+        for h in HISTOGRAMS {
+            expected.insert(h.to_string(), "histogram".to_string());
+        }
+        assert_eq!(types(&text), expected);
+        // Every family has its HELP line, directly before TYPE, under the same name.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(
+                    lines[i - 1].starts_with(&format!("# HELP {name} ")),
+                    "{line}"
+                );
+            }
+        }
+        assert!(!text.contains("# EOF"));
+        assert!(!text.contains("_created"));
+        assert!(!text.contains("# UNIT"));
+    }
+
+    #[test]
+    fn samples_belong_to_their_family_and_counters_end_in_total() {
+        let text = metrics().encode();
+        let types = types(&text);
+        for (name, ..) in samples(&text) {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|s| name.strip_suffix(s))
+                .find(|base| types.get(*base).map(String::as_str) == Some("histogram"))
+                .unwrap_or(&name);
+            let kind = types
+                .get(family)
+                .unwrap_or_else(|| panic!("no family for {name}"));
+            if kind == "counter" {
+                assert!(name.ends_with("_total") && name == family, "{name}");
+            }
+            assert!(name.starts_with("vllm:"), "colon kept verbatim: {name}");
+        }
+        assert!(text
+            .contains("\nvllm:prompt_tokens_total{engine=\"0\",model_name=\"test-model\"} 0.0\n"));
+    }
+
+    #[test]
+    fn every_series_carries_model_name_and_engine_in_vllm_order() {
+        let text = metrics().encode();
+        for (name, labels, keys, _) in samples(&text) {
+            assert_eq!(labels["engine"], "0", "{name}");
+            if name == "vllm:cache_config_info" {
+                // vLLM's info gauge is labelled by CacheConfig fields + engine only.
+                assert!(!labels.contains_key("model_name"));
+            } else {
+                assert_eq!(labels["model_name"], MODEL, "{name}");
+            }
+            // Multiprocess prometheus_client: keys sorted, `le` appended last.
+            let mut sorted: Vec<String> = keys.iter().filter(|k| *k != "le").cloned().collect();
+            sorted.sort();
+            if labels.contains_key("le") {
+                sorted.push("le".to_string());
+            }
+            assert_eq!(keys, sorted, "{name}");
+        }
+        assert!(text.contains(
+            "vllm:time_to_first_token_seconds_bucket{engine=\"0\",model_name=\"test-model\",le=\"0.001\"} 0.0\n"
+        ));
+        assert!(text.contains(
+            "vllm:request_success_total{engine=\"0\",finished_reason=\"stop\",model_name=\"test-model\"} 0.0\n"
+        ));
+    }
+
+    #[test]
+    fn bucket_lists_match_the_spec() {
+        let text = metrics().encode();
+        let ttft = strs(&[
+            "0.001", "0.005", "0.01", "0.02", "0.04", "0.06", "0.08", "0.1", "0.25", "0.5", "0.75",
+            "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0", "160.0", "640.0", "2560.0",
+        ]);
+        assert_eq!(le_list(&text, "vllm:time_to_first_token_seconds"), ttft);
+        let itl = strs(&[
+            "0.01", "0.025", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3", "0.4", "0.5", "0.75",
+            "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0",
+        ]);
+        for family in [
+            "vllm:inter_token_latency_seconds",
+            "vllm:time_per_output_token_seconds",
+            "vllm:request_time_per_output_token_seconds",
+        ] {
+            assert_eq!(le_list(&text, family), itl, "{family}");
+        }
+        let latency = strs(&[
+            "0.3", "0.5", "0.8", "1.0", "1.5", "2.0", "2.5", "5.0", "10.0", "15.0", "20.0", "30.0",
+            "40.0", "50.0", "60.0", "120.0", "240.0", "480.0", "960.0", "1920.0", "7680.0",
+        ]);
+        for family in [
+            "vllm:e2e_request_latency_seconds",
+            "vllm:request_queue_time_seconds",
+            "vllm:request_inference_time_seconds",
+            "vllm:request_prefill_time_seconds",
+            "vllm:request_decode_time_seconds",
+        ] {
+            assert_eq!(le_list(&text, family), latency, "{family}");
+        }
+        // max_model_len = 2048.
+        let one_two_five = strs(&[
+            "1.0", "2.0", "5.0", "10.0", "20.0", "50.0", "100.0", "200.0", "500.0", "1000.0",
+            "2000.0",
+        ]);
+        for family in [
+            "vllm:request_prompt_tokens",
+            "vllm:request_generation_tokens",
+            "vllm:request_max_num_generation_tokens",
+            "vllm:request_params_max_tokens",
+            "vllm:request_prefill_kv_computed_tokens",
+        ] {
+            assert_eq!(le_list(&text, family), one_two_five, "{family}");
+        }
+        let n = strs(&["1.0", "2.0", "5.0", "10.0", "20.0"]);
+        assert_eq!(le_list(&text, "vllm:request_params_n"), n);
+        let iteration = strs(&[
+            "1.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0", "512.0", "1024.0", "2048.0",
+            "4096.0", "8192.0", "16384.0",
+        ]);
+        assert_eq!(le_list(&text, "vllm:iteration_tokens_total"), iteration);
+        // Python's floatToGoString switches to exponents past six integer digits.
+        let bytes = le_list(&text, "vllm:nixl_bytes_transferred");
+        assert_eq!(bytes[..3], ["2048.0", "8192.0", "32768.0"]);
+        assert_eq!(bytes[5], "2.097152e+06");
+        assert_eq!(bytes[11], "8.589934592e+09");
+        assert_eq!(le_list(&text, "vllm:nixl_xfer_time_seconds").len(), 13);
+        assert_eq!(le_list(&text, "vllm:nixl_post_time_seconds")[0], "0.001");
+    }
+
+    #[test]
+    fn one_two_five_buckets() {
+        assert_eq!(build_1_2_5_buckets(100), [1, 2, 5, 10, 20, 50, 100]);
+        assert_eq!(build_1_2_5_buckets(99), [1, 2, 5, 10, 20, 50]);
+        assert_eq!(build_1_2_5_buckets(1), [1]);
+        assert!(build_1_2_5_buckets(0).is_empty());
+        assert_eq!(build_1_2_5_buckets(131_072).last(), Some(&100_000));
+        assert_eq!(build_1_2_5_buckets(u64::MAX).len(), 58);
+    }
+
+    #[test]
+    fn cache_config_info_labels() {
+        let text = metrics().encode();
+        let info: Vec<_> = samples(&text)
+            .into_iter()
+            .filter(|(n, ..)| n == "vllm:cache_config_info")
+            .collect();
+        assert_eq!(info.len(), 1);
+        let (_, labels, _, v) = &info[0];
+        assert_eq!(*v, 1.0);
+        let expected: Labels = [
+            ("block_size", "16"),
+            ("cache_dtype", "auto"),
+            ("enable_prefix_caching", "True"),
+            ("engine", "0"),
+            ("gpu_memory_utilization", "0.9"),
+            ("num_gpu_blocks", "1000"),
+            ("prefix_caching_hash_algo", "sha256_cbor"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(*labels, expected);
+    }
+
+    #[test]
+    fn waiting_by_reason_sums_to_waiting() {
+        let m = metrics();
+        m.set_scheduler(SchedulerGauges {
+            running: 7,
+            waiting_capacity: 3,
+            waiting_deferred: 2,
+            kv_cache_usage: 0.625,
+        });
+        let text = m.encode();
+        let waiting = value(&text, "vllm:num_requests_waiting", &[]);
+        let capacity = value(
+            &text,
+            "vllm:num_requests_waiting_by_reason",
+            &[("reason", "capacity")],
+        );
+        let deferred = value(
+            &text,
+            "vllm:num_requests_waiting_by_reason",
+            &[("reason", "deferred")],
+        );
+        assert_eq!((waiting, capacity, deferred), (5.0, 3.0, 2.0));
+        assert_eq!(value(&text, "vllm:num_requests_running", &[]), 7.0);
+        assert_eq!(value(&text, "vllm:kv_cache_usage_perc", &[]), 0.625);
+        // Exactly the two reasons, in a stable order.
+        let reasons: Vec<String> = samples(&text)
+            .into_iter()
+            .filter(|(n, ..)| n == "vllm:num_requests_waiting_by_reason")
+            .map(|(_, l, ..)| l["reason"].clone())
+            .collect();
+        assert_eq!(reasons, ["capacity", "deferred"]);
+    }
+
+    #[test]
+    fn request_success_counts_by_finished_reason() {
+        let m = metrics();
+        let before = m.encode();
+        for r in FinishedReason::ALL {
+            let v = value(
+                &before,
+                "vllm:request_success_total",
+                &[("finished_reason", r.as_str())],
+            );
+            assert_eq!(v, 0.0, "{r:?} exists at startup");
+        }
+        m.request_finished(&finished(FinishedReason::Stop));
+        m.request_finished(&finished(FinishedReason::Stop));
+        m.request_finished(&finished(FinishedReason::Abort));
+        let text = m.encode();
+        let count = |reason: &str| {
+            value(
+                &text,
+                "vllm:request_success_total",
+                &[("finished_reason", reason)],
+            )
+        };
+        assert_eq!(
+            (
+                count("stop"),
+                count("length"),
+                count("abort"),
+                count("error")
+            ),
+            (2.0, 0.0, 1.0, 0.0)
+        );
+        assert_eq!(
+            value(&text, "vllm:e2e_request_latency_seconds_count", &[]),
+            3.0
+        );
+        assert_eq!(
+            value(&text, "vllm:e2e_request_latency_seconds_sum", &[]),
+            3.75
+        );
+        assert_eq!(
+            value(
+                &text,
+                "vllm:e2e_request_latency_seconds_bucket",
+                &[("le", "1.0")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "vllm:e2e_request_latency_seconds_bucket",
+                &[("le", "1.5")]
+            ),
+            3.0
+        );
+        assert_eq!(value(&text, "vllm:request_prompt_tokens_sum", &[]), 300.0);
+        assert_eq!(
+            value(&text, "vllm:request_prefill_kv_computed_tokens_sum", &[]),
+            108.0
+        );
+        assert_eq!(value(&text, "vllm:request_params_n_count", &[]), 3.0);
+        // max_tokens 0 = unset and mean TPOT None are not observed.
+        assert_eq!(
+            value(&text, "vllm:request_params_max_tokens_count", &[]),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "vllm:request_time_per_output_token_seconds_count",
+                &[]
+            ),
+            0.0
+        );
+        m.request_finished(&FinishedRequest {
+            max_tokens_param: 64,
+            mean_tpot_s: Some(0.05),
+            ..finished(FinishedReason::Length)
+        });
+        let text = m.encode();
+        assert_eq!(
+            value(&text, "vllm:request_params_max_tokens_sum", &[]),
+            64.0
+        );
+        assert_eq!(
+            value(&text, "vllm:request_time_per_output_token_seconds_sum", &[]),
+            0.05
+        );
+    }
+
+    #[test]
+    fn step_metrics() {
+        let m = metrics();
+        m.prefix_cache(64, 48);
+        m.preempted(2);
+        m.prompt_tokens(100);
+        m.generation_tokens(5);
+        m.iteration_tokens(105);
+        m.ttft(0.03);
+        m.itl(0.02);
+        m.itl(0.04);
+        let text = m.encode();
+        assert_eq!(value(&text, "vllm:prefix_cache_queries_total", &[]), 64.0);
+        assert_eq!(value(&text, "vllm:prefix_cache_hits_total", &[]), 48.0);
+        assert_eq!(value(&text, "vllm:num_preemptions_total", &[]), 2.0);
+        assert_eq!(value(&text, "vllm:prompt_tokens_total", &[]), 100.0);
+        assert_eq!(value(&text, "vllm:generation_tokens_total", &[]), 5.0);
+        assert_eq!(value(&text, "vllm:iteration_tokens_total_sum", &[]), 105.0);
+        assert_eq!(
+            value(&text, "vllm:time_to_first_token_seconds_count", &[]),
+            1.0
+        );
+        for family in [
+            "vllm:inter_token_latency_seconds",
+            "vllm:time_per_output_token_seconds",
+        ] {
+            assert_eq!(value(&text, &format!("{family}_count"), &[]), 2.0);
+            let le_0_025 = value(&text, &format!("{family}_bucket"), &[("le", "0.025")]);
+            assert_eq!(le_0_025, 1.0);
+        }
+        // Non-finite observations are dropped rather than poisoning `_sum`.
+        m.ttft(f64::NAN);
+        assert_eq!(
+            value(&m.encode(), "vllm:time_to_first_token_seconds_count", &[]),
+            1.0
+        );
+    }
+
+    #[test]
+    fn nixl_metrics() {
+        let m = metrics();
+        m.nixl_transfer(0.012, 0.0004, 3 << 20, 96);
+        m.nixl_failed_transfer();
+        m.nixl_failed_notification();
+        m.nixl_failed_notification();
+        m.nixl_expired(3);
+        let text = m.encode();
+        assert_eq!(value(&text, "vllm:nixl_xfer_time_seconds_count", &[]), 1.0);
+        assert_eq!(value(&text, "vllm:nixl_post_time_seconds_sum", &[]), 0.0004);
+        assert_eq!(
+            value(&text, "vllm:nixl_bytes_transferred_sum", &[]),
+            3145728.0
+        );
+        assert_eq!(value(&text, "vllm:nixl_num_descriptors_sum", &[]), 96.0);
+        assert_eq!(
+            value(&text, "vllm:nixl_num_failed_transfers_total", &[]),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "vllm:nixl_num_failed_notifications_total", &[]),
+            2.0
+        );
+        assert_eq!(
+            value(&text, "vllm:nixl_num_kv_expired_reqs_total", &[]),
+            3.0
+        );
+        assert!(text.contains("vllm:nixl_bytes_transferred_sum{engine=\"0\",model_name=\"test-model\"} 3.145728e+06\n"));
+    }
+
+    #[test]
+    fn openmetrics_and_negotiation() {
+        let m = metrics();
+        let om = m.encode_openmetrics();
+        assert!(om.ends_with("# EOF\n"));
+        assert!(om.contains("# TYPE vllm:prompt_tokens counter\n"));
+        assert!(om.contains("\nvllm:prompt_tokens_total{"));
+        assert!(om.contains("# TYPE vllm:time_to_first_token_seconds histogram\n"));
+        let (body, ct) = m.encode_for_accept(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        ));
+        assert_eq!((body.as_str(), ct), (om.as_str(), OPENMETRICS_CONTENT_TYPE));
+        let (body, ct) = m.encode_for_accept(Some("*/*"));
+        assert_eq!((body, ct), (m.encode(), CONTENT_TYPE));
+        assert_eq!(m.encode_for_accept(None).1, CONTENT_TYPE);
+    }
+
+    #[test]
+    fn encoding_is_deterministic_and_escapes_labels() {
+        let a = EngineMetrics::new("org/m \"q\"\\x", "1", 4096, &cache());
+        let b = EngineMetrics::new("org/m \"q\"\\x", "1", 4096, &cache());
+        assert_eq!(a.encode(), b.encode());
+        let text = a.encode();
+        let models: BTreeSet<String> = samples(&text)
+            .into_iter()
+            .filter_map(|(_, l, ..)| l.get("model_name").cloned())
+            .collect();
+        assert_eq!(
+            models.into_iter().collect::<Vec<_>>(),
+            [r#"org/m \"q\"\\x"#]
+        );
+        assert!(text.contains("engine=\"1\""));
+    }
+
+    #[test]
+    fn python_float_formatting() {
+        let cases = [
+            (0.0, "0.0"),
+            (0.9, "0.9"),
+            (1.0, "1.0"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (123456.0, "123456.0"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (-2.5, "-2.5"),
+        ];
+        for (v, s) in cases {
+            assert_eq!(py_float_repr(v), s, "repr({v})");
+        }
+        let go = [
+            (f64::INFINITY, "+Inf"),
+            (100000.0, "100000.0"),
+            (1000000.0, "1e+06"),
+            (2097152.0, "2.097152e+06"),
+            (34359738368.0, "3.4359738368e+010"),
+            (1e16, "1e+16"),
+            (0.005, "0.005"),
+            (-1234567.0, "-1234567.0"),
+        ];
+        for (v, s) in go {
+            assert_eq!(go_float(v), s, "floatToGoString({v})");
+        }
+    }
+
+    #[test]
+    fn engine_metrics_is_shareable() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<EngineMetrics>();
+    }
+}
