@@ -1,1 +1,55 @@
-fn main() {}
+//! `tandem`: the one CLI binary.
+//!
+//! - `tandem sim`: a simulated vLLM engine (see `tandem-sim`).
+//! - `tandem demo`: simulated prefill and decode pools plus a workload, with per-phase results.
+
+mod demo;
+mod sim_args;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "tandem", version, about = "Prefill/decode disaggregation orchestrator for vLLM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a simulated vLLM engine (OpenAI HTTP, NixlConnector P/D, KV events, metrics).
+    Sim(Box<sim_args::SimArgs>),
+    /// Run the embedded demo: simulated P/D pools and a workload; prints per-phase results.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Sim(args) => sim_args::run(*args).await,
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -81,6 +81,8 @@ pub struct SimConfig {
     /// `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`, simulated seconds.
     pub nixl_abort_timeout: Duration,
     pub kv_load_failure_policy: KvLoadFailurePolicy,
+    /// Real-time limit for each NIXL side-channel call (vLLM's handshake uses 5 s).
+    pub side_channel_timeout: Duration,
     pub link: LinkClass,
     pub eos_rate: f64,
     pub enable_prompt_tokens_details: bool,
@@ -114,6 +116,7 @@ impl SimConfig {
             engine_id: None,
             nixl_abort_timeout: Duration::from_secs(480),
             kv_load_failure_policy: KvLoadFailurePolicy::Fail,
+            side_channel_timeout: Duration::from_secs(5),
             link: LinkClass::Rdma400,
             eos_rate: 0.0,
             enable_prompt_tokens_details: false,
@@ -321,7 +324,7 @@ pub async fn start(
             abort_timeout: cfg.nixl_abort_timeout,
             kv_load_failure_policy: cfg.kv_load_failure_policy,
             link: cfg.link,
-            side_channel_timeout: Duration::from_secs(5),
+            side_channel_timeout: cfg.side_channel_timeout,
             kv_bytes_per_token,
         },
         tokenizer.clone(),
@@ -343,6 +346,7 @@ pub async fn start(
             side_channel_host: cfg.side_channel_host.clone(),
             side_channel_port: side_port,
             tp_size: tp,
+            side_channel_timeout: cfg.side_channel_timeout,
             disable_request_id_randomization: cfg.disable_request_id_randomization,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -8,16 +8,19 @@
 //!
 //! `prometheus-client` writes metric names verbatim (no validation, `:` is kept), but it speaks
 //! OpenMetrics: counter families are typed under their base name (`# TYPE vllm:prompt_tokens
-//! counter`, sample `vllm:prompt_tokens_total`), output ends with `# EOF`, and numbers are
-//! written Rust-style (`3`, not `3.0`). vLLM answers a plain scrape with Python
-//! `prometheus_client`'s text format 0.0.4, where the family itself is `vllm:prompt_tokens_total`,
-//! so [`EngineMetrics::encode`] post-processes the crate's output into that format:
-//! counter families renamed to `<name>_total`, no `# EOF`, every number (values and `le`)
-//! formatted like Python's `floatToGoString`, labels in the order vLLM's multiprocess collector
-//! emits them (sorted by key, `le` last). [`EngineMetrics::encode_openmetrics`] keeps the
-//! OpenMetrics shape, for clients that negotiate it (see [`EngineMetrics::encode_for_accept`]).
-//! No `_created` series are emitted: the crate has none, and vLLM runs `prometheus_client` in
-//! multiprocess mode, which drops them too.
+//! counter`, sample `vllm:prompt_tokens_total`), output ends with `# EOF`, numbers are written
+//! Rust-style (`3`, not `3.0`) and every help text gets a `.` appended. vLLM answers a plain
+//! scrape with Python `prometheus_client`'s text format 0.0.4, where the family itself is
+//! `vllm:prompt_tokens_total`, so [`EngineMetrics::encode`] post-processes the crate's output
+//! into that format: counter families renamed to `<name>_total`, help texts verbatim, no
+//! `# EOF`, every number (values and `le`) formatted like Python's `floatToGoString`, labels in
+//! the order vLLM's multiprocess collector emits them (sorted by key, `le` last).
+//! [`EngineMetrics::encode_openmetrics`] keeps the OpenMetrics shape for clients that negotiate
+//! it (see [`EngineMetrics::encode_for_accept`]). No `_created` series are emitted: the crate
+//! has none, and vLLM runs `prometheus_client` in multiprocess mode, which drops them too.
+//!
+//! The NIXL families (§1.8) are always registered; vLLM has them only when a NixlConnector is
+//! configured, which for a P/D simulator is the normal case.
 
 use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
@@ -80,19 +83,10 @@ pub const NIXL_XFER_TIME_BUCKETS: [f64; 12] = [
 ];
 
 /// `vllm:nixl_bytes_transferred` buckets (ours): `2^(10+i)` for odd `i` in 1..25, 2 KiB .. 8 GiB.
+#[rustfmt::skip]
 pub const NIXL_BYTES_BUCKETS: [f64; 12] = [
-    2048.0,
-    8192.0,
-    32768.0,
-    131072.0,
-    524288.0,
-    2097152.0,
-    8388608.0,
-    33554432.0,
-    134217728.0,
-    536870912.0,
-    2147483648.0,
-    8589934592.0,
+    2048.0, 8192.0, 32768.0, 131072.0, 524288.0, 2097152.0, 8388608.0, 33554432.0, 134217728.0,
+    536870912.0, 2147483648.0, 8589934592.0,
 ];
 
 /// `vllm:nixl_num_descriptors` buckets (ours): 10 .. 50 000 descriptors per transfer.
@@ -154,10 +148,6 @@ impl FinishedReason {
             Self::Error => "error",
         }
     }
-
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 /// Everything vLLM observes once per finished request (`FinishedRequestStats`).
@@ -200,7 +190,73 @@ pub struct SchedulerGauges {
 type Labels = Vec<(&'static str, String)>;
 type GaugeF64 = Gauge<f64, AtomicU64>;
 
-/// The metrics of one simulated engine: the registry and a handle per series.
+/// Counters, in registration order; index into `EngineMetrics::counters`. The crate appends
+/// `_total` on output, so the table holds the base names.
+#[rustfmt::skip]
+#[derive(Debug, Clone, Copy)]
+enum C {
+    PrefixQueries, PrefixHits, Preemptions, PromptTokens, GenerationTokens, NixlFailedTransfers,
+    NixlFailedNotifications, NixlExpired,
+}
+
+#[rustfmt::skip]
+const COUNTERS: [(C, &str, &str); 8] = [
+    (C::PrefixQueries, "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
+    (C::PrefixHits, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+    (C::Preemptions, "vllm:num_preemptions", "Cumulative number of preemption from the engine."),
+    (C::PromptTokens, "vllm:prompt_tokens", "Number of prefill tokens processed."),
+    (C::GenerationTokens, "vllm:generation_tokens", "Number of generation tokens processed."),
+    (C::NixlFailedTransfers, "vllm:nixl_num_failed_transfers", "Number of failed NIXL KV Cache transfers."),
+    (C::NixlFailedNotifications, "vllm:nixl_num_failed_notifications", "Number of failed NIXL KV Cache notifications."),
+    (C::NixlExpired, "vllm:nixl_num_kv_expired_reqs", "Number of requests that had their KV expire. NOTE: This metric is tracked on the P instance."),
+];
+
+/// Histograms, in registration order; index into `EngineMetrics::histograms`.
+#[rustfmt::skip]
+#[derive(Debug, Clone, Copy)]
+enum H {
+    PromptTokens, GenerationTokens, IterationTokens, MaxNumGenerationTokens, ParamsN,
+    ParamsMaxTokens, Ttft, TimePerOutputToken, InterTokenLatency, RequestTpot, E2e, Queue,
+    Inference, Prefill, Decode, PrefillKvComputed, NixlXferTime, NixlPostTime, NixlBytes,
+    NixlDescriptors,
+}
+
+/// `None` = `build_1_2_5_buckets(max_model_len)`.
+type Buckets = Option<&'static [f64]>;
+const LEN: Buckets = None;
+const LATENCY: Buckets = Some(&REQUEST_LATENCY_BUCKETS);
+
+#[rustfmt::skip]
+const HISTOGRAMS: [(H, &str, Buckets, &str); 20] = [
+    (H::PromptTokens, "vllm:request_prompt_tokens", LEN, "Number of prefill tokens processed."),
+    (H::GenerationTokens, "vllm:request_generation_tokens", LEN, "Number of generation tokens processed."),
+    (H::IterationTokens, "vllm:iteration_tokens_total", Some(&ITERATION_TOKENS_BUCKETS), "Histogram of number of tokens per engine_step."),
+    (H::MaxNumGenerationTokens, "vllm:request_max_num_generation_tokens", LEN, "Histogram of maximum number of requested generation tokens."),
+    (H::ParamsN, "vllm:request_params_n", Some(&REQUEST_PARAMS_N_BUCKETS), "Histogram of the n request parameter."),
+    (H::ParamsMaxTokens, "vllm:request_params_max_tokens", LEN, "Histogram of the max_tokens request parameter."),
+    (H::Ttft, "vllm:time_to_first_token_seconds", Some(&TTFT_BUCKETS), "Histogram of time to first token in seconds."),
+    (H::TimePerOutputToken, "vllm:time_per_output_token_seconds", Some(&ITL_BUCKETS), "Histogram of time per output token in seconds. DEPRECATED: Use vllm:inter_token_latency_seconds instead."),
+    (H::InterTokenLatency, "vllm:inter_token_latency_seconds", Some(&ITL_BUCKETS), "Histogram of inter-token latency in seconds."),
+    (H::RequestTpot, "vllm:request_time_per_output_token_seconds", Some(&ITL_BUCKETS), "Histogram of time_per_output_token_seconds per request."),
+    (H::E2e, "vllm:e2e_request_latency_seconds", LATENCY, "Histogram of e2e request latency in seconds."),
+    (H::Queue, "vllm:request_queue_time_seconds", LATENCY, "Histogram of time spent in WAITING phase for request."),
+    (H::Inference, "vllm:request_inference_time_seconds", LATENCY, "Histogram of time spent in RUNNING phase for request."),
+    (H::Prefill, "vllm:request_prefill_time_seconds", LATENCY, "Histogram of time spent in PREFILL phase for request."),
+    (H::Decode, "vllm:request_decode_time_seconds", LATENCY, "Histogram of time spent in DECODE phase for request."),
+    (H::PrefillKvComputed, "vllm:request_prefill_kv_computed_tokens", LEN, "Histogram of new KV tokens computed during prefill (excluding cached tokens)."),
+    (H::NixlXferTime, "vllm:nixl_xfer_time_seconds", Some(&NIXL_XFER_TIME_BUCKETS), "Histogram of transfer duration for NIXL KV Cache transfers."),
+    (H::NixlPostTime, "vllm:nixl_post_time_seconds", Some(&NIXL_POST_TIME_BUCKETS), "Histogram of transfer post time for NIXL KV Cache transfers."),
+    (H::NixlBytes, "vllm:nixl_bytes_transferred", Some(&NIXL_BYTES_BUCKETS), "Histogram of bytes transferred per NIXL KV Cache transfers."),
+    (H::NixlDescriptors, "vllm:nixl_num_descriptors", Some(&NIXL_NUM_DESCRIPTORS_BUCKETS), "Histogram of number of descriptors per NIXL KV Cache transfers."),
+];
+
+const WAITING_BY_REASON_HELP: &str = "Number of requests waiting, by reason. 'capacity' = waiting \
+    for scheduling capacity (KV cache blocks, token budget); 'deferred' = deferred by transient \
+    constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals \
+    vllm:num_requests_waiting.";
+
+/// The metrics of one simulated engine: the registry and a handle per series. Cheap to share
+/// behind an `Arc`; every method takes `&self` (the handles are atomics).
 #[derive(Debug)]
 pub struct EngineMetrics {
     registry: Registry,
@@ -209,48 +265,21 @@ pub struct EngineMetrics {
     waiting_capacity: Gauge,
     waiting_deferred: Gauge,
     kv_cache_usage: GaugeF64,
-    prefix_cache_queries: Counter,
-    prefix_cache_hits: Counter,
-    preemptions: Counter,
-    prompt_tokens: Counter,
-    generation_tokens: Counter,
-    /// Indexed by [`FinishedReason::index`].
+    counters: [Counter; COUNTERS.len()],
+    /// Indexed by `FinishedReason as usize`.
     request_success: [Counter; 4],
-    request_prompt_tokens: Histogram,
-    request_generation_tokens: Histogram,
-    iteration_tokens: Histogram,
-    request_max_num_generation_tokens: Histogram,
-    request_params_n: Histogram,
-    request_params_max_tokens: Histogram,
-    ttft: Histogram,
-    time_per_output_token: Histogram,
-    inter_token_latency: Histogram,
-    request_time_per_output_token: Histogram,
-    e2e_latency: Histogram,
-    queue_time: Histogram,
-    inference_time: Histogram,
-    prefill_time: Histogram,
-    decode_time: Histogram,
-    prefill_kv_computed_tokens: Histogram,
-    nixl_xfer_time: Histogram,
-    nixl_post_time: Histogram,
-    nixl_bytes_transferred: Histogram,
-    nixl_num_descriptors: Histogram,
-    nixl_failed_transfers: Counter,
-    nixl_failed_notifications: Counter,
-    nixl_kv_expired_reqs: Counter,
+    histograms: [Histogram; HISTOGRAMS.len()],
 }
 
-/// Registers one-series families carrying `engine` and `model_name` and hands back the series.
-///
-/// Every metric is a `Family` (rather than const labels on a sub-registry) so that extra labels
-/// can be sorted in with the base ones, and so the output keeps vLLM's registration order.
-struct Builder<'a> {
-    registry: &'a mut Registry,
+/// Every metric is a one-series `Family` carrying `engine` and `model_name` (rather than const
+/// labels on a sub-registry) so extra labels sort in among them as vLLM's output has it, and
+/// so the output keeps registration order.
+struct Builder {
+    registry: Registry,
     base: Labels,
 }
 
-impl Builder<'_> {
+impl Builder {
     fn labels(&self, extra: &[(&'static str, &str)]) -> Labels {
         let mut labels = self.base.clone();
         labels.extend(extra.iter().map(|(k, v)| (*k, escape_label_value(v))));
@@ -258,33 +287,21 @@ impl Builder<'_> {
         labels
     }
 
-    fn counter(&mut self, name: &str, help: &str) -> Counter {
-        let family = Family::<Labels, Counter>::default();
-        let series = family.get_or_create_owned(&self.labels(&[]));
-        self.registry.register(name, help, family);
-        series
-    }
-
-    fn gauge(&mut self, name: &str, help: &str) -> Gauge {
-        let family = Family::<Labels, Gauge>::default();
-        let series = family.get_or_create_owned(&self.labels(&[]));
-        self.registry.register(name, help, family);
-        series
-    }
-
-    fn gauge_f64(&mut self, name: &str, help: &str) -> GaugeF64 {
-        let family = Family::<Labels, GaugeF64>::default();
-        let series = family.get_or_create_owned(&self.labels(&[]));
-        self.registry.register(name, help, family);
-        series
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
-        let buckets = buckets.to_vec();
-        let family = Family::<Labels, Histogram, _>::new_with_constructor(move || {
-            Histogram::new(buckets.iter().copied())
-        });
-        let series = family.get_or_create_owned(&self.labels(&[]));
+    /// Registers a family and returns its series for each of `extras`.
+    fn family<M, F, E, const N: usize>(
+        &mut self,
+        name: &str,
+        help: &str,
+        family: Family<Labels, M, F>,
+        extras: [E; N],
+    ) -> [M; N]
+    where
+        E: AsRef<[(&'static str, &'static str)]>,
+        M: Clone + prometheus_client::encoding::EncodeMetric + std::fmt::Debug + 'static,
+        M: prometheus_client::metrics::TypedMetric + Send + Sync,
+        F: prometheus_client::metrics::family::MetricConstructor<M> + Send + Sync + 'static,
+    {
+        let series = extras.map(|extra| family.get_or_create_owned(&self.labels(extra.as_ref())));
         self.registry.register(name, help, family);
         series
     }
@@ -299,157 +316,64 @@ impl EngineMetrics {
         max_model_len: u32,
         cache: &CacheConfigInfo,
     ) -> Self {
-        let mut registry = Registry::default();
-        let base: Labels = vec![
+        let base = vec![
             ("engine", escape_label_value(engine)),
             ("model_name", escape_label_value(model_name)),
         ];
         let mut b = Builder {
-            registry: &mut registry,
+            registry: Registry::default(),
             base,
         };
+        let no_extra: [[(&str, &str); 0]; 1] = [[]];
+        let [running] = b.family(
+            "vllm:num_requests_running",
+            "Number of requests currently running.",
+            Family::default(),
+            no_extra,
+        );
+        let [waiting] = b.family(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            Family::default(),
+            no_extra,
+        );
+        let [waiting_capacity, waiting_deferred] = b.family(
+            "vllm:num_requests_waiting_by_reason",
+            WAITING_BY_REASON_HELP,
+            Family::default(),
+            [[("reason", "capacity")], [("reason", "deferred")]],
+        );
+        let [kv_cache_usage] = b.family(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            Family::default(),
+            no_extra,
+        );
+        let counters = COUNTERS.map(|(_, name, help)| {
+            let [c] = b.family(name, help, Family::default(), no_extra);
+            c
+        });
+        // vLLM creates one series per FinishReason up front, so all four show 0 at startup.
+        let request_success = b.family(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            Family::default(),
+            FinishedReason::ALL.map(|r| [("finished_reason", r.as_str())]),
+        );
         let len_buckets: Vec<f64> = build_1_2_5_buckets(u64::from(max_model_len))
             .into_iter()
             .map(|v| v as f64)
             .collect();
+        let histograms = HISTOGRAMS.map(|(_, name, buckets, help)| {
+            let buckets = buckets.map_or_else(|| len_buckets.clone(), <[f64]>::to_vec);
+            let family = Family::new_with_constructor(move || Histogram::new(buckets.clone()));
+            let [h] = b.family(name, help, family, no_extra);
+            h
+        });
 
-        let running = b.gauge(
-            "vllm:num_requests_running",
-            "Number of requests currently running.",
-        );
-        let waiting = b.gauge(
-            "vllm:num_requests_waiting",
-            "Number of requests waiting to be processed.",
-        );
-        let by_reason = Family::<Labels, Gauge>::default();
-        let waiting_capacity = by_reason.get_or_create_owned(&b.labels(&[("reason", "capacity")]));
-        let waiting_deferred = by_reason.get_or_create_owned(&b.labels(&[("reason", "deferred")]));
-        b.registry.register(
-            "vllm:num_requests_waiting_by_reason",
-            "Number of requests waiting, by reason. 'capacity' = waiting for scheduling \
-             capacity (KV cache blocks, token budget); 'deferred' = deferred by transient \
-             constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals \
-             vllm:num_requests_waiting.",
-            by_reason,
-        );
-        let kv_cache_usage = b.gauge_f64(
-            "vllm:kv_cache_usage_perc",
-            "KV-cache usage. 1 means 100 percent usage.",
-        );
-        let prefix_cache_queries = b.counter(
-            "vllm:prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-        );
-        let prefix_cache_hits = b.counter(
-            "vllm:prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens.",
-        );
-        let preemptions = b.counter(
-            "vllm:num_preemptions",
-            "Cumulative number of preemption from the engine.",
-        );
-        let prompt_tokens = b.counter("vllm:prompt_tokens", "Number of prefill tokens processed.");
-        let generation_tokens = b.counter(
-            "vllm:generation_tokens",
-            "Number of generation tokens processed.",
-        );
-        // vLLM creates one series per FinishReason up front, so all four show 0 at startup.
-        let success = Family::<Labels, Counter>::default();
-        let request_success = FinishedReason::ALL
-            .map(|r| success.get_or_create_owned(&b.labels(&[("finished_reason", r.as_str())])));
-        b.registry.register(
-            "vllm:request_success",
-            "Count of successfully processed requests.",
-            success,
-        );
-
-        let request_prompt_tokens = b.histogram(
-            "vllm:request_prompt_tokens",
-            "Number of prefill tokens processed.",
-            &len_buckets,
-        );
-        let request_generation_tokens = b.histogram(
-            "vllm:request_generation_tokens",
-            "Number of generation tokens processed.",
-            &len_buckets,
-        );
-        let iteration_tokens = b.histogram(
-            "vllm:iteration_tokens_total",
-            "Histogram of number of tokens per engine_step.",
-            &ITERATION_TOKENS_BUCKETS,
-        );
-        let request_max_num_generation_tokens = b.histogram(
-            "vllm:request_max_num_generation_tokens",
-            "Histogram of maximum number of requested generation tokens.",
-            &len_buckets,
-        );
-        let request_params_n = b.histogram(
-            "vllm:request_params_n",
-            "Histogram of the n request parameter.",
-            &REQUEST_PARAMS_N_BUCKETS,
-        );
-        let request_params_max_tokens = b.histogram(
-            "vllm:request_params_max_tokens",
-            "Histogram of the max_tokens request parameter.",
-            &len_buckets,
-        );
-        let ttft = b.histogram(
-            "vllm:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
-            &TTFT_BUCKETS,
-        );
-        let time_per_output_token = b.histogram(
-            "vllm:time_per_output_token_seconds",
-            "Histogram of time per output token in seconds. \
-             DEPRECATED: Use vllm:inter_token_latency_seconds instead.",
-            &ITL_BUCKETS,
-        );
-        let inter_token_latency = b.histogram(
-            "vllm:inter_token_latency_seconds",
-            "Histogram of inter-token latency in seconds.",
-            &ITL_BUCKETS,
-        );
-        let request_time_per_output_token = b.histogram(
-            "vllm:request_time_per_output_token_seconds",
-            "Histogram of time_per_output_token_seconds per request.",
-            &ITL_BUCKETS,
-        );
-        let e2e_latency = b.histogram(
-            "vllm:e2e_request_latency_seconds",
-            "Histogram of e2e request latency in seconds.",
-            &REQUEST_LATENCY_BUCKETS,
-        );
-        let queue_time = b.histogram(
-            "vllm:request_queue_time_seconds",
-            "Histogram of time spent in WAITING phase for request.",
-            &REQUEST_LATENCY_BUCKETS,
-        );
-        let inference_time = b.histogram(
-            "vllm:request_inference_time_seconds",
-            "Histogram of time spent in RUNNING phase for request.",
-            &REQUEST_LATENCY_BUCKETS,
-        );
-        let prefill_time = b.histogram(
-            "vllm:request_prefill_time_seconds",
-            "Histogram of time spent in PREFILL phase for request.",
-            &REQUEST_LATENCY_BUCKETS,
-        );
-        let decode_time = b.histogram(
-            "vllm:request_decode_time_seconds",
-            "Histogram of time spent in DECODE phase for request.",
-            &REQUEST_LATENCY_BUCKETS,
-        );
-        let prefill_kv_computed_tokens = b.histogram(
-            "vllm:request_prefill_kv_computed_tokens",
-            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
-            &len_buckets,
-        );
-
-        // `cache_config_info` is an info-style gauge: CacheConfig fields + `engine`, and no
-        // `model_name` (vLLM's `log_metrics_info` builds its label set from the config alone).
-        let info = Family::<Labels, Gauge>::default();
-        let gpu_util = py_float_repr(cache.gpu_memory_utilization);
-        let mut info_labels: Labels = [
+        // An info-style gauge labelled by CacheConfig fields (Python `str()` of each) plus
+        // `engine`, without `model_name`: vLLM's `log_metrics_info` builds it from the config.
+        let mut info: Labels = [
             ("block_size", cache.block_size.to_string()),
             ("cache_dtype", cache.cache_dtype.clone()),
             (
@@ -457,7 +381,10 @@ impl EngineMetrics {
                 py_bool(cache.enable_prefix_caching).to_string(),
             ),
             ("engine", engine.to_string()),
-            ("gpu_memory_utilization", gpu_util),
+            (
+                "gpu_memory_utilization",
+                py_float_repr(cache.gpu_memory_utilization),
+            ),
             ("num_gpu_blocks", cache.num_gpu_blocks.to_string()),
             (
                 "prefix_caching_hash_algo",
@@ -467,94 +394,45 @@ impl EngineMetrics {
         .into_iter()
         .map(|(k, v)| (k, escape_label_value(&v)))
         .collect();
-        info_labels.sort_by_key(|(k, _)| *k);
-        info.get_or_create(&info_labels).set(1);
+        info.sort_by_key(|(k, _)| *k);
+        let info_family = Family::<Labels, Gauge>::default();
+        info_family.get_or_create(&info).set(1);
         b.registry.register(
             "vllm:cache_config_info",
             "Information of the LLMEngine CacheConfig",
-            info,
-        );
-
-        let nixl_xfer_time = b.histogram(
-            "vllm:nixl_xfer_time_seconds",
-            "Histogram of transfer duration for NIXL KV Cache transfers.",
-            &NIXL_XFER_TIME_BUCKETS,
-        );
-        let nixl_post_time = b.histogram(
-            "vllm:nixl_post_time_seconds",
-            "Histogram of transfer post time for NIXL KV Cache transfers.",
-            &NIXL_POST_TIME_BUCKETS,
-        );
-        let nixl_bytes_transferred = b.histogram(
-            "vllm:nixl_bytes_transferred",
-            "Histogram of bytes transferred per NIXL KV Cache transfers.",
-            &NIXL_BYTES_BUCKETS,
-        );
-        let nixl_num_descriptors = b.histogram(
-            "vllm:nixl_num_descriptors",
-            "Histogram of number of descriptors per NIXL KV Cache transfers.",
-            &NIXL_NUM_DESCRIPTORS_BUCKETS,
-        );
-        let nixl_failed_transfers = b.counter(
-            "vllm:nixl_num_failed_transfers",
-            "Number of failed NIXL KV Cache transfers.",
-        );
-        let nixl_failed_notifications = b.counter(
-            "vllm:nixl_num_failed_notifications",
-            "Number of failed NIXL KV Cache notifications.",
-        );
-        let nixl_kv_expired_reqs = b.counter(
-            "vllm:nixl_num_kv_expired_reqs",
-            "Number of requests that had their KV expire. \
-             NOTE: This metric is tracked on the P instance.",
+            info_family,
         );
 
         Self {
-            registry,
+            registry: b.registry,
             running,
             waiting,
             waiting_capacity,
             waiting_deferred,
             kv_cache_usage,
-            prefix_cache_queries,
-            prefix_cache_hits,
-            preemptions,
-            prompt_tokens,
-            generation_tokens,
+            counters,
             request_success,
-            request_prompt_tokens,
-            request_generation_tokens,
-            iteration_tokens,
-            request_max_num_generation_tokens,
-            request_params_n,
-            request_params_max_tokens,
-            ttft,
-            time_per_output_token,
-            inter_token_latency,
-            request_time_per_output_token,
-            e2e_latency,
-            queue_time,
-            inference_time,
-            prefill_time,
-            decode_time,
-            prefill_kv_computed_tokens,
-            nixl_xfer_time,
-            nixl_post_time,
-            nixl_bytes_transferred,
-            nixl_num_descriptors,
-            nixl_failed_transfers,
-            nixl_failed_notifications,
-            nixl_kv_expired_reqs,
+            histograms,
+        }
+    }
+
+    fn counter(&self, c: C) -> &Counter {
+        &self.counters[c as usize]
+    }
+
+    /// NaN or infinite observations would poison `_sum` forever; the engine never means them.
+    fn observe(&self, h: H, v: f64) {
+        if v.is_finite() {
+            self.histograms[h as usize].observe(v);
         }
     }
 
     /// Per-step scheduler state. `num_requests_waiting` is derived as capacity + deferred so the
     /// by-reason series always sum to it.
     pub fn set_scheduler(&self, g: SchedulerGauges) {
+        let waiting = g.waiting_capacity.saturating_add(g.waiting_deferred);
         self.running.set(to_i64(g.running));
-        self.waiting.set(to_i64(
-            g.waiting_capacity.saturating_add(g.waiting_deferred),
-        ));
+        self.waiting.set(to_i64(waiting));
         self.waiting_capacity.set(to_i64(g.waiting_capacity));
         self.waiting_deferred.set(to_i64(g.waiting_deferred));
         self.kv_cache_usage.set(g.kv_cache_usage);
@@ -562,86 +440,80 @@ impl EngineMetrics {
 
     /// Prefix-cache lookups of one step, in tokens.
     pub fn prefix_cache(&self, queries: u64, hits: u64) {
-        self.prefix_cache_queries.inc_by(queries);
-        self.prefix_cache_hits.inc_by(hits);
+        self.counter(C::PrefixQueries).inc_by(queries);
+        self.counter(C::PrefixHits).inc_by(hits);
     }
 
     pub fn preempted(&self, n: u64) {
-        self.preemptions.inc_by(n);
+        self.counter(C::Preemptions).inc_by(n);
     }
 
     pub fn prompt_tokens(&self, n: u64) {
-        self.prompt_tokens.inc_by(n);
+        self.counter(C::PromptTokens).inc_by(n);
     }
 
     pub fn generation_tokens(&self, n: u64) {
-        self.generation_tokens.inc_by(n);
+        self.counter(C::GenerationTokens).inc_by(n);
     }
 
     /// Prompt + generation tokens scheduled in one engine step.
     pub fn iteration_tokens(&self, n: u64) {
-        observe(&self.iteration_tokens, n as f64);
+        self.observe(H::IterationTokens, n as f64);
     }
 
     pub fn ttft(&self, s: f64) {
-        observe(&self.ttft, s);
+        self.observe(H::Ttft, s);
     }
 
-    /// Observes both `inter_token_latency_seconds` and its deprecated alias
+    /// Observes `inter_token_latency_seconds` and its deprecated alias
     /// `time_per_output_token_seconds`, as vLLM 0.11+ does.
     pub fn itl(&self, s: f64) {
-        observe(&self.inter_token_latency, s);
-        observe(&self.time_per_output_token, s);
+        self.observe(H::InterTokenLatency, s);
+        self.observe(H::TimePerOutputToken, s);
     }
 
     /// Once per finished request. `request_max_num_generation_tokens` and `request_params_n`
-    /// are observed here too: vLLM observes them per *parent* request (max generation tokens
-    /// over its `n` children), which is the same thing for `n == 1`.
+    /// are observed here too: vLLM observes them per *parent* request (the max generation
+    /// tokens over its `n` children), which is the same thing for `n == 1`.
     pub fn request_finished(&self, r: &FinishedRequest) {
-        self.request_success[r.reason.index()].inc();
-        observe(&self.e2e_latency, r.e2e_s);
-        observe(&self.queue_time, r.queue_s);
-        observe(&self.prefill_time, r.prefill_s);
-        observe(&self.inference_time, r.inference_s);
-        observe(&self.decode_time, r.decode_s);
-        observe(&self.request_prompt_tokens, r.prompt_tokens as f64);
-        observe(&self.request_generation_tokens, r.generation_tokens as f64);
-        observe(
-            &self.request_max_num_generation_tokens,
-            r.generation_tokens as f64,
-        );
-        observe(&self.request_params_n, f64::from(r.n));
+        self.request_success[r.reason as usize].inc();
+        self.observe(H::E2e, r.e2e_s);
+        self.observe(H::Queue, r.queue_s);
+        self.observe(H::Prefill, r.prefill_s);
+        self.observe(H::Inference, r.inference_s);
+        self.observe(H::Decode, r.decode_s);
+        self.observe(H::PromptTokens, r.prompt_tokens as f64);
+        self.observe(H::GenerationTokens, r.generation_tokens as f64);
+        self.observe(H::MaxNumGenerationTokens, r.generation_tokens as f64);
+        self.observe(H::ParamsN, f64::from(r.n));
         if r.max_tokens_param > 0 {
-            observe(&self.request_params_max_tokens, r.max_tokens_param as f64);
+            self.observe(H::ParamsMaxTokens, r.max_tokens_param as f64);
         }
-        observe(
-            &self.prefill_kv_computed_tokens,
-            r.prefill_kv_computed_tokens as f64,
-        );
+        self.observe(H::PrefillKvComputed, r.prefill_kv_computed_tokens as f64);
         if let Some(tpot) = r.mean_tpot_s {
-            observe(&self.request_time_per_output_token, tpot);
+            self.observe(H::RequestTpot, tpot);
         }
     }
 
     /// One successful NIXL read (decode side).
     pub fn nixl_transfer(&self, xfer_s: f64, post_s: f64, bytes: u64, descriptors: u64) {
-        observe(&self.nixl_xfer_time, xfer_s);
-        observe(&self.nixl_post_time, post_s);
-        observe(&self.nixl_bytes_transferred, bytes as f64);
-        observe(&self.nixl_num_descriptors, descriptors as f64);
+        self.observe(H::NixlXferTime, xfer_s);
+        self.observe(H::NixlPostTime, post_s);
+        self.observe(H::NixlBytes, bytes as f64);
+        self.observe(H::NixlDescriptors, descriptors as f64);
     }
 
     pub fn nixl_failed_transfer(&self) {
-        self.nixl_failed_transfers.inc();
+        self.counter(C::NixlFailedTransfers).inc();
     }
 
     pub fn nixl_failed_notification(&self) {
-        self.nixl_failed_notifications.inc();
+        self.counter(C::NixlFailedNotifications).inc();
     }
 
     /// Requests whose pinned KV blocks expired before D read them (prefill side).
     pub fn nixl_expired(&self, n: u64) {
-        self.nixl_kv_expired_reqs.inc_by(n);
+        self.counter(C::NixlExpired).inc_by(n);
     }
 
     /// Prometheus text format 0.0.4 (serve with [`CONTENT_TYPE`]); what vLLM returns to a
@@ -671,17 +543,9 @@ impl EngineMetrics {
 
     fn encode_raw(&self) -> String {
         let mut out = String::with_capacity(32 * 1024);
-        // Writing into a String cannot fail.
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("encoding into a String is infallible");
         out
-    }
-}
-
-/// NaN or infinite observations would poison `_sum` forever; the engine never means them.
-fn observe(h: &Histogram, v: f64) {
-    if v.is_finite() {
-        h.observe(v);
     }
 }
 
@@ -866,7 +730,9 @@ fn rewrite(raw: &str, openmetrics: bool) -> String {
                 name.to_string()
             };
             if let Some(h) = help.take() {
+                // The crate appends a `.` to every help text; vLLM's are verbatim.
                 let text = h.split_once(' ').map_or("", |(_, text)| text);
+                let text = text.strip_suffix('.').unwrap_or(text);
                 let _ = writeln!(out, "# HELP {family} {text}");
             }
             let _ = writeln!(out, "# TYPE {family} {kind}");
@@ -894,7 +760,7 @@ fn rewrite(raw: &str, openmetrics: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeMap;
 
     const MODEL: &str = "test-model";
 
@@ -930,46 +796,37 @@ mod tests {
         }
     }
 
-    /// `# TYPE` lines as family -> type.
-    fn types(text: &str) -> BTreeMap<String, String> {
-        text.lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .map(|rest| {
-                let (name, kind) = rest.rsplit_once(' ').unwrap();
-                (name.to_string(), kind.to_string())
+    /// A sample: name, labels in output order, value.
+    type Parsed = (String, Vec<(String, String)>, f64);
+
+    fn samples(text: &str) -> Vec<Parsed> {
+        let lines = text.lines().filter(|l| !l.starts_with('#'));
+        lines
+            .map(|l| {
+                let s = parse_sample(l).unwrap_or_else(|| panic!("unparseable {l:?}"));
+                let labels = s.labels.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+                (
+                    s.name.to_string(),
+                    labels.collect(),
+                    s.value.parse().unwrap(),
+                )
             })
             .collect()
     }
 
-    type Labels = BTreeMap<String, String>;
-
-    fn samples(text: &str) -> Vec<(String, Labels, Vec<String>, f64)> {
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| {
-                let s = parse_sample(l).unwrap_or_else(|| panic!("unparseable line {l:?}"));
-                let keys = s.labels.iter().map(|(k, _)| k.to_string()).collect();
-                let labels = s
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect();
-                (s.name.to_string(), labels, keys, s.value.parse().unwrap())
-            })
-            .collect()
+    fn label<'a>(labels: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The value of the one sample named `name` whose labels include `with`.
     fn value(text: &str, name: &str, with: &[(&str, &str)]) -> f64 {
         let hits: Vec<f64> = samples(text)
             .into_iter()
-            .filter(|(n, labels, _, _)| {
-                n == name
-                    && with
-                        .iter()
-                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(v))
-            })
-            .map(|(_, _, _, v)| v)
+            .filter(|(n, l, _)| n == name && with.iter().all(|(k, v)| label(l, k) == Some(v)))
+            .map(|(.., v)| v)
             .collect();
         assert_eq!(hits.len(), 1, "{name} {with:?}: {hits:?}");
         hits[0]
@@ -977,205 +834,162 @@ mod tests {
 
     fn le_list(text: &str, family: &str) -> Vec<String> {
         let bucket = format!("{family}_bucket");
-        samples(text)
-            .into_iter()
-            .filter(|(n, ..)| *n == bucket)
-            .map(|(_, labels, ..)| labels["le"].clone())
+        let buckets = samples(text).into_iter().filter(|(n, ..)| *n == bucket);
+        buckets
+            .map(|(_, l, _)| label(&l, "le").unwrap().to_string())
             .collect()
     }
 
-    fn strs(list: &[&str]) -> Vec<String> {
-        list.iter()
-            .map(|s| s.to_string())
+    /// The spec's list as Python renders `le`, plus `+Inf`.
+    fn spec(list: &str) -> Vec<String> {
+        list.split(", ")
+            .map(str::to_string)
             .chain(["+Inf".to_string()])
             .collect()
     }
 
-    const COUNTERS: [&str; 10] = [
-        "vllm:prefix_cache_queries_total",
-        "vllm:prefix_cache_hits_total",
-        "vllm:num_preemptions_total",
-        "vllm:prompt_tokens_total",
-        "vllm:generation_tokens_total",
-        "vllm:request_success_total",
-        "vllm:nixl_num_failed_transfers_total",
-        "vllm:nixl_num_failed_notifications_total",
-        "vllm:nixl_num_kv_expired_reqs_total",
-        // Not a counter in vLLM, listed to pin that it stays one series family below.
-        "vllm:iteration_tokens_total",
-    ];
-    const GAUGES: [&str; 5] = [
-        "vllm:num_requests_running",
-        "vllm:num_requests_waiting",
-        "vllm:num_requests_waiting_by_reason",
-        "vllm:kv_cache_usage_perc",
-        "vllm:cache_config_info",
-    ];
-    const HISTOGRAMS: [&str; 23] = [
-        "vllm:request_prompt_tokens",
-        "vllm:request_generation_tokens",
-        "vllm:iteration_tokens_total",
-        "vllm:request_max_num_generation_tokens",
-        "vllm:request_params_n",
-        "vllm:request_params_max_tokens",
-        "vllm:time_to_first_token_seconds",
-        "vllm:time_per_output_token_seconds",
-        "vllm:inter_token_latency_seconds",
-        "vllm:request_time_per_output_token_seconds",
-        "vllm:e2e_request_latency_seconds",
-        "vllm:request_queue_time_seconds",
-        "vllm:request_inference_time_seconds",
-        "vllm:request_prefill_time_seconds",
-        "vllm:request_decode_time_seconds",
-        "vllm:request_prefill_kv_computed_tokens",
-        "vllm:nixl_xfer_time_seconds",
-        "vllm:nixl_post_time_seconds",
-        "vllm:nixl_bytes_transferred",
-        "vllm:nixl_num_descriptors",
-        // Padding so the three lists stay fixed-size arrays; duplicates are harmless in a set.
-        "vllm:nixl_num_descriptors",
-        "vllm:nixl_num_descriptors",
-        "vllm:nixl_num_descriptors",
+    #[rustfmt::skip]
+    const FAMILIES: [(&str, &str); 34] = [
+        ("vllm:num_requests_running", "gauge"), ("vllm:num_requests_waiting", "gauge"),
+        ("vllm:num_requests_waiting_by_reason", "gauge"), ("vllm:kv_cache_usage_perc", "gauge"),
+        ("vllm:cache_config_info", "gauge"),
+        ("vllm:prefix_cache_queries_total", "counter"), ("vllm:prefix_cache_hits_total", "counter"),
+        ("vllm:num_preemptions_total", "counter"), ("vllm:prompt_tokens_total", "counter"),
+        ("vllm:generation_tokens_total", "counter"), ("vllm:request_success_total", "counter"),
+        ("vllm:nixl_num_failed_transfers_total", "counter"),
+        ("vllm:nixl_num_failed_notifications_total", "counter"),
+        ("vllm:nixl_num_kv_expired_reqs_total", "counter"),
+        ("vllm:request_prompt_tokens", "histogram"), ("vllm:request_generation_tokens", "histogram"),
+        ("vllm:iteration_tokens_total", "histogram"),
+        ("vllm:request_max_num_generation_tokens", "histogram"),
+        ("vllm:request_params_n", "histogram"), ("vllm:request_params_max_tokens", "histogram"),
+        ("vllm:time_to_first_token_seconds", "histogram"),
+        ("vllm:time_per_output_token_seconds", "histogram"),
+        ("vllm:inter_token_latency_seconds", "histogram"),
+        ("vllm:request_time_per_output_token_seconds", "histogram"),
+        ("vllm:e2e_request_latency_seconds", "histogram"),
+        ("vllm:request_queue_time_seconds", "histogram"),
+        ("vllm:request_inference_time_seconds", "histogram"),
+        ("vllm:request_prefill_time_seconds", "histogram"),
+        ("vllm:request_decode_time_seconds", "histogram"),
+        ("vllm:request_prefill_kv_computed_tokens", "histogram"),
+        ("vllm:nixl_xfer_time_seconds", "histogram"), ("vllm:nixl_post_time_seconds", "histogram"),
+        ("vllm:nixl_bytes_transferred", "histogram"), ("vllm:nixl_num_descriptors", "histogram"),
     ];
 
     #[test]
-    fn families_have_exact_names_and_types() {
+    fn tables_match_their_index_enums() {
+        for (i, (c, ..)) in COUNTERS.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?}");
+        }
+        for (i, (h, ..)) in HISTOGRAMS.iter().enumerate() {
+            assert_eq!(*h as usize, i, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn families_names_types_and_samples() {
         let text = metrics().encode();
-        let mut expected = BTreeMap::new();
-        for c in &COUNTERS[..9] {
-            expected.insert(c.to_string(), "counter".to_string());
-        }
-        for g in GAUGES {
-            expected.insert(g.to_string(), "gauge".to_string());
-        }
-        for h in HISTOGRAMS {
-            expected.insert(h.to_string(), "histogram".to_string());
-        }
-        assert_eq!(types(&text), expected);
-        // Every family has its HELP line, directly before TYPE, under the same name.
         let lines: Vec<&str> = text.lines().collect();
+        let mut types = BTreeMap::new();
         for (i, line) in lines.iter().enumerate() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let name = rest.split(' ').next().unwrap();
+                let (name, kind) = rest.split_once(' ').unwrap();
                 assert!(
                     lines[i - 1].starts_with(&format!("# HELP {name} ")),
                     "{line}"
                 );
+                assert!(types.insert(name, kind).is_none(), "duplicate {name}");
             }
         }
-        assert!(!text.contains("# EOF"));
-        assert!(!text.contains("_created"));
-        assert!(!text.contains("# UNIT"));
-    }
-
-    #[test]
-    fn samples_belong_to_their_family_and_counters_end_in_total() {
-        let text = metrics().encode();
-        let types = types(&text);
+        assert_eq!(types, FAMILIES.into_iter().collect());
         for (name, ..) in samples(&text) {
-            let family = ["_bucket", "_sum", "_count"]
+            // `:` survives verbatim; counters are sampled under their `_total` family name.
+            assert!(name.starts_with("vllm:"), "{name}");
+            let histogram = ["_bucket", "_sum", "_count"]
                 .iter()
                 .filter_map(|s| name.strip_suffix(s))
-                .find(|base| types.get(*base).map(String::as_str) == Some("histogram"))
-                .unwrap_or(&name);
-            let kind = types
-                .get(family)
-                .unwrap_or_else(|| panic!("no family for {name}"));
-            if kind == "counter" {
-                assert!(name.ends_with("_total") && name == family, "{name}");
-            }
-            assert!(name.starts_with("vllm:"), "colon kept verbatim: {name}");
+                .any(|base| types.get(base) == Some(&"histogram"));
+            assert!(histogram || types.contains_key(name.as_str()), "{name}");
         }
+        assert!(!text.contains("# EOF") && !text.contains("_created") && !text.contains("# UNIT"));
         assert!(text
-            .contains("\nvllm:prompt_tokens_total{engine=\"0\",model_name=\"test-model\"} 0.0\n"));
+            .contains("# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n"));
+        assert!(text.contains(
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+        ));
+        let counter = "\nvllm:prompt_tokens_total{engine=\"0\",model_name=\"test-model\"} 0.0\n";
+        assert!(text.contains(counter));
     }
 
     #[test]
-    fn every_series_carries_model_name_and_engine_in_vllm_order() {
+    fn labels_carry_model_name_and_engine_in_vllm_order() {
         let text = metrics().encode();
-        for (name, labels, keys, _) in samples(&text) {
-            assert_eq!(labels["engine"], "0", "{name}");
-            if name == "vllm:cache_config_info" {
-                // vLLM's info gauge is labelled by CacheConfig fields + engine only.
-                assert!(!labels.contains_key("model_name"));
-            } else {
-                assert_eq!(labels["model_name"], MODEL, "{name}");
-            }
-            // Multiprocess prometheus_client: keys sorted, `le` appended last.
-            let mut sorted: Vec<String> = keys.iter().filter(|k| *k != "le").cloned().collect();
-            sorted.sort();
-            if labels.contains_key("le") {
-                sorted.push("le".to_string());
-            }
-            assert_eq!(keys, sorted, "{name}");
+        for (name, labels, _) in samples(&text) {
+            assert_eq!(label(&labels, "engine"), Some("0"), "{name}");
+            // vLLM's info gauge has CacheConfig fields + engine only.
+            let model = (name != "vllm:cache_config_info").then_some(MODEL);
+            assert_eq!(label(&labels, "model_name"), model, "{name}");
+            // Multiprocess prometheus_client order: keys sorted, `le` appended last.
+            let keys: Vec<&str> = labels.iter().map(|(k, _)| k.as_str()).collect();
+            let mut expected: Vec<&str> = keys.iter().copied().filter(|k| *k != "le").collect();
+            expected.sort_unstable();
+            expected.extend(keys.iter().copied().filter(|k| *k == "le"));
+            assert_eq!(keys, expected, "{name}");
         }
-        assert!(text.contains(
-            "vllm:time_to_first_token_seconds_bucket{engine=\"0\",model_name=\"test-model\",le=\"0.001\"} 0.0\n"
-        ));
-        assert!(text.contains(
-            "vllm:request_success_total{engine=\"0\",finished_reason=\"stop\",model_name=\"test-model\"} 0.0\n"
-        ));
+        let bucket = "vllm:time_to_first_token_seconds_bucket{engine=\"0\",model_name=\"test-model\",le=\"0.001\"} 0.0\n";
+        assert!(text.contains(bucket));
+        let success = "vllm:request_success_total{engine=\"0\",finished_reason=\"stop\",model_name=\"test-model\"} 0.0\n";
+        assert!(text.contains(success));
     }
 
     #[test]
     fn bucket_lists_match_the_spec() {
         let text = metrics().encode();
-        let ttft = strs(&[
-            "0.001", "0.005", "0.01", "0.02", "0.04", "0.06", "0.08", "0.1", "0.25", "0.5", "0.75",
-            "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0", "160.0", "640.0", "2560.0",
-        ]);
+        let ttft = spec("0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0");
         assert_eq!(le_list(&text, "vllm:time_to_first_token_seconds"), ttft);
-        let itl = strs(&[
-            "0.01", "0.025", "0.05", "0.075", "0.1", "0.15", "0.2", "0.3", "0.4", "0.5", "0.75",
-            "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0",
-        ]);
-        for family in [
-            "vllm:inter_token_latency_seconds",
-            "vllm:time_per_output_token_seconds",
-            "vllm:request_time_per_output_token_seconds",
+        let itl = spec("0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0");
+        for f in [
+            "inter_token_latency",
+            "time_per_output_token",
+            "request_time_per_output_token",
         ] {
-            assert_eq!(le_list(&text, family), itl, "{family}");
+            assert_eq!(le_list(&text, &format!("vllm:{f}_seconds")), itl, "{f}");
         }
-        let latency = strs(&[
-            "0.3", "0.5", "0.8", "1.0", "1.5", "2.0", "2.5", "5.0", "10.0", "15.0", "20.0", "30.0",
-            "40.0", "50.0", "60.0", "120.0", "240.0", "480.0", "960.0", "1920.0", "7680.0",
-        ]);
-        for family in [
-            "vllm:e2e_request_latency_seconds",
-            "vllm:request_queue_time_seconds",
-            "vllm:request_inference_time_seconds",
-            "vllm:request_prefill_time_seconds",
-            "vllm:request_decode_time_seconds",
+        let latency = spec("0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0");
+        for f in [
+            "e2e_request_latency",
+            "request_queue_time",
+            "request_inference_time",
         ] {
-            assert_eq!(le_list(&text, family), latency, "{family}");
+            assert_eq!(le_list(&text, &format!("vllm:{f}_seconds")), latency, "{f}");
         }
-        // max_model_len = 2048.
-        let one_two_five = strs(&[
-            "1.0", "2.0", "5.0", "10.0", "20.0", "50.0", "100.0", "200.0", "500.0", "1000.0",
-            "2000.0",
-        ]);
-        for family in [
-            "vllm:request_prompt_tokens",
-            "vllm:request_generation_tokens",
-            "vllm:request_max_num_generation_tokens",
-            "vllm:request_params_max_tokens",
-            "vllm:request_prefill_kv_computed_tokens",
+        for f in ["request_prefill_time", "request_decode_time"] {
+            assert_eq!(le_list(&text, &format!("vllm:{f}_seconds")), latency, "{f}");
+        }
+        // build_1_2_5_buckets(max_model_len = 2048).
+        let len = spec("1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0");
+        for f in [
+            "prompt_tokens",
+            "generation_tokens",
+            "max_num_generation_tokens",
         ] {
-            assert_eq!(le_list(&text, family), one_two_five, "{family}");
+            assert_eq!(le_list(&text, &format!("vllm:request_{f}")), len, "{f}");
         }
-        let n = strs(&["1.0", "2.0", "5.0", "10.0", "20.0"]);
+        for f in ["params_max_tokens", "prefill_kv_computed_tokens"] {
+            assert_eq!(le_list(&text, &format!("vllm:request_{f}")), len, "{f}");
+        }
+        let n = spec("1.0, 2.0, 5.0, 10.0, 20.0");
         assert_eq!(le_list(&text, "vllm:request_params_n"), n);
-        let iteration = strs(&[
-            "1.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0", "512.0", "1024.0", "2048.0",
-            "4096.0", "8192.0", "16384.0",
-        ]);
+        let iteration = spec("1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0");
         assert_eq!(le_list(&text, "vllm:iteration_tokens_total"), iteration);
         // Python's floatToGoString switches to exponents past six integer digits.
         let bytes = le_list(&text, "vllm:nixl_bytes_transferred");
-        assert_eq!(bytes[..3], ["2048.0", "8192.0", "32768.0"]);
-        assert_eq!(bytes[5], "2.097152e+06");
-        assert_eq!(bytes[11], "8.589934592e+09");
-        assert_eq!(le_list(&text, "vllm:nixl_xfer_time_seconds").len(), 13);
+        assert_eq!(
+            [&bytes[0], &bytes[5], &bytes[11]],
+            ["2048.0", "2.097152e+06", "8.589934592e+09"]
+        );
+        assert_eq!(le_list(&text, "vllm:nixl_xfer_time_seconds")[0], "0.005");
         assert_eq!(le_list(&text, "vllm:nixl_post_time_seconds")[0], "0.001");
     }
 
@@ -1183,7 +997,6 @@ mod tests {
     fn one_two_five_buckets() {
         assert_eq!(build_1_2_5_buckets(100), [1, 2, 5, 10, 20, 50, 100]);
         assert_eq!(build_1_2_5_buckets(99), [1, 2, 5, 10, 20, 50]);
-        assert_eq!(build_1_2_5_buckets(1), [1]);
         assert!(build_1_2_5_buckets(0).is_empty());
         assert_eq!(build_1_2_5_buckets(131_072).last(), Some(&100_000));
         assert_eq!(build_1_2_5_buckets(u64::MAX).len(), 58);
@@ -1195,136 +1008,100 @@ mod tests {
         let info: Vec<_> = samples(&text)
             .into_iter()
             .filter(|(n, ..)| n == "vllm:cache_config_info")
+            .map(|(_, labels, v)| (labels, v))
             .collect();
-        assert_eq!(info.len(), 1);
-        let (_, labels, _, v) = &info[0];
-        assert_eq!(*v, 1.0);
-        let expected: Labels = [
-            ("block_size", "16"),
-            ("cache_dtype", "auto"),
-            ("enable_prefix_caching", "True"),
-            ("engine", "0"),
-            ("gpu_memory_utilization", "0.9"),
-            ("num_gpu_blocks", "1000"),
+        #[rustfmt::skip]
+        let expected = [
+            ("block_size", "16"), ("cache_dtype", "auto"), ("enable_prefix_caching", "True"),
+            ("engine", "0"), ("gpu_memory_utilization", "0.9"), ("num_gpu_blocks", "1000"),
             ("prefix_caching_hash_algo", "sha256_cbor"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        assert_eq!(*labels, expected);
+        ];
+        let expected = expected
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .to_vec();
+        assert_eq!(info, [(expected, 1.0)]);
     }
 
     #[test]
-    fn waiting_by_reason_sums_to_waiting() {
+    fn scheduler_gauges_and_waiting_by_reason_sum() {
         let m = metrics();
-        m.set_scheduler(SchedulerGauges {
+        let g = SchedulerGauges {
             running: 7,
             waiting_capacity: 3,
             waiting_deferred: 2,
             kv_cache_usage: 0.625,
-        });
+        };
+        m.set_scheduler(g);
         let text = m.encode();
+        let by = |reason| {
+            value(
+                &text,
+                "vllm:num_requests_waiting_by_reason",
+                &[("reason", reason)],
+            )
+        };
         let waiting = value(&text, "vllm:num_requests_waiting", &[]);
-        let capacity = value(
-            &text,
-            "vllm:num_requests_waiting_by_reason",
-            &[("reason", "capacity")],
-        );
-        let deferred = value(
-            &text,
-            "vllm:num_requests_waiting_by_reason",
-            &[("reason", "deferred")],
-        );
-        assert_eq!((waiting, capacity, deferred), (5.0, 3.0, 2.0));
+        assert_eq!((waiting, by("capacity"), by("deferred")), (5.0, 3.0, 2.0));
         assert_eq!(value(&text, "vllm:num_requests_running", &[]), 7.0);
         assert_eq!(value(&text, "vllm:kv_cache_usage_perc", &[]), 0.625);
         // Exactly the two reasons, in a stable order.
-        let reasons: Vec<String> = samples(&text)
+        let family = samples(&text)
             .into_iter()
-            .filter(|(n, ..)| n == "vllm:num_requests_waiting_by_reason")
-            .map(|(_, l, ..)| l["reason"].clone())
+            .filter(|(n, ..)| n.ends_with("_by_reason"));
+        let reasons: Vec<String> = family
+            .map(|(_, l, _)| label(&l, "reason").unwrap().into())
             .collect();
         assert_eq!(reasons, ["capacity", "deferred"]);
     }
 
     #[test]
-    fn request_success_counts_by_finished_reason() {
+    fn request_finished_counts_by_reason_and_observes_histograms() {
         let m = metrics();
-        let before = m.encode();
-        for r in FinishedReason::ALL {
-            let v = value(
-                &before,
-                "vllm:request_success_total",
-                &[("finished_reason", r.as_str())],
-            );
-            assert_eq!(v, 0.0, "{r:?} exists at startup");
-        }
-        m.request_finished(&finished(FinishedReason::Stop));
-        m.request_finished(&finished(FinishedReason::Stop));
-        m.request_finished(&finished(FinishedReason::Abort));
-        let text = m.encode();
-        let count = |reason: &str| {
+        let success = |text: &str, reason: &str| {
             value(
-                &text,
+                text,
                 "vllm:request_success_total",
                 &[("finished_reason", reason)],
             )
         };
+        let before = m.encode();
+        for r in FinishedReason::ALL {
+            assert_eq!(success(&before, r.as_str()), 0.0, "{r:?} exists at startup");
+        }
+        for r in [
+            FinishedReason::Stop,
+            FinishedReason::Stop,
+            FinishedReason::Abort,
+        ] {
+            m.request_finished(&finished(r));
+        }
+        let text = m.encode();
+        let counts = ["stop", "length", "abort", "error"].map(|r| success(&text, r));
+        assert_eq!(counts, [2.0, 0.0, 1.0, 0.0]);
+        let v = |name: &str, with: &[(&str, &str)]| value(&text, name, with);
+        assert_eq!(v("vllm:e2e_request_latency_seconds_count", &[]), 3.0);
+        assert_eq!(v("vllm:e2e_request_latency_seconds_sum", &[]), 3.75);
         assert_eq!(
-            (
-                count("stop"),
-                count("length"),
-                count("abort"),
-                count("error")
-            ),
-            (2.0, 0.0, 1.0, 0.0)
+            v("vllm:e2e_request_latency_seconds_bucket", &[("le", "1.0")]),
+            0.0
         );
         assert_eq!(
-            value(&text, "vllm:e2e_request_latency_seconds_count", &[]),
+            v("vllm:e2e_request_latency_seconds_bucket", &[("le", "1.5")]),
             3.0
         );
+        assert_eq!(v("vllm:request_prompt_tokens_sum", &[]), 300.0);
+        assert_eq!(v("vllm:request_prefill_kv_computed_tokens_sum", &[]), 108.0);
+        assert_eq!(v("vllm:request_params_n_count", &[]), 3.0);
+        // max_tokens 0 (unset) and a missing mean TPOT are not observed.
+        assert_eq!(v("vllm:request_params_max_tokens_count", &[]), 0.0);
         assert_eq!(
-            value(&text, "vllm:e2e_request_latency_seconds_sum", &[]),
-            3.75
-        );
-        assert_eq!(
-            value(
-                &text,
-                "vllm:e2e_request_latency_seconds_bucket",
-                &[("le", "1.0")]
-            ),
+            v("vllm:request_time_per_output_token_seconds_count", &[]),
             0.0
         );
-        assert_eq!(
-            value(
-                &text,
-                "vllm:e2e_request_latency_seconds_bucket",
-                &[("le", "1.5")]
-            ),
-            3.0
-        );
-        assert_eq!(value(&text, "vllm:request_prompt_tokens_sum", &[]), 300.0);
-        assert_eq!(
-            value(&text, "vllm:request_prefill_kv_computed_tokens_sum", &[]),
-            108.0
-        );
-        assert_eq!(value(&text, "vllm:request_params_n_count", &[]), 3.0);
-        // max_tokens 0 = unset and mean TPOT None are not observed.
-        assert_eq!(
-            value(&text, "vllm:request_params_max_tokens_count", &[]),
-            0.0
-        );
-        assert_eq!(
-            value(
-                &text,
-                "vllm:request_time_per_output_token_seconds_count",
-                &[]
-            ),
-            0.0
-        );
+        let tpot = Some(0.05);
         m.request_finished(&FinishedRequest {
             max_tokens_param: 64,
-            mean_tpot_s: Some(0.05),
+            mean_tpot_s: tpot,
             ..finished(FinishedReason::Length)
         });
         let text = m.encode();
@@ -1339,7 +1116,7 @@ mod tests {
     }
 
     #[test]
-    fn step_metrics() {
+    fn step_and_nixl_metrics() {
         let m = metrics();
         m.prefix_cache(64, 48);
         m.preempted(2);
@@ -1349,60 +1126,34 @@ mod tests {
         m.ttft(0.03);
         m.itl(0.02);
         m.itl(0.04);
-        let text = m.encode();
-        assert_eq!(value(&text, "vllm:prefix_cache_queries_total", &[]), 64.0);
-        assert_eq!(value(&text, "vllm:prefix_cache_hits_total", &[]), 48.0);
-        assert_eq!(value(&text, "vllm:num_preemptions_total", &[]), 2.0);
-        assert_eq!(value(&text, "vllm:prompt_tokens_total", &[]), 100.0);
-        assert_eq!(value(&text, "vllm:generation_tokens_total", &[]), 5.0);
-        assert_eq!(value(&text, "vllm:iteration_tokens_total_sum", &[]), 105.0);
-        assert_eq!(
-            value(&text, "vllm:time_to_first_token_seconds_count", &[]),
-            1.0
-        );
-        for family in [
-            "vllm:inter_token_latency_seconds",
-            "vllm:time_per_output_token_seconds",
-        ] {
-            assert_eq!(value(&text, &format!("{family}_count"), &[]), 2.0);
-            let le_0_025 = value(&text, &format!("{family}_bucket"), &[("le", "0.025")]);
-            assert_eq!(le_0_025, 1.0);
-        }
-        // Non-finite observations are dropped rather than poisoning `_sum`.
-        m.ttft(f64::NAN);
-        assert_eq!(
-            value(&m.encode(), "vllm:time_to_first_token_seconds_count", &[]),
-            1.0
-        );
-    }
-
-    #[test]
-    fn nixl_metrics() {
-        let m = metrics();
+        m.ttft(f64::NAN); // dropped rather than poisoning `_sum`
         m.nixl_transfer(0.012, 0.0004, 3 << 20, 96);
         m.nixl_failed_transfer();
         m.nixl_failed_notification();
         m.nixl_failed_notification();
         m.nixl_expired(3);
         let text = m.encode();
-        assert_eq!(value(&text, "vllm:nixl_xfer_time_seconds_count", &[]), 1.0);
-        assert_eq!(value(&text, "vllm:nixl_post_time_seconds_sum", &[]), 0.0004);
+        #[rustfmt::skip]
+        let expected = [
+            ("vllm:prefix_cache_queries_total", 64.0), ("vllm:prefix_cache_hits_total", 48.0),
+            ("vllm:num_preemptions_total", 2.0), ("vllm:prompt_tokens_total", 100.0),
+            ("vllm:generation_tokens_total", 5.0), ("vllm:iteration_tokens_total_sum", 105.0),
+            ("vllm:time_to_first_token_seconds_count", 1.0),
+            ("vllm:inter_token_latency_seconds_count", 2.0),
+            ("vllm:time_per_output_token_seconds_count", 2.0),
+            ("vllm:nixl_xfer_time_seconds_count", 1.0), ("vllm:nixl_post_time_seconds_sum", 0.0004),
+            ("vllm:nixl_bytes_transferred_sum", 3145728.0), ("vllm:nixl_num_descriptors_sum", 96.0),
+            ("vllm:nixl_num_failed_transfers_total", 1.0),
+            ("vllm:nixl_num_failed_notifications_total", 2.0),
+            ("vllm:nixl_num_kv_expired_reqs_total", 3.0),
+        ];
+        for (name, want) in expected {
+            assert_eq!(value(&text, name, &[]), want, "{name}");
+        }
+        let le = [("le", "0.025")];
         assert_eq!(
-            value(&text, "vllm:nixl_bytes_transferred_sum", &[]),
-            3145728.0
-        );
-        assert_eq!(value(&text, "vllm:nixl_num_descriptors_sum", &[]), 96.0);
-        assert_eq!(
-            value(&text, "vllm:nixl_num_failed_transfers_total", &[]),
+            value(&text, "vllm:inter_token_latency_seconds_bucket", &le),
             1.0
-        );
-        assert_eq!(
-            value(&text, "vllm:nixl_num_failed_notifications_total", &[]),
-            2.0
-        );
-        assert_eq!(
-            value(&text, "vllm:nixl_num_kv_expired_reqs_total", &[]),
-            3.0
         );
         assert!(text.contains("vllm:nixl_bytes_transferred_sum{engine=\"0\",model_name=\"test-model\"} 3.145728e+06\n"));
     }
@@ -1412,70 +1163,57 @@ mod tests {
         let m = metrics();
         let om = m.encode_openmetrics();
         assert!(om.ends_with("# EOF\n"));
-        assert!(om.contains("# TYPE vllm:prompt_tokens counter\n"));
-        assert!(om.contains("\nvllm:prompt_tokens_total{"));
-        assert!(om.contains("# TYPE vllm:time_to_first_token_seconds histogram\n"));
-        let (body, ct) = m.encode_for_accept(Some(
-            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
-        ));
-        assert_eq!((body.as_str(), ct), (om.as_str(), OPENMETRICS_CONTENT_TYPE));
-        let (body, ct) = m.encode_for_accept(Some("*/*"));
-        assert_eq!((body, ct), (m.encode(), CONTENT_TYPE));
+        assert!(
+            om.contains("# TYPE vllm:prompt_tokens counter\n")
+                && om.contains("\nvllm:prompt_tokens_total{")
+        );
+        let accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+        assert_eq!(
+            m.encode_for_accept(Some(accept)),
+            (om, OPENMETRICS_CONTENT_TYPE)
+        );
+        assert_eq!(m.encode_for_accept(Some("*/*")), (m.encode(), CONTENT_TYPE));
         assert_eq!(m.encode_for_accept(None).1, CONTENT_TYPE);
     }
 
     #[test]
-    fn encoding_is_deterministic_and_escapes_labels() {
-        let a = EngineMetrics::new("org/m \"q\"\\x", "1", 4096, &cache());
-        let b = EngineMetrics::new("org/m \"q\"\\x", "1", 4096, &cache());
-        assert_eq!(a.encode(), b.encode());
-        let text = a.encode();
-        let models: BTreeSet<String> = samples(&text)
-            .into_iter()
-            .filter_map(|(_, l, ..)| l.get("model_name").cloned())
-            .collect();
-        assert_eq!(
-            models.into_iter().collect::<Vec<_>>(),
-            [r#"org/m \"q\"\\x"#]
-        );
-        assert!(text.contains("engine=\"1\""));
+    fn deterministic_escaped_and_shareable() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<EngineMetrics>();
+        let name = "org/m \"q\"\\x";
+        let cache = CacheConfigInfo {
+            gpu_memory_utilization: 0.95,
+            ..cache()
+        };
+        let text = EngineMetrics::new(name, "1", 4096, &cache).encode();
+        assert_eq!(text, EngineMetrics::new(name, "1", 4096, &cache).encode());
+        for (n, labels, _) in samples(&text) {
+            assert_eq!(label(&labels, "engine"), Some("1"), "{n}");
+            let model = label(&labels, "model_name");
+            assert!(model.is_none() || model == Some(r#"org/m \"q\"\\x"#), "{n}");
+        }
+        assert!(text.contains("gpu_memory_utilization=\"0.95\""));
     }
 
     #[test]
     fn python_float_formatting() {
-        let cases = [
-            (0.0, "0.0"),
-            (0.9, "0.9"),
-            (1.0, "1.0"),
-            (0.0001, "0.0001"),
-            (0.00001, "1e-05"),
-            (1.5e-7, "1.5e-07"),
-            (123456.0, "123456.0"),
-            (1e15, "1000000000000000.0"),
-            (1e16, "1e+16"),
-            (-2.5, "-2.5"),
+        #[rustfmt::skip]
+        let repr = [
+            (0.0, "0.0"), (0.9, "0.9"), (1.0, "1.0"), (0.0001, "0.0001"), (0.00001, "1e-05"),
+            (1.5e-7, "1.5e-07"), (123456.0, "123456.0"), (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"), (-2.5, "-2.5"),
         ];
-        for (v, s) in cases {
+        for (v, s) in repr {
             assert_eq!(py_float_repr(v), s, "repr({v})");
         }
+        #[rustfmt::skip]
         let go = [
-            (f64::INFINITY, "+Inf"),
-            (100000.0, "100000.0"),
-            (1000000.0, "1e+06"),
-            (2097152.0, "2.097152e+06"),
-            (34359738368.0, "3.4359738368e+010"),
-            (1e16, "1e+16"),
-            (0.005, "0.005"),
-            (-1234567.0, "-1234567.0"),
+            (f64::INFINITY, "+Inf"), (100000.0, "100000.0"), (1000000.0, "1e+06"),
+            (2097152.0, "2.097152e+06"), (34359738368.0, "3.4359738368e+010"), (1e16, "1e+16"),
+            (0.005, "0.005"), (-1234567.0, "-1234567.0"),
         ];
         for (v, s) in go {
             assert_eq!(go_float(v), s, "floatToGoString({v})");
         }
-    }
-
-    #[test]
-    fn engine_metrics_is_shareable() {
-        fn assert_send_sync<T: Send + Sync>() {}
-        assert_send_sync::<EngineMetrics>();
     }
 }

@@ -277,6 +277,9 @@ impl EngineHandle {
     }
 }
 
+/// How far behind schedule the step loop may be and still catch up.
+const CATCH_UP: Duration = Duration::from_millis(20);
+
 struct SeqMeta {
     index: u32,
     out: mpsc::UnboundedSender<Event>,
@@ -367,6 +370,7 @@ impl Engine {
         if self.faults.exhaust_kv() {
             self.set_exhaust(true);
         }
+        let mut busy_until: Option<Instant> = None;
         loop {
             // Take everything queued, then plan.
             while let Ok(cmd) = rx.try_recv() {
@@ -376,6 +380,7 @@ impl Engine {
             let plan = self.sched.schedule();
             self.after_plan(&plan);
             if plan.is_empty() {
+                busy_until = None;
                 self.publish_gauges();
                 let next_deadline = self
                     .pinned
@@ -397,7 +402,17 @@ impl Engine {
                 continue;
             }
             let dur = self.cfg.cost.step_time(&self.sched.shape(&plan));
-            tokio::time::sleep(self.clock.real(dur)).await;
+            // Steps are laid end to end on a schedule rather than each sleeping from "now", so
+            // timer granularity (about 1 ms, large against sub-millisecond scaled steps) does not
+            // accumulate into the simulated clock. A loop that fell far behind starts afresh.
+            let now = Instant::now();
+            let begin = match busy_until {
+                Some(t) if t + CATCH_UP >= now => t,
+                _ => now,
+            };
+            let end = begin + self.clock.real(dur);
+            tokio::time::sleep_until(end).await;
+            busy_until = Some(end);
             // Commands that arrived during the step (aborts, reads) apply before its results.
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd);

@@ -103,8 +103,9 @@ fn release_remote(s: &AppState, remote: Option<RemoteKv>) {
     let Some(r) = remote else { return };
     let metrics = s.metrics.clone();
     let world = s.info.tp_size;
+    let timeout = s.info.side_channel_timeout;
     tokio::spawn(async move {
-        let res = side_channel::notify(&r.host, r.port, &r.request_id, world, Duration::from_secs(5)).await;
+        let res = side_channel::notify(&r.host, r.port, &r.request_id, world, timeout).await;
         if let Err(e) = res {
             metrics.nixl_failed_notification();
             tracing::warn!("NIXL send_notif failed for request {}: P worker blocks will be freed after timeout. ({e})", r.request_id);

@@ -32,6 +32,7 @@ pub struct HttpInfo {
     pub side_channel_host: String,
     pub side_channel_port: u16,
     pub tp_size: u32,
+    pub side_channel_timeout: std::time::Duration,
     /// `VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`.
     pub disable_request_id_randomization: bool,
     /// Unix time of start, for `created` fields.
