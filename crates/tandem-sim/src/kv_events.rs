@@ -429,7 +429,6 @@ impl KvEventPublisher {
             replay,
             topic: Bytes::from(cfg.topic.into_bytes()),
             buffer: VecDeque::new(),
-            // A zero-size ring would make replay useless but is what the config says; keep >= 0.
             buffer_steps: cfg.buffer_steps,
             data_parallel_rank: cfg.data_parallel_rank,
             next_seq: 0,

@@ -301,6 +301,7 @@ pub async fn start(
         .next()
         .and_then(|p| p.parse::<u16>().ok())
         .ok_or_else(|| SimError::Config(format!("cannot parse side channel endpoint {side_endpoint}")))?;
+    let side_client = side_channel::SideChannelClient::new();
     let engine = engine::spawn(
         EngineConfig {
             served_model_name: served.clone(),
@@ -325,6 +326,7 @@ pub async fn start(
             kv_load_failure_policy: cfg.kv_load_failure_policy,
             link: cfg.link,
             side_channel_timeout: cfg.side_channel_timeout,
+            side_client: side_client.clone(),
             kv_bytes_per_token,
         },
         tokenizer.clone(),
@@ -353,6 +355,7 @@ pub async fn start(
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         },
+        side_client,
         rng: Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed)),
     });
     let http_addr = listener.local_addr()?;

@@ -69,6 +69,8 @@ pub struct EngineConfig {
     pub link: LinkClass,
     /// Real-time limit for each side-channel call (vLLM's handshake uses 5 s).
     pub side_channel_timeout: Duration,
+    /// Pooled side-channel connections (one per engine: the zeromq ROUTER keeps closed peers).
+    pub side_client: crate::side_channel::SideChannelClient,
     /// Bytes actually moved per block on the side channel (a stand-in for the modeled size).
     pub kv_bytes_per_token: u64,
 }
@@ -342,6 +344,12 @@ pub fn spawn(
         reserved: Vec::new(),
         tx,
     };
+    // Apply start-up state before the ready line can be printed, so the first scrape sees it.
+    let mut engine = engine;
+    if engine.faults.exhaust_kv() {
+        engine.set_exhaust(true);
+    }
+    engine.publish_gauges();
     tokio::spawn(engine.run(rx));
     handle
 }
@@ -367,9 +375,6 @@ struct Engine {
 
 impl Engine {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        if self.faults.exhaust_kv() {
-            self.set_exhaust(true);
-        }
         let mut busy_until: Option<Instant> = None;
         loop {
             // Take everything queued, then plan.

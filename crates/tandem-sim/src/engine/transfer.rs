@@ -88,7 +88,7 @@ pub(super) fn spawn_pull(
 /// Tell the prefill engine to free a request's blocks without reading them.
 pub(super) fn spawn_notify(remote: RemoteKv, cfg: Arc<EngineConfig>, metrics: Arc<EngineMetrics>) {
     tokio::spawn(async move {
-        if let Err(e) = side_channel::notify(
+        if let Err(e) = cfg.side_client.notify(
             &remote.host,
             remote.port,
             &remote.request_id,
@@ -117,7 +117,7 @@ async fn pull(p: &Pull, cfg: &EngineConfig, clock: SimClock) -> Result<TransferS
     }
     let mut handshake_hash = None;
     if p.known_hash.is_none() {
-        let agent = side_channel::handshake(&r.host, r.port, 0, cfg.side_channel_timeout)
+        let agent = cfg.side_client.handshake(&r.host, r.port, 0, cfg.side_channel_timeout)
             .await
             .map_err(|source| TransferError::Handshake {
                 addr: addr.clone(),
@@ -140,7 +140,7 @@ async fn pull(p: &Pull, cfg: &EngineConfig, clock: SimClock) -> Result<TransferS
     }
     let to_read = &r.block_ids[p.local_hit_blocks..];
     let post_started = clock.now();
-    let blocks = side_channel::read_blocks(
+    let blocks = cfg.side_client.read_blocks(
         &r.host,
         r.port,
         &r.request_id,
@@ -178,7 +178,7 @@ async fn pull(p: &Pull, cfg: &EngineConfig, clock: SimClock) -> Result<TransferS
     // The real read already took some (simulated) time; charge only the rest of the model.
     let remaining = (modeled.as_secs_f64() - post_s).max(0.0);
     tokio::time::sleep(clock.real(Duration::from_secs_f64(remaining))).await;
-    let notified = side_channel::notify(
+    let notified = cfg.side_client.notify(
         &r.host,
         r.port,
         &r.request_id,

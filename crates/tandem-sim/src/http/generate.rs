@@ -15,7 +15,6 @@ use super::wire::{self, ApiError, ChatRequest, CommonParams, CompletionRequest, 
 use super::{check_model, parse_body, AppState};
 use crate::engine::{random_suffix, Event, KvHandle, RemoteKv, Role, SeqParams, Submit};
 use crate::scheduler::FinishReason;
-use crate::side_channel;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -104,8 +103,9 @@ fn release_remote(s: &AppState, remote: Option<RemoteKv>) {
     let metrics = s.metrics.clone();
     let world = s.info.tp_size;
     let timeout = s.info.side_channel_timeout;
+    let client = s.side_client.clone();
     tokio::spawn(async move {
-        let res = side_channel::notify(&r.host, r.port, &r.request_id, world, timeout).await;
+        let res = client.notify(&r.host, r.port, &r.request_id, world, timeout).await;
         if let Err(e) = res {
             metrics.nixl_failed_notification();
             tracing::warn!("NIXL send_notif failed for request {}: P worker blocks will be freed after timeout. ({e})", r.request_id);
@@ -500,6 +500,9 @@ fn stream_response(
                 Event::Token { index, text, finish, .. } => {
                     completion_tokens += 1;
                     if die.is_some_and(|d| completion_tokens > d) {
+                        // Let the server flush what was already yielded (a pending body is
+                        // flushed), then cut the connection.
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                         yield Err(std::io::Error::other("simulated engine death"));
                         return;
                     }

@@ -47,6 +47,7 @@ pub struct AppState {
     pub metrics: Arc<EngineMetrics>,
     pub faults: Faults,
     pub info: HttpInfo,
+    pub side_client: crate::side_channel::SideChannelClient,
     /// Seeded from `--seed`, for request-id suffixes.
     pub rng: Mutex<rand_chacha::ChaCha8Rng>,
 }

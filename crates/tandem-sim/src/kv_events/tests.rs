@@ -333,8 +333,9 @@ async fn replay_from_seq_with_end_marker() {
     for i in 0..5u64 {
         publisher.publish(i as f64, vec![stored(vec![i], None, vec![0; 4], 4)]);
     }
-    // Replay requests are served in the same task after queued batches only if those were
-    // dequeued first; ask until all 5 batches are visible (bounded), ring keeps seqs 2..=4.
+    // The task picks fairly between queued batches and replay requests, so a replay may run
+    // before all 5 batches are dequeued: ask again (bounded) until seq 4 is visible. The ring
+    // (buffer_steps 3) then holds seqs 2..=4.
     let mut got = Vec::new();
     for _ in 0..100 {
         got = replay_via_dealer(&replay, 0).await;

@@ -1,0 +1,10 @@
+//! Integration tests: the real `tandem` binary, run as `tandem sim` processes on port 0.
+//!
+//! Every process prints a JSON ready line with its bound addresses; tests wait for that line,
+//! never for a fixed time.
+
+mod engine_surface;
+mod faults;
+mod kv_events;
+mod pd;
+mod support;
