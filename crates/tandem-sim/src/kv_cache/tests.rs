@@ -1,1 +1,108 @@
+use super::*;
 
+fn pool(n: u32) -> BlockPool {
+    BlockPool::new(n, 4)
+}
+
+#[test]
+fn hashes_chain_and_depend_on_parent_and_tokens() {
+    let root = none_hash("0");
+    assert_ne!(root, none_hash("1"));
+    let a = hash_block(&root, &[1, 2, 3, 4]);
+    assert_eq!(a, hash_block(&root, &[1, 2, 3, 4]));
+    assert_ne!(a, hash_block(&root, &[1, 2, 3, 5]));
+    assert_ne!(a, hash_block(&none_hash("1"), &[1, 2, 3, 4]));
+    let chain = chain_digests(&root, &[1, 2, 3, 4, 5, 6], 4);
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[0], a);
+    assert_eq!(chain[1], hash_block(&a, &[5, 6]));
+    assert_eq!(external_hash(&a), u64::from_be_bytes(a[24..].try_into().unwrap()));
+}
+
+#[test]
+fn cbor_input_is_vllms_tuple_shape() {
+    // sha256_cbor((parent_bytes, (1, 2), None)): CBOR array(3) [bytes(32), array(2)[1, 2], null].
+    let parent = [7u8; 32];
+    let mut expected = vec![0x83, 0x58, 0x20];
+    expected.extend_from_slice(&parent);
+    expected.extend_from_slice(&[0x82, 0x01, 0x02, 0xf6]);
+    let want: BlockDigest = Sha256::digest(&expected).into();
+    assert_eq!(hash_block(&parent, &[1, 2]), want);
+}
+
+#[test]
+fn allocate_free_and_lru_eviction_publish_events() {
+    let mut p = pool(3);
+    assert_eq!(p.usage(), 0.0);
+    let blocks = p.allocate(2).unwrap();
+    assert!((p.usage() - 2.0 / 3.0).abs() < 1e-9);
+    let root = none_hash("0");
+    let d = chain_digests(&root, &[1, 2, 3, 4, 5, 6, 7, 8], 4);
+    p.cache_full_blocks(&blocks, &d, None, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    let ev = p.take_events();
+    assert_eq!(
+        ev,
+        vec![KvEvent::BlockStored {
+            block_hashes: vec![external_hash(&d[0]), external_hash(&d[1])],
+            parent_block_hash: None,
+            token_ids: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            block_size: 4,
+        }]
+    );
+    p.free(&blocks);
+    // Cached-but-free blocks count as free.
+    assert_eq!(p.usage(), 0.0);
+    assert_eq!(p.lookup_prefix(&d), blocks);
+    // Three allocations: the never-used block first, then the cached tail before the head.
+    let a = p.allocate(1).unwrap();
+    assert!(!blocks.contains(&a[0]));
+    assert!(p.take_events().is_empty());
+    let b = p.allocate(1).unwrap();
+    assert_eq!(b[0], blocks[1], "the tail of a freed sequence is evicted first");
+    assert_eq!(
+        p.take_events(),
+        vec![KvEvent::BlockRemoved {
+            block_hashes: vec![external_hash(&d[1])]
+        }]
+    );
+    assert_eq!(p.lookup_prefix(&d), vec![blocks[0]]);
+    assert!(p.allocate(2).is_none(), "only one block is left");
+}
+
+#[test]
+fn touching_a_cached_free_block_takes_it_off_the_free_queue() {
+    let mut p = pool(2);
+    let blocks = p.allocate(1).unwrap();
+    let d = chain_digests(&none_hash("0"), &[9, 9, 9, 9], 4);
+    p.cache_full_blocks(&blocks, &d, None, &[9, 9, 9, 9]);
+    p.free(&blocks);
+    let hit = p.lookup_prefix(&d);
+    p.touch(&hit);
+    assert_eq!(p.ref_count(hit[0]), 1);
+    assert_eq!(p.num_free(), 1);
+    // The remaining free block can be allocated; the touched one is not evicted.
+    let other = p.allocate(1).unwrap();
+    assert_ne!(other, hit);
+    assert!(p.take_events().iter().all(|e| !matches!(e, KvEvent::BlockRemoved { .. })));
+}
+
+#[test]
+fn duplicates_do_not_publish_and_parents_chain_across_runs() {
+    let mut p = pool(4);
+    let root = none_hash("0");
+    let toks = [1, 1, 1, 1, 2, 2, 2, 2];
+    let d = chain_digests(&root, &toks, 4);
+    let first = p.allocate(2).unwrap();
+    p.cache_full_blocks(&first, &d, None, &toks);
+    p.take_events();
+    // A second sequence computed the same two blocks concurrently.
+    let second = p.allocate(2).unwrap();
+    p.cache_full_blocks(&second, &d, None, &toks);
+    assert!(p.take_events().is_empty());
+    assert!(p.reset_prefix_cache() == false, "blocks in use: no reset");
+    p.free(&first);
+    p.free(&second);
+    assert!(p.reset_prefix_cache());
+    assert_eq!(p.take_events(), vec![KvEvent::AllBlocksCleared]);
+    assert!(p.lookup_prefix(&d).is_empty());
+}
