@@ -18,7 +18,10 @@ async fn completions_json_and_sse_shapes() {
     assert_eq!(v["choices"][0]["index"], 0);
     assert!(v["choices"][0]["stop_reason"].is_null());
     assert_eq!(v["usage"]["completion_tokens"], 5);
-    assert_eq!(v["usage"]["total_tokens"], v["usage"]["prompt_tokens"].as_u64().unwrap() + 5);
+    assert_eq!(
+        v["usage"]["total_tokens"],
+        v["usage"]["prompt_tokens"].as_u64().unwrap() + 5
+    );
     assert!(v.as_object().unwrap().contains_key("kv_transfer_params"));
     assert!(v["kv_transfer_params"].is_null());
 
@@ -30,12 +33,26 @@ async fn completions_json_and_sse_shapes() {
     assert!(out.done);
     assert_eq!(out.text(), v["choices"][0]["text"].as_str().unwrap());
     let last = out.events.last().unwrap();
-    assert_eq!(last["choices"], json!([]), "usage-only chunk has empty choices");
+    assert_eq!(
+        last["choices"],
+        json!([]),
+        "usage-only chunk has empty choices"
+    );
     assert_eq!(last["usage"]["completion_tokens"], 5);
-    let finals: Vec<&Value> = out.events.iter().filter(|e| !e["choices"][0]["finish_reason"].is_null() && e["choices"].as_array().is_some_and(|c| !c.is_empty())).collect();
+    let finals: Vec<&Value> = out
+        .events
+        .iter()
+        .filter(|e| {
+            !e["choices"][0]["finish_reason"].is_null()
+                && e["choices"].as_array().is_some_and(|c| !c.is_empty())
+        })
+        .collect();
     assert_eq!(finals.len(), 1);
     assert_eq!(finals[0]["choices"][0]["finish_reason"], "length");
-    assert!(out.events.iter().all(|e| e["object"] == "text_completion" && e["id"] == "cmpl-abc"));
+    assert!(out
+        .events
+        .iter()
+        .all(|e| e["object"] == "text_completion" && e["id"] == "cmpl-abc"));
 
     // Without stream_options there is no usage chunk.
     let mut plain = body.clone();
@@ -60,12 +77,21 @@ async fn chat_stream_starts_with_the_role_and_stop_strings_apply() {
     let out = read_sse(s.post("/v1/chat/completions", &body, Some("c1")).await).await;
     assert!(out.done);
     assert_eq!(out.events[0]["object"], "chat.completion.chunk");
-    assert_eq!(out.events[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    assert_eq!(
+        out.events[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
     assert!(out.events.iter().all(|e| e["id"] == "chatcmpl-c1"));
     assert_eq!(out.events.last().unwrap()["usage"]["completion_tokens"], 6);
 
     // Take a character the output is known to contain and stop on it.
-    let (_, full) = s.post_json("/v1/completions", &json!({"prompt": PROMPT, "max_tokens": 40, "ignore_eos": true}), None).await;
+    let (_, full) = s
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": PROMPT, "max_tokens": 40, "ignore_eos": true}),
+            None,
+        )
+        .await;
     let text = full["choices"][0]["text"].as_str().unwrap().to_string();
     let stop: String = text.chars().skip(5).take(2).collect();
     let at = text.find(&stop).unwrap();
@@ -78,28 +104,68 @@ async fn chat_stream_starts_with_the_role_and_stop_strings_apply() {
 #[tokio::test]
 async fn errors_have_vllms_shape_and_status() {
     let s = Sim::start(&[]).await;
-    let resp = s.client.post(format!("{}/v1/completions", s.url)).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    let resp = s
+        .client
+        .post(format!("{}/v1/completions", s.url))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["type"], "BadRequestError");
     assert_eq!(v["error"]["code"], 400);
     assert!(v["error"].as_object().unwrap().contains_key("param"));
 
-    let (status, v) = s.post_json("/v1/completions", &json!({"model": "nope", "prompt": "x"}), None).await;
+    let (status, v) = s
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "nope", "prompt": "x"}),
+            None,
+        )
+        .await;
     assert_eq!(status, 404);
     assert_eq!(v["error"]["message"], "The model `nope` does not exist.");
     assert_eq!(v["error"]["type"], "NotFoundError");
 
-    let (status, v) = s.post_json("/v1/completions", &json!({"prompt": "x", "stream_options": {"include_usage": true}}), None).await;
+    let (status, v) = s
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": "x", "stream_options": {"include_usage": true}}),
+            None,
+        )
+        .await;
     assert_eq!(status, 400);
-    assert_eq!(v["error"]["message"], "Stream options can only be defined when `stream=True`.");
+    assert_eq!(
+        v["error"]["message"],
+        "Stream options can only be defined when `stream=True`."
+    );
 
-    let (status, _) = s.post_json("/v1/completions", &json!({"prompt": "x", "max_tokens": "many"}), None).await;
+    let (status, _) = s
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": "x", "max_tokens": "many"}),
+            None,
+        )
+        .await;
     assert_eq!(status, 400);
-    let (status, _) = s.post_json("/v1/completions", &json!({"prompt": "x", "max_tokens": 100000000}), None).await;
+    let (status, _) = s
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": "x", "max_tokens": 100000000}),
+            None,
+        )
+        .await;
     assert_eq!(status, 400);
     // Unknown fields are accepted and ignored.
-    let (status, _) = s.post_json("/v1/completions", &json!({"prompt": "x", "max_tokens": 1, "frobnicate": true}), None).await;
+    let (status, _) = s
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": "x", "max_tokens": 1, "frobnicate": true}),
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
 }
 
@@ -114,20 +180,38 @@ async fn models_health_tokenize_detokenize_metrics() {
     assert_eq!(m["data"][0]["owned_by"], "vllm");
     assert!(m["data"][0]["max_model_len"].as_u64().unwrap() > 0);
 
-    let (_, t) = s.post_json("/tokenize", &json!({"prompt": "hi there", "add_special_tokens": false}), None).await;
+    let (_, t) = s
+        .post_json(
+            "/tokenize",
+            &json!({"prompt": "hi there", "add_special_tokens": false}),
+            None,
+        )
+        .await;
     assert_eq!(t["count"], 8);
-    let (_, d) = s.post_json("/detokenize", &json!({"tokens": t["tokens"]}), None).await;
+    let (_, d) = s
+        .post_json("/detokenize", &json!({"tokens": t["tokens"]}), None)
+        .await;
     assert_eq!(d["prompt"], "hi there");
 
     let text = s.metrics().await;
     // prometheus_client (Python) writes counters' TYPE lines with the `_total` name.
-    for (family, kind) in [("vllm:num_requests_running", "gauge"), ("vllm:num_requests_waiting", "gauge"),
-        ("vllm:kv_cache_usage_perc", "gauge"), ("vllm:prefix_cache_queries_total", "counter"),
-        ("vllm:time_to_first_token_seconds", "histogram"), ("vllm:inter_token_latency_seconds", "histogram"),
-        ("vllm:e2e_request_latency_seconds", "histogram"), ("vllm:request_prefill_time_seconds", "histogram"),
-        ("vllm:request_decode_time_seconds", "histogram"), ("vllm:cache_config_info", "gauge"),
-        ("vllm:nixl_num_failed_transfers_total", "counter")] {
-        assert!(text.contains(&format!("# TYPE {family} {kind}\n")), "missing {family} {kind}");
+    for (family, kind) in [
+        ("vllm:num_requests_running", "gauge"),
+        ("vllm:num_requests_waiting", "gauge"),
+        ("vllm:kv_cache_usage_perc", "gauge"),
+        ("vllm:prefix_cache_queries_total", "counter"),
+        ("vllm:time_to_first_token_seconds", "histogram"),
+        ("vllm:inter_token_latency_seconds", "histogram"),
+        ("vllm:e2e_request_latency_seconds", "histogram"),
+        ("vllm:request_prefill_time_seconds", "histogram"),
+        ("vllm:request_decode_time_seconds", "histogram"),
+        ("vllm:cache_config_info", "gauge"),
+        ("vllm:nixl_num_failed_transfers_total", "counter"),
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} {kind}\n")),
+            "missing {family} {kind}"
+        );
     }
     assert!(text.contains("block_size=\"16\""));
     assert!(text.contains("model_name=\"sim-model\""));
@@ -146,5 +230,8 @@ async fn prefix_cache_hits_are_counted_and_shorten_prefill() {
     let prompt_len = s.tokens(&long).await.len() as f64;
     // Every full block but the one holding the last token is reused.
     assert_eq!(hits1, ((prompt_len - 1.0) / 16.0).floor() * 16.0);
-    assert_eq!(s.metric("vllm:prefix_cache_queries_total", &[]).await, 2.0 * prompt_len);
+    assert_eq!(
+        s.metric("vllm:prefix_cache_queries_total", &[]).await,
+        2.0 * prompt_len
+    );
 }

@@ -51,7 +51,11 @@ async fn die_after_tokens_cuts_the_stream() {
     let out = read_sse(s.post("/v1/completions", &b, None).await).await;
     assert!(out.cut, "the connection must be cut");
     assert!(!out.done, "no [DONE] after a cut");
-    assert_eq!(out.events.len(), 3, "exactly three token chunks before the cut");
+    assert_eq!(
+        out.events.len(),
+        3,
+        "exactly three token chunks before the cut"
+    );
     // A short request under the limit completes.
     let mut short = body(3);
     short["stream"] = json!(true);
@@ -60,7 +64,12 @@ async fn die_after_tokens_cuts_the_stream() {
     // The cut request was aborted in the engine (the client side of the cut closed it).
     let mut aborted = 0.0;
     for _ in 0..100 {
-        aborted = s.metric("vllm:request_success_total", &[("finished_reason", "abort")]).await;
+        aborted = s
+            .metric(
+                "vllm:request_success_total",
+                &[("finished_reason", "abort")],
+            )
+            .await;
         if aborted > 0.0 {
             break;
         }
@@ -79,7 +88,13 @@ async fn pd_with(p_fault: Value, d_flags: &[&str], stream: bool) -> (Sim, Sim, r
     if stream {
         b["stream"] = json!(true);
     }
-    let resp = d.post("/v1/completions", &decode_leg(&b, &pr["kv_transfer_params"]), None).await;
+    let resp = d
+        .post(
+            "/v1/completions",
+            &decode_leg(&b, &pr["kv_transfer_params"]),
+            None,
+        )
+        .await;
     (p, d, resp)
 }
 
@@ -89,8 +104,18 @@ async fn refused_kv_read_fails_the_request_under_policy_fail() {
     assert_eq!(resp.status().as_u16(), 500);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["type"], "InternalServerError");
-    assert_eq!(d.metric("vllm:nixl_num_failed_transfers_total", &[]).await, 1.0);
-    assert_eq!(d.metric("vllm:request_success_total", &[("finished_reason", "error")]).await, 1.0);
+    assert_eq!(
+        d.metric("vllm:nixl_num_failed_transfers_total", &[]).await,
+        1.0
+    );
+    assert_eq!(
+        d.metric(
+            "vllm:request_success_total",
+            &[("finished_reason", "error")]
+        )
+        .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -115,7 +140,10 @@ async fn corrupt_kv_is_detected_and_recomputed_under_policy_recompute() {
     assert_eq!(resp.status().as_u16(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["choices"][0]["text"], colo["choices"][0]["text"]);
-    assert_eq!(d.metric("vllm:nixl_num_failed_transfers_total", &[]).await, 1.0);
+    assert_eq!(
+        d.metric("vllm:nixl_num_failed_transfers_total", &[]).await,
+        1.0
+    );
     // A failed read sends no notification, so the prefill side still holds the blocks.
     assert!(p.metric("vllm:kv_cache_usage_perc", &[]).await > 0.0);
 }
@@ -124,7 +152,10 @@ async fn corrupt_kv_is_detected_and_recomputed_under_policy_recompute() {
 async fn corrupt_kv_fails_under_policy_fail() {
     let (_p, d, resp) = pd_with(json!({"kv_corrupt_next": 1}), &["--seed", "5"], false).await;
     assert_eq!(resp.status().as_u16(), 500);
-    assert_eq!(d.metric("vllm:nixl_num_failed_transfers_total", &[]).await, 1.0);
+    assert_eq!(
+        d.metric("vllm:nixl_num_failed_transfers_total", &[]).await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -136,7 +167,10 @@ async fn handshake_stall_times_out_on_the_decode_side() {
     )
     .await;
     assert_eq!(resp.status().as_u16(), 500);
-    assert_eq!(d.metric("vllm:nixl_num_failed_transfers_total", &[]).await, 1.0);
+    assert_eq!(
+        d.metric("vllm:nixl_num_failed_transfers_total", &[]).await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -145,7 +179,13 @@ async fn decode_side_rejection_still_releases_prefill_blocks() {
     let b = body(8);
     let (_, pr) = p.post_json("/v1/completions", &prefill_leg(&b), None).await;
     assert!(p.metric("vllm:kv_cache_usage_perc", &[]).await > 0.0);
-    let (status, _) = d.post_json("/v1/completions", &decode_leg(&b, &pr["kv_transfer_params"]), None).await;
+    let (status, _) = d
+        .post_json(
+            "/v1/completions",
+            &decode_leg(&b, &pr["kv_transfer_params"]),
+            None,
+        )
+        .await;
     assert_eq!(status, 500);
     let mut usage = 1.0;
     for _ in 0..100 {
@@ -185,7 +225,14 @@ async fn exhausted_kv_holds_requests_waiting_until_released() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(waiting, 1.0, "the request waits for KV capacity");
-    assert_eq!(s.metric("vllm:num_requests_waiting_by_reason", &[("reason", "capacity")]).await, 1.0);
+    assert_eq!(
+        s.metric(
+            "vllm:num_requests_waiting_by_reason",
+            &[("reason", "capacity")]
+        )
+        .await,
+        1.0
+    );
     s.faults(json!({"exhaust_kv": false})).await;
     let resp = pending.await.unwrap().unwrap();
     assert_eq!(resp.status().as_u16(), 200);
@@ -209,7 +256,13 @@ async fn eos_first_token_returns_null_params_and_the_proxy_falls_back() {
     // Blocks were freed at once, not pinned.
     assert_eq!(p.metric("vllm:kv_cache_usage_perc", &[]).await, 0.0);
     // The reference proxy then sends the original body to D, which prefills locally.
-    let (status, out) = d.post_json("/v1/completions", &decode_leg(&b, &pr["kv_transfer_params"]), None).await;
+    let (status, out) = d
+        .post_json(
+            "/v1/completions",
+            &decode_leg(&b, &pr["kv_transfer_params"]),
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(out["choices"][0]["text"], colo["choices"][0]["text"]);
 }

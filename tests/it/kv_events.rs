@@ -11,6 +11,9 @@ use crate::support::{Sim, PROMPT};
 
 /// vLLM's replay protocol through a DEALER (a REQ socket could take only one reply): send
 /// `["", start_seq]`, receive `["", seq, payload]` per buffered batch, then the `-1` marker.
+/// One BlockStored: hashes, parent, token ids, block size.
+type Stored = (Vec<u64>, Option<u64>, Vec<u32>, u32);
+
 async fn replay_from(endpoint: &str, start: u64) -> Vec<(u64, Vec<KvEvent>)> {
     let mut dealer = zeromq::DealerSocket::new();
     dealer.connect(endpoint).await.expect("connect replay");
@@ -40,35 +43,56 @@ async fn replay_from(endpoint: &str, start: u64) -> Vec<(u64, Vec<KvEvent>)> {
 #[tokio::test]
 async fn block_stored_token_ids_chain_and_evictions_are_published() {
     let s = Sim::start(&[
-        "--kv-events-endpoint", "tcp://127.0.0.1:0",
-        "--kv-events-replay-endpoint", "tcp://127.0.0.1:0",
-        "--kv-events-topic", "kv@sim@test",
-        "--num-gpu-blocks-override", "24",
+        "--kv-events-endpoint",
+        "tcp://127.0.0.1:0",
+        "--kv-events-replay-endpoint",
+        "tcp://127.0.0.1:0",
+        "--kv-events-topic",
+        "kv@sim@test",
+        "--num-gpu-blocks-override",
+        "24",
     ])
     .await;
     let replay = s.ready["kv_events_replay"].as_str().unwrap().to_string();
     let prompt = PROMPT.repeat(2);
     let tokens = s.tokens(&prompt).await;
-    let (status, _) = s.post_json("/v1/completions", &json!({"prompt": prompt, "max_tokens": 20, "ignore_eos": true}), None).await;
+    let (status, _) = s
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 20, "ignore_eos": true}),
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
 
     let batches = replay_from(&replay, 0).await;
     assert!(!batches.is_empty());
     assert_eq!(batches[0].0, 0, "sequence numbers start at 0");
     assert!(batches.windows(2).all(|w| w[1].0 == w[0].0 + 1));
-    let stored: Vec<(Vec<u64>, Option<u64>, Vec<u32>, u32)> = batches
+    let stored: Vec<Stored> = batches
         .iter()
         .flat_map(|(_, evs)| evs.iter())
         .filter_map(|e| match e {
-            KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size } => {
-                Some((block_hashes.clone(), *parent_block_hash, token_ids.clone(), *block_size))
-            }
+            KvEvent::BlockStored {
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                block_size,
+            } => Some((
+                block_hashes.clone(),
+                *parent_block_hash,
+                token_ids.clone(),
+                *block_size,
+            )),
             _ => None,
         })
         .collect();
     // Prompt and generated tokens, in order, over all BlockStored events.
     let all_tokens: Vec<u32> = stored.iter().flat_map(|s| s.2.clone()).collect();
-    assert_eq!(&all_tokens[..tokens.len().min(all_tokens.len())], &tokens[..tokens.len().min(all_tokens.len())]);
+    assert_eq!(
+        &all_tokens[..tokens.len().min(all_tokens.len())],
+        &tokens[..tokens.len().min(all_tokens.len())]
+    );
     let full_blocks = (tokens.len() + 20 - 1) / 16; // KV of the last sampled token is never computed
     assert_eq!(all_tokens.len(), full_blocks * 16);
     assert!(stored[0].1.is_none(), "the first block has no parent");
@@ -76,14 +100,23 @@ async fn block_stored_token_ids_chain_and_evictions_are_published() {
     for (hashes, parent, toks, bs) in &stored {
         assert_eq!(*bs, 16);
         assert_eq!(toks.len(), hashes.len() * 16);
-        assert_eq!(*parent, prev, "each event's parent is the previous block's hash");
+        assert_eq!(
+            *parent, prev,
+            "each event's parent is the previous block's hash"
+        );
         prev = hashes.last().copied();
     }
     let stored_hashes: Vec<u64> = stored.iter().flat_map(|s| s.0.clone()).collect();
 
     // A different prompt that needs most of the 24 blocks evicts cached ones.
     let other = "z".repeat(16 * 20);
-    let (status, _) = s.post_json("/v1/completions", &json!({"prompt": other, "max_tokens": 1}), None).await;
+    let (status, _) = s
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": other, "max_tokens": 1}),
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
     let later = replay_from(&replay, batches.last().unwrap().0 + 1).await;
     let removed: Vec<u64> = later
@@ -96,12 +129,21 @@ async fn block_stored_token_ids_chain_and_evictions_are_published() {
         .flatten()
         .collect();
     assert!(!removed.is_empty(), "evictions are published");
-    assert!(removed.iter().all(|h| stored_hashes.contains(h)), "removed hashes were stored before");
+    assert!(
+        removed.iter().all(|h| stored_hashes.contains(h)),
+        "removed hashes were stored before"
+    );
 }
 
 #[tokio::test]
 async fn live_pub_frames_are_topic_seq_payload() {
-    let s = Sim::start(&["--kv-events-endpoint", "tcp://127.0.0.1:0", "--kv-events-topic", "kv@sim@m"]).await;
+    let s = Sim::start(&[
+        "--kv-events-endpoint",
+        "tcp://127.0.0.1:0",
+        "--kv-events-topic",
+        "kv@sim@m",
+    ])
+    .await;
     let endpoint = s.ready["kv_events"].as_str().unwrap().to_string();
     let mut sub = zeromq::SubSocket::new();
     sub.connect(&endpoint).await.unwrap();
@@ -111,7 +153,12 @@ async fn live_pub_frames_are_topic_seq_payload() {
     let mut got = None;
     for i in 0..50 {
         let prompt = format!("{i} {}", PROMPT);
-        s.post_json("/v1/completions", &json!({"prompt": prompt, "max_tokens": 1}), None).await;
+        s.post_json(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 1}),
+            None,
+        )
+        .await;
         if let Ok(Ok(msg)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
             got = Some(msg);
             break;

@@ -37,20 +37,43 @@ async fn disaggregated_text_equals_colocated_and_blocks_are_freed() {
     assert_eq!(kv["remote_engine_id"], p.ready["engine_id"]);
     assert_eq!(kv["tp_size"], 1);
     let rid = kv["remote_request_id"].as_str().unwrap();
-    let suffix = rid.strip_prefix("cmpl-req-1-0-").expect("internal id = external-index-suffix");
-    assert!(suffix.len() == 8 && suffix.chars().all(|c| c.is_ascii_hexdigit()), "{rid}");
+    let suffix = rid
+        .strip_prefix("cmpl-req-1-0-")
+        .expect("internal id = external-index-suffix");
+    assert!(
+        suffix.len() == 8 && suffix.chars().all(|c| c.is_ascii_hexdigit()),
+        "{rid}"
+    );
     let prompt_len = p.tokens(PROMPT).await.len();
     assert_eq!(pr["usage"]["prompt_tokens"], prompt_len);
-    assert_eq!(kv["remote_block_ids"].as_array().unwrap().len(), prompt_len.div_ceil(16));
-    let side_port = p.ready["side_channel"].as_str().unwrap().rsplit(':').next().unwrap().parse::<u64>().unwrap();
+    assert_eq!(
+        kv["remote_block_ids"].as_array().unwrap().len(),
+        prompt_len.div_ceil(16)
+    );
+    let side_port = p.ready["side_channel"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
     assert_eq!(kv["remote_port"], side_port);
     // The blocks are pinned and counted until the decode side reads them.
     assert!(p.metric("vllm:kv_cache_usage_perc", &[]).await > 0.0);
 
     // Leg 2: decode, streamed.
-    let out = read_sse(d.post("/v1/completions", &decode_leg(&body, &kv), Some("req-1")).await).await;
+    let out = read_sse(
+        d.post("/v1/completions", &decode_leg(&body, &kv), Some("req-1"))
+            .await,
+    )
+    .await;
     assert!(out.done && !out.cut);
-    assert_eq!(out.text(), want, "disaggregated text must equal colocated text");
+    assert_eq!(
+        out.text(),
+        want,
+        "disaggregated text must equal colocated text"
+    );
     assert!(out.events.iter().all(|e| e["id"] == "cmpl-req-1"));
     let usage = &out.events.last().unwrap()["usage"];
     assert_eq!(usage["prompt_tokens"], prompt_len);
@@ -59,11 +82,31 @@ async fn disaggregated_text_equals_colocated_and_blocks_are_freed() {
     // The read notification freed the prefill engine's blocks.
     assert_eq!(p.metric("vllm:kv_cache_usage_perc", &[]).await, 0.0);
     // Both engines saw the request; the decode engine pulled once.
-    assert_eq!(p.metric("vllm:request_success_total", &[("finished_reason", "length")]).await, 1.0);
-    assert_eq!(d.metric("vllm:request_success_total", &[("finished_reason", "length")]).await, 1.0);
-    assert_eq!(d.metric("vllm:nixl_xfer_time_seconds_count", &[]).await, 1.0);
+    assert_eq!(
+        p.metric(
+            "vllm:request_success_total",
+            &[("finished_reason", "length")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        d.metric(
+            "vllm:request_success_total",
+            &[("finished_reason", "length")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        d.metric("vllm:nixl_xfer_time_seconds_count", &[]).await,
+        1.0
+    );
     assert_eq!(d.metric("vllm:generation_tokens_total", &[]).await, 24.0);
-    assert_eq!(p.metric("vllm:nixl_num_kv_expired_reqs_total", &[]).await, 0.0);
+    assert_eq!(
+        p.metric("vllm:nixl_num_kv_expired_reqs_total", &[]).await,
+        0.0
+    );
 }
 
 #[tokio::test]
@@ -71,7 +114,11 @@ async fn unread_handoff_expires_after_its_lease() {
     // 10 simulated seconds at x50 is 0.2 s of real time.
     let p = Sim::start(&["--nixl-abort-timeout", "10"]).await;
     let (status, pr) = p
-        .post_json("/v1/completions", &prefill_leg(&client_body()), Some("lost"))
+        .post_json(
+            "/v1/completions",
+            &prefill_leg(&client_body()),
+            Some("lost"),
+        )
         .await;
     assert_eq!(status, 200);
     assert!(pr["kv_transfer_params"]["remote_block_ids"].is_array());
@@ -97,17 +144,31 @@ async fn chat_pd_round_trip_matches_colocated() {
         Sim::start(&["--seed", "9"]),
     );
     let body = json!({"messages": [{"role": "user", "content": PROMPT}], "max_completion_tokens": 12, "ignore_eos": true});
-    let (_, colo) = c.post_json("/v1/chat/completions", &body, Some("chat-1")).await;
-    let (status, pr) = p.post_json("/v1/chat/completions", &prefill_leg(&body), Some("chat-1")).await;
+    let (_, colo) = c
+        .post_json("/v1/chat/completions", &body, Some("chat-1"))
+        .await;
+    let (status, pr) = p
+        .post_json("/v1/chat/completions", &prefill_leg(&body), Some("chat-1"))
+        .await;
     assert_eq!(status, 200, "{pr}");
     assert_eq!(pr["object"], "chat.completion");
-    assert!(pr["kv_transfer_params"]["remote_request_id"].as_str().unwrap().starts_with("chatcmpl-chat-1-"));
+    assert!(pr["kv_transfer_params"]["remote_request_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("chatcmpl-chat-1-"));
     let (status, out) = d
-        .post_json("/v1/chat/completions", &decode_leg(&body, &pr["kv_transfer_params"]), Some("chat-1"))
+        .post_json(
+            "/v1/chat/completions",
+            &decode_leg(&body, &pr["kv_transfer_params"]),
+            Some("chat-1"),
+        )
         .await;
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["id"], "chatcmpl-chat-1");
-    assert_eq!(out["choices"][0]["message"]["content"], colo["choices"][0]["message"]["content"]);
+    assert_eq!(
+        out["choices"][0]["message"]["content"],
+        colo["choices"][0]["message"]["content"]
+    );
     assert_eq!(out["choices"][0]["message"]["role"], "assistant");
     assert_eq!(out["usage"]["completion_tokens"], 12);
     assert_eq!(out["kv_transfer_params"], Value::Null);
@@ -120,10 +181,16 @@ async fn invalid_decode_params_fall_back_to_local_prefill() {
     let body = json!({"prompt": PROMPT, "max_tokens": 8, "ignore_eos": true});
     let (_, colo) = c.post_json("/v1/completions", &body, None).await;
     // `remote_request_id` missing: vLLM logs "Got invalid KVTransferParams" and prefills locally.
-    let bad = decode_leg(&body, &json!({"do_remote_prefill": true, "remote_block_ids": [1, 2],
-        "remote_engine_id": "x", "remote_host": "127.0.0.1", "remote_port": 1}));
+    let bad = decode_leg(
+        &body,
+        &json!({"do_remote_prefill": true, "remote_block_ids": [1, 2],
+        "remote_engine_id": "x", "remote_host": "127.0.0.1", "remote_port": 1}),
+    );
     let (status, out) = d.post_json("/v1/completions", &bad, None).await;
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["choices"][0]["text"], colo["choices"][0]["text"]);
-    assert_eq!(d.metric("vllm:nixl_xfer_time_seconds_count", &[]).await, 0.0);
+    assert_eq!(
+        d.metric("vllm:nixl_xfer_time_seconds_count", &[]).await,
+        0.0
+    );
 }

@@ -19,12 +19,20 @@ impl Sim {
     /// Start `tandem sim --port 0` with a small, fast profile plus `extra` flags.
     pub async fn start(extra: &[&str]) -> Sim {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
-        cmd.args(["sim", "--port", "0", "--model", "qwen3-0.6b", "--time-scale", "50"])
-            .args(extra)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+        cmd.args([
+            "sim",
+            "--port",
+            "0",
+            "--model",
+            "qwen3-0.6b",
+            "--time-scale",
+            "50",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
         let mut child = cmd.spawn().expect("spawn tandem sim");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
@@ -49,7 +57,12 @@ impl Sim {
         }
     }
 
-    pub async fn post(&self, path: &str, body: &Value, request_id: Option<&str>) -> reqwest::Response {
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        request_id: Option<&str>,
+    ) -> reqwest::Response {
         let mut req = self.client.post(format!("{}{path}", self.url)).json(body);
         if let Some(id) = request_id {
             req = req.header("X-Request-Id", id);
@@ -57,7 +70,12 @@ impl Sim {
         req.send().await.expect("request sent")
     }
 
-    pub async fn post_json(&self, path: &str, body: &Value, request_id: Option<&str>) -> (u16, Value) {
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &Value,
+        request_id: Option<&str>,
+    ) -> (u16, Value) {
         let resp = self.post(path, body, request_id).await;
         let status = resp.status().as_u16();
         let v = resp.json().await.expect("JSON body");
@@ -78,7 +96,11 @@ impl Sim {
     }
 
     pub async fn metrics(&self) -> String {
-        self.get("/metrics").await.text().await.expect("metrics text")
+        self.get("/metrics")
+            .await
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// Sum of the samples of `name` whose label set contains every `labels` pair.
@@ -148,7 +170,9 @@ pub async fn read_sse(resp: reqwest::Response) -> Sse {
     let mut events = Vec::new();
     let mut done = false;
     for frame in text.split("\n\n").filter(|f| !f.is_empty()) {
-        let data = frame.strip_prefix("data: ").expect("every frame is `data: ...`");
+        let data = frame
+            .strip_prefix("data: ")
+            .expect("every frame is `data: ...`");
         if data == "[DONE]" {
             done = true;
         } else {

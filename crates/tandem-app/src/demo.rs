@@ -55,6 +55,9 @@ struct Obs {
     ok: bool,
 }
 
+/// Pulls one phase's samples out of a request's observations.
+type Extract = fn(&Obs) -> Vec<f64>;
+
 #[derive(Debug, Clone)]
 struct Req {
     at: f64,
@@ -79,23 +82,46 @@ pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         pool.push(start_sim(&args, gpu, 100 + i as u64).await?);
     }
     let (p, d) = pool.split_at(args.prefill);
-    let prefill: Vec<String> = p.iter().map(|s| format!("http://{}", s.http_addr)).collect();
-    let decode: Vec<String> = d.iter().map(|s| format!("http://{}", s.http_addr)).collect();
+    let prefill: Vec<String> = p
+        .iter()
+        .map(|s| format!("http://{}", s.http_addr))
+        .collect();
+    let decode: Vec<String> = d
+        .iter()
+        .map(|s| format!("http://{}", s.http_addr))
+        .collect();
     let clock = SimClock::new(args.time_scale);
-    let disagg = replay(&client, &workload, clock, &args, Mode::Disagg { prefill, decode }).await;
+    let disagg = replay(
+        &client,
+        &workload,
+        clock,
+        &args,
+        Mode::Disagg { prefill, decode },
+    )
+    .await;
 
     let mut colo = Vec::new();
     for i in 0..args.prefill + args.decode {
         colo.push(start_sim(&args, gpu, 200 + i as u64).await?);
     }
-    let colocated: Vec<String> = colo.iter().map(|s| format!("http://{}", s.http_addr)).collect();
+    let colocated: Vec<String> = colo
+        .iter()
+        .map(|s| format!("http://{}", s.http_addr))
+        .collect();
     let clock = SimClock::new(args.time_scale);
     let colocated_obs = replay(&client, &workload, clock, &args, Mode::Colocated(colocated)).await;
 
     println!();
-    println!("{:<34} {:>12} {:>12}", "phase (simulated ms)", format!("{}P+{}D", args.prefill, args.decode), format!("{} colocated", args.prefill + args.decode));
-    let rows: [(&str, fn(&Obs) -> Vec<f64>); 4] = [
-        ("prefill leg (P, incl. queue)", |o| o.prefill_leg.into_iter().collect()),
+    println!(
+        "{:<34} {:>12} {:>12}",
+        "phase (simulated ms)",
+        format!("{}P+{}D", args.prefill, args.decode),
+        format!("{} colocated", args.prefill + args.decode)
+    );
+    let rows: [(&str, Extract); 4] = [
+        ("prefill leg (P, incl. queue)", |o| {
+            o.prefill_leg.into_iter().collect()
+        }),
         ("TTFT (client)", |o| vec![o.ttft]),
         ("ITL (client)", |o| o.itls.clone()),
         ("E2E (client)", |o| vec![o.e2e]),
@@ -104,7 +130,12 @@ pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         for (q, label) in [(0.5, "p50"), (0.99, "p99")] {
             let a = pct(disagg.iter().flat_map(f).collect(), q);
             let b = pct(colocated_obs.iter().flat_map(f).collect(), q);
-            println!("{:<34} {:>12} {:>12}", format!("{name} {label}"), fmt_ms(a), fmt_ms(b));
+            println!(
+                "{:<34} {:>12} {:>12}",
+                format!("{name} {label}"),
+                fmt_ms(a),
+                fmt_ms(b)
+            );
         }
     }
     let ok_d = disagg.iter().filter(|o| o.ok).count();
@@ -133,12 +164,22 @@ pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     if ok_d != workload.len() || ok_c != workload.len() {
-        return Err(format!("{} of {} disaggregated and {} colocated requests failed", workload.len() - ok_d, workload.len(), workload.len() - ok_c).into());
+        return Err(format!(
+            "{} of {} disaggregated and {} colocated requests failed",
+            workload.len() - ok_d,
+            workload.len(),
+            workload.len() - ok_c
+        )
+        .into());
     }
     Ok(())
 }
 
-async fn start_sim(args: &DemoArgs, gpu: GpuKind, seed: u64) -> Result<RunningSim, Box<dyn std::error::Error>> {
+async fn start_sim(
+    args: &DemoArgs,
+    gpu: GpuKind,
+    seed: u64,
+) -> Result<RunningSim, Box<dyn std::error::Error>> {
     let mut cfg = SimConfig::new(&args.model, gpu);
     cfg.time_scale = args.time_scale;
     // Same sampling seed everywhere, so text matches across engines; distinct hash seeds as in vLLM.
@@ -150,7 +191,10 @@ async fn start_sim(args: &DemoArgs, gpu: GpuKind, seed: u64) -> Result<RunningSi
 
 fn make_workload(args: &DemoArgs) -> Vec<Req> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
-    let words = ["tensor", "cache", "prefill", "decode", "route", "block", "token", "stream", "engine", "batch"];
+    let words = [
+        "tensor", "cache", "prefill", "decode", "route", "block", "token", "stream", "engine",
+        "batch",
+    ];
     let text = |rng: &mut rand_chacha::ChaCha8Rng, chars: usize| {
         let mut s = String::with_capacity(chars + 8);
         while s.len() < chars {
@@ -168,17 +212,29 @@ fn make_workload(args: &DemoArgs) -> Vec<Req> {
             t += -u.ln() / args.rate;
             let sys = &systems[rng.random_range(0..systems.len())];
             let user_len = rng.random_range(256..2560);
-            Req { at: t, prompt: format!("{sys}{}", text(&mut rng, user_len)) }
+            Req {
+                at: t,
+                prompt: format!("{sys}{}", text(&mut rng, user_len)),
+            }
         })
         .collect()
 }
 
 enum Mode {
-    Disagg { prefill: Vec<String>, decode: Vec<String> },
+    Disagg {
+        prefill: Vec<String>,
+        decode: Vec<String>,
+    },
     Colocated(Vec<String>),
 }
 
-async fn replay(client: &reqwest::Client, workload: &[Req], clock: SimClock, args: &DemoArgs, mode: Mode) -> Vec<Obs> {
+async fn replay(
+    client: &reqwest::Client,
+    workload: &[Req],
+    clock: SimClock,
+    args: &DemoArgs,
+    mode: Mode,
+) -> Vec<Obs> {
     let mode = Arc::new(mode);
     let mut tasks = Vec::new();
     for (i, r) in workload.iter().enumerate() {
@@ -188,7 +244,9 @@ async fn replay(client: &reqwest::Client, workload: &[Req], clock: SimClock, arg
         let max_tokens = args.output_tokens;
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(clock.instant_at(r.at)).await;
-            one(&client, &mode, i, &r, max_tokens, clock).await.unwrap_or_default()
+            one(&client, &mode, i, &r, max_tokens, clock)
+                .await
+                .unwrap_or_default()
         }));
     }
     let mut out = Vec::new();
@@ -198,7 +256,14 @@ async fn replay(client: &reqwest::Client, workload: &[Req], clock: SimClock, arg
     out
 }
 
-async fn one(client: &reqwest::Client, mode: &Mode, i: usize, r: &Req, max_tokens: u64, clock: SimClock) -> Result<Obs, reqwest::Error> {
+async fn one(
+    client: &reqwest::Client,
+    mode: &Mode,
+    i: usize,
+    r: &Req,
+    max_tokens: u64,
+    clock: SimClock,
+) -> Result<Obs, reqwest::Error> {
     let start = clock.now();
     let rid = format!("demo-{i}");
     let mut body = json!({"model": null, "prompt": r.prompt, "max_tokens": max_tokens, "ignore_eos": true,
@@ -245,7 +310,9 @@ async fn one(client: &reqwest::Client, mode: &Mode, i: usize, r: &Req, max_token
         while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buf.drain(..pos + 2).collect();
             let line = String::from_utf8_lossy(&event);
-            let Some(data) = line.trim().strip_prefix("data: ") else { continue };
+            let Some(data) = line.trim().strip_prefix("data: ") else {
+                continue;
+            };
             if data == "[DONE]" {
                 obs.ok = true;
                 continue;
@@ -254,10 +321,17 @@ async fn one(client: &reqwest::Client, mode: &Mode, i: usize, r: &Req, max_token
             if v.get("error").is_some() {
                 return Ok(obs);
             }
-            if let Some(u) = v.get("usage").and_then(|u| u.get("completion_tokens")).and_then(Value::as_u64) {
+            if let Some(u) = v
+                .get("usage")
+                .and_then(|u| u.get("completion_tokens"))
+                .and_then(Value::as_u64)
+            {
                 obs.tokens = u;
             }
-            if v.get("choices").and_then(Value::as_array).is_some_and(|c| !c.is_empty()) {
+            if v.get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(|c| !c.is_empty())
+            {
                 let now = clock.now();
                 match last {
                     None => obs.ttft = now - start,
@@ -280,7 +354,15 @@ async fn sum(client: &reqwest::Client, sims: &[RunningSim], metric: &str) -> f64
 }
 
 async fn scrape(client: &reqwest::Client, sim: &RunningSim, metric: &str) -> Option<f64> {
-    let text = client.get(format!("http://{}/metrics", sim.http_addr)).timeout(Duration::from_secs(5)).send().await.ok()?.text().await.ok()?;
+    let text = client
+        .get(format!("http://{}/metrics", sim.http_addr))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
     text.lines()
         .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -9,7 +9,11 @@ mod sim_args;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "tandem", version, about = "Prefill/decode disaggregation orchestrator for vLLM")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Prefill/decode disaggregation orchestrator for vLLM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

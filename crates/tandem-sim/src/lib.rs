@@ -18,6 +18,9 @@
 //! - [`faults`]: fault injection state, set by flags or at runtime.
 
 pub mod cost;
+pub mod engine;
+pub mod faults;
+pub mod http;
 pub mod kv_cache;
 pub mod kv_events;
 pub mod metrics;
@@ -26,9 +29,6 @@ pub mod sampler;
 pub mod scheduler;
 pub mod side_channel;
 pub mod tokenizer;
-pub mod engine;
-pub mod faults;
-pub mod http;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -300,7 +300,11 @@ pub async fn start(
         .rsplit(':')
         .next()
         .and_then(|p| p.parse::<u16>().ok())
-        .ok_or_else(|| SimError::Config(format!("cannot parse side channel endpoint {side_endpoint}")))?;
+        .ok_or_else(|| {
+            SimError::Config(format!(
+                "cannot parse side channel endpoint {side_endpoint}"
+            ))
+        })?;
     let side_client = side_channel::SideChannelClient::new();
     let engine = engine::spawn(
         EngineConfig {

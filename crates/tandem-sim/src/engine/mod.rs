@@ -537,7 +537,10 @@ impl Engine {
             };
             m.first_scheduled.get_or_insert(now);
             m.cached_tokens = t.local_hit_blocks * self.cfg.sched.block_size as usize;
-            let remote = m.remote.clone().expect("transfers are for decode-role sequences");
+            let remote = m
+                .remote
+                .clone()
+                .expect("transfers are for decode-role sequences");
             let expected = self
                 .sched
                 .expected_prompt_contents(t.id)
@@ -571,7 +574,9 @@ impl Engine {
             ..
         } = self;
         let outputs = sched.complete(plan, &mut |id, tokens, prompt_len| {
-            let m = meta.get_mut(&id).expect("every scheduled sequence has metadata");
+            let m = meta
+                .get_mut(&id)
+                .expect("every scheduled sequence has metadata");
             decide(m, tokenizer, vocab, tokens, prompt_len)
         });
         for o in outputs {
@@ -646,9 +651,8 @@ impl Engine {
         let now = self.clock.now();
         let sched = m.first_scheduled.unwrap_or(now);
         let first = m.first_token.unwrap_or(now);
-        let mean_tpot = (m.generated > 1).then(|| {
-            (m.last_token.unwrap_or(now) - first) / (m.generated - 1) as f64
-        });
+        let mean_tpot = (m.generated > 1)
+            .then(|| (m.last_token.unwrap_or(now) - first) / (m.generated - 1) as f64);
         self.metrics.request_finished(&FinishedRequest {
             reason: match reason {
                 FinishReason::Stop => FinishedReason::Stop,

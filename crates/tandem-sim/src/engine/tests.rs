@@ -108,7 +108,9 @@ async fn run_one(e: &EngineHandle, mut rs: RequestStream) -> (f64, f64) {
 }
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| (i.wrapping_mul(31) ^ seed) % 256).collect()
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(31) ^ seed) % 256)
+        .collect()
 }
 
 #[tokio::test(start_paused = true)]
@@ -127,7 +129,10 @@ async fn ttft_grows_with_uncached_length_and_shrinks_with_prefix_hits() {
     let mut half = prompt(2, 4096);
     half.extend(prompt(9, 4096));
     let (t_half, _) = run_one(&e, submit(&e, half, 2)).await;
-    assert!(t8k_cached < t_half && t_half < t8k, "{t8k_cached} < {t_half} < {t8k}");
+    assert!(
+        t8k_cached < t_half && t_half < t8k,
+        "{t8k_cached} < {t_half} < {t8k}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -137,7 +142,9 @@ async fn itl_grows_with_batch_and_context() {
     // perf-model anchor: 8B batch-1 ITL 6-8 ms on H100.
     assert!((0.006..0.008).contains(&itl_1), "batch-1 ITL {itl_1}");
 
-    let streams: Vec<RequestStream> = (0..64).map(|i| submit(&e, prompt(100 + i, 1024), 64)).collect();
+    let streams: Vec<RequestStream> = (0..64)
+        .map(|i| submit(&e, prompt(100 + i, 1024), 64))
+        .collect();
     // Consume all streams concurrently so each token is timed when the engine emits it.
     let itls: Vec<f64> = futures::future::join_all(streams.into_iter().map(|rs| run_one(&e, rs)))
         .await

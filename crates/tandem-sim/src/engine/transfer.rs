@@ -88,14 +88,16 @@ pub(super) fn spawn_pull(
 /// Tell the prefill engine to free a request's blocks without reading them.
 pub(super) fn spawn_notify(remote: RemoteKv, cfg: Arc<EngineConfig>, metrics: Arc<EngineMetrics>) {
     tokio::spawn(async move {
-        if let Err(e) = cfg.side_client.notify(
-            &remote.host,
-            remote.port,
-            &remote.request_id,
-            cfg.tp_size,
-            cfg.side_channel_timeout,
-        )
-        .await
+        if let Err(e) = cfg
+            .side_client
+            .notify(
+                &remote.host,
+                remote.port,
+                &remote.request_id,
+                cfg.tp_size,
+                cfg.side_channel_timeout,
+            )
+            .await
         {
             metrics.nixl_failed_notification();
             tracing::warn!(
@@ -106,7 +108,11 @@ pub(super) fn spawn_notify(remote: RemoteKv, cfg: Arc<EngineConfig>, metrics: Ar
     });
 }
 
-async fn pull(p: &Pull, cfg: &EngineConfig, clock: SimClock) -> Result<TransferStats, TransferError> {
+async fn pull(
+    p: &Pull,
+    cfg: &EngineConfig,
+    clock: SimClock,
+) -> Result<TransferStats, TransferError> {
     let r = &p.remote;
     let addr = format!("{}:{}", r.host, r.port);
     if r.block_ids.len() != p.expected.len() {
@@ -117,7 +123,9 @@ async fn pull(p: &Pull, cfg: &EngineConfig, clock: SimClock) -> Result<TransferS
     }
     let mut handshake_hash = None;
     if p.known_hash.is_none() {
-        let agent = cfg.side_client.handshake(&r.host, r.port, 0, cfg.side_channel_timeout)
+        let agent = cfg
+            .side_client
+            .handshake(&r.host, r.port, 0, cfg.side_channel_timeout)
             .await
             .map_err(|source| TransferError::Handshake {
                 addr: addr.clone(),
@@ -140,18 +148,20 @@ async fn pull(p: &Pull, cfg: &EngineConfig, clock: SimClock) -> Result<TransferS
     }
     let to_read = &r.block_ids[p.local_hit_blocks..];
     let post_started = clock.now();
-    let blocks = cfg.side_client.read_blocks(
-        &r.host,
-        r.port,
-        &r.request_id,
-        to_read,
-        cfg.side_channel_timeout,
-    )
-    .await
-    .map_err(|source| TransferError::Read {
-        addr: addr.clone(),
-        source,
-    })?;
+    let blocks = cfg
+        .side_client
+        .read_blocks(
+            &r.host,
+            r.port,
+            &r.request_id,
+            to_read,
+            cfg.side_channel_timeout,
+        )
+        .await
+        .map_err(|source| TransferError::Read {
+            addr: addr.clone(),
+            source,
+        })?;
     let post_s = clock.now() - post_started;
     for (i, (got, want)) in blocks
         .iter()
@@ -178,14 +188,16 @@ async fn pull(p: &Pull, cfg: &EngineConfig, clock: SimClock) -> Result<TransferS
     // The real read already took some (simulated) time; charge only the rest of the model.
     let remaining = (modeled.as_secs_f64() - post_s).max(0.0);
     tokio::time::sleep(clock.real(Duration::from_secs_f64(remaining))).await;
-    let notified = cfg.side_client.notify(
-        &r.host,
-        r.port,
-        &r.request_id,
-        cfg.tp_size,
-        cfg.side_channel_timeout,
-    )
-    .await;
+    let notified = cfg
+        .side_client
+        .notify(
+            &r.host,
+            r.port,
+            &r.request_id,
+            cfg.tp_size,
+            cfg.side_channel_timeout,
+        )
+        .await;
     if let Err(e) = &notified {
         // The data is here; only the prefill side's memory waits for its timeout.
         tracing::warn!(

@@ -32,6 +32,9 @@ impl Kind {
     }
 }
 
+/// A prompt as sent: text to tokenize (`Ok`) or token ids (`Err`).
+type PromptInput = Result<String, Vec<u32>>;
+
 /// A validated request, ready for the engine.
 #[derive(Debug)]
 struct Job {
@@ -105,7 +108,9 @@ fn release_remote(s: &AppState, remote: Option<RemoteKv>) {
     let timeout = s.info.side_channel_timeout;
     let client = s.side_client.clone();
     tokio::spawn(async move {
-        let res = client.notify(&r.host, r.port, &r.request_id, world, timeout).await;
+        let res = client
+            .notify(&r.host, r.port, &r.request_id, world, timeout)
+            .await;
         if let Err(e) = res {
             metrics.nixl_failed_notification();
             tracing::warn!("NIXL send_notif failed for request {}: P worker blocks will be freed after timeout. ({e})", r.request_id);
@@ -125,14 +130,23 @@ fn parse_remote(p: &Value) -> Result<Option<RemoteKv>, String> {
         Some(v) => v.clone(),
         None => Value::Null,
     };
-    let block_ids: Vec<u32> = serde_json::from_value(ids).map_err(|_| "remote_block_ids".to_string())?;
+    let block_ids: Vec<u32> =
+        serde_json::from_value(ids).map_err(|_| "remote_block_ids".to_string())?;
     if block_ids.is_empty() {
         return Err("remote_block_ids is empty".into());
     }
-    let s = |k: &str| p.get(k).and_then(Value::as_str).map(str::to_string).ok_or_else(|| k.to_string());
+    let s = |k: &str| {
+        p.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| k.to_string())
+    };
     let port = p
         .get("remote_port")
-        .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+        .and_then(|v| {
+            v.as_u64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        })
         .and_then(|v| u16::try_from(v).ok())
         .ok_or("remote_port")?;
     Ok(Some(RemoteKv {
@@ -146,7 +160,7 @@ fn parse_remote(p: &Value) -> Result<Option<RemoteKv>, String> {
 }
 
 fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Result<Job, ApiError> {
-    let (texts_or_ids, common, max_tokens): (Vec<Result<String, Vec<u32>>>, CommonParams, Option<u64>) =
+    let (texts_or_ids, common, max_tokens): (Vec<PromptInput>, CommonParams, Option<u64>) =
         match kind {
             Kind::Completion => {
                 let r: CompletionRequest = parse_body(body)?;
@@ -189,7 +203,9 @@ fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Resul
     }
     // Chat templates already carry their special tokens (vLLM defaults add_special_tokens=false
     // for chat); completions add them.
-    let add_special = common.add_special_tokens.unwrap_or(kind == Kind::Completion);
+    let add_special = common
+        .add_special_tokens
+        .unwrap_or(kind == Kind::Completion);
     let mut prompts = Vec::with_capacity(texts_or_ids.len());
     for p in texts_or_ids {
         let ids = match p {
@@ -199,7 +215,9 @@ fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Resul
                 .map_err(|e| ApiError::bad_request(e.to_string()))?,
             Err(ids) => {
                 if let Some(bad) = ids.iter().find(|&&t| t >= s.tokenizer.vocab_size()) {
-                    return Err(ApiError::bad_request(format!("Token id {bad} is out of vocabulary")));
+                    return Err(ApiError::bad_request(format!(
+                        "Token id {bad} is out of vocabulary"
+                    )));
                 }
                 ids
             }
@@ -210,7 +228,11 @@ fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Resul
         prompts.push(Arc::from(ids));
     }
     // vLLM: `max_tokens: null` means 16 for completions; chat defaults to the remaining context.
-    let longest = prompts.iter().map(|p: &Arc<[u32]>| p.len()).max().unwrap_or(0) as u64;
+    let longest = prompts
+        .iter()
+        .map(|p: &Arc<[u32]>| p.len())
+        .max()
+        .unwrap_or(0) as u64;
     let max_model_len = u64::from(s.info.max_model_len);
     let max_tokens = match (max_tokens, kind) {
         (Some(m), _) => m,
@@ -224,10 +246,14 @@ fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Resul
         )));
     }
     if max_tokens == 0 {
-        return Err(ApiError::bad_request("max_tokens must be at least 1, got 0."));
+        return Err(ApiError::bad_request(
+            "max_tokens must be at least 1, got 0.",
+        ));
     }
     let role = match &common.kv_transfer_params {
-        Some(p) if p.get("do_remote_decode").and_then(Value::as_bool) == Some(true) => Role::Prefill,
+        Some(p) if p.get("do_remote_decode").and_then(Value::as_bool) == Some(true) => {
+            Role::Prefill
+        }
         Some(p) => match parse_remote(p) {
             Ok(Some(r)) => Role::Decode(r),
             Ok(None) => Role::Colocated,
@@ -299,7 +325,10 @@ async fn run(s: Arc<AppState>, job: Job) -> Response {
         let internal = if s.info.disable_request_id_randomization {
             external
         } else {
-            let mut rng = s.rng.lock().expect("rng lock is never poisoned: no panics while held");
+            let mut rng = s
+                .rng
+                .lock()
+                .expect("rng lock is never poisoned: no panics while held");
             format!("{external}-{}", random_suffix(&mut *rng))
         };
         let req = Submit {
@@ -360,7 +389,12 @@ fn cut_connection() -> Response {
     let body = Body::from_stream(stream::once(async {
         Err::<Bytes, _>(std::io::Error::other("simulated engine death"))
     }));
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn full_response(
@@ -382,7 +416,12 @@ async fn full_response(
                 return ApiError::internal("engine stopped").into_response();
             };
             let (index, finish) = match ev {
-                Event::Token { index, text, finish, .. } => {
+                Event::Token {
+                    index,
+                    text,
+                    finish,
+                    ..
+                } => {
                     let c = &mut choices[p * n + index as usize];
                     c.text.push_str(&text);
                     c.tokens += 1;
@@ -414,7 +453,10 @@ async fn full_response(
             }
         }
     }
-    if let Some(c) = choices.iter().find(|c| c.finish == Some(FinishReason::Error)) {
+    if let Some(c) = choices
+        .iter()
+        .find(|c| c.finish == Some(FinishReason::Error))
+    {
         tracing::warn!(error = ?c.error, "request failed in the engine");
         return ApiError::internal("Internal server error").into_response();
     }

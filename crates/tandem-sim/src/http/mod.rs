@@ -70,7 +70,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("JSON decode error: {e}")))?;
-    serde_json::from_value(value).map_err(|e| ApiError::bad_request(format!("Invalid request: {e}")))
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request: {e}")))
 }
 
 /// Check the `model` field against the served name (absent means the served model).
@@ -166,9 +167,7 @@ async fn detokenize(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<
 }
 
 async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let (body, content_type) = s.metrics.encode_for_accept(accept);
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }

@@ -170,7 +170,11 @@ pub fn normalise_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
                     .filter_map(|p| p.get("text").and_then(Value::as_str))
                     .collect::<Vec<_>>()
                     .join("\n"),
-                Some(_) => return Err(ApiError::bad_request("message `content` must be a string or a list of parts")),
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "message `content` must be a string or a list of parts",
+                    ))
+                }
             };
             let mut out = obj.clone();
             out.insert("role".into(), Value::String(role.to_string()));

@@ -16,7 +16,10 @@ fn hashes_chain_and_depend_on_parent_and_tokens() {
     assert_eq!(chain.len(), 2);
     assert_eq!(chain[0], a);
     assert_eq!(chain[1], hash_block(&a, &[5, 6]));
-    assert_eq!(external_hash(&a), u64::from_be_bytes(a[24..].try_into().unwrap()));
+    assert_eq!(
+        external_hash(&a),
+        u64::from_be_bytes(a[24..].try_into().unwrap())
+    );
 }
 
 #[test]
@@ -58,7 +61,10 @@ fn allocate_free_and_lru_eviction_publish_events() {
     assert!(!blocks.contains(&a[0]));
     assert!(p.take_events().is_empty());
     let b = p.allocate(1).unwrap();
-    assert_eq!(b[0], blocks[1], "the tail of a freed sequence is evicted first");
+    assert_eq!(
+        b[0], blocks[1],
+        "the tail of a freed sequence is evicted first"
+    );
     assert_eq!(
         p.take_events(),
         vec![KvEvent::BlockRemoved {
@@ -83,7 +89,10 @@ fn touching_a_cached_free_block_takes_it_off_the_free_queue() {
     // The remaining free block can be allocated; the touched one is not evicted.
     let other = p.allocate(1).unwrap();
     assert_ne!(other, hit);
-    assert!(p.take_events().iter().all(|e| !matches!(e, KvEvent::BlockRemoved { .. })));
+    assert!(p
+        .take_events()
+        .iter()
+        .all(|e| !matches!(e, KvEvent::BlockRemoved { .. })));
 }
 
 #[test]
@@ -99,7 +108,7 @@ fn duplicates_do_not_publish_and_parents_chain_across_runs() {
     let second = p.allocate(2).unwrap();
     p.cache_full_blocks(&second, &d, None, &toks);
     assert!(p.take_events().is_empty());
-    assert!(p.reset_prefix_cache() == false, "blocks in use: no reset");
+    assert!(!p.reset_prefix_cache(), "blocks in use: no reset");
     p.free(&first);
     p.free(&second);
     assert!(p.reset_prefix_cache());

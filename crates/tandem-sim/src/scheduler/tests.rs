@@ -34,16 +34,42 @@ fn chunked_prefill_respects_the_token_budget_then_decodes() {
     let mut s = sched(100, 8, 16);
     s.add(seq(1, (0..20).collect(), 2));
     let (p, out) = run_step(&mut s);
-    assert_eq!(p.scheduled, vec![Scheduled { id: 1, start: 0, len: 8, samples: false, is_decode: false }]);
+    assert_eq!(
+        p.scheduled,
+        vec![Scheduled {
+            id: 1,
+            start: 0,
+            len: 8,
+            samples: false,
+            is_decode: false
+        }]
+    );
     assert!(out.is_empty());
     let (p, _) = run_step(&mut s);
     assert_eq!((p.scheduled[0].start, p.scheduled[0].len), (8, 8));
     let (p, out) = run_step(&mut s);
-    assert_eq!((p.scheduled[0].start, p.scheduled[0].len, p.scheduled[0].samples), (16, 4, true));
-    assert_eq!(out, vec![StepOutput { id: 1, token: 7, finished: None }]);
+    assert_eq!(
+        (
+            p.scheduled[0].start,
+            p.scheduled[0].len,
+            p.scheduled[0].samples
+        ),
+        (16, 4, true)
+    );
+    assert_eq!(
+        out,
+        vec![StepOutput {
+            id: 1,
+            token: 7,
+            finished: None
+        }]
+    );
     let (p, out) = run_step(&mut s);
     assert!(p.scheduled[0].is_decode);
-    assert_eq!(out[0].finished.as_ref().unwrap().reason, FinishReason::Length);
+    assert_eq!(
+        out[0].finished.as_ref().unwrap().reason,
+        FinishReason::Length
+    );
     assert_eq!(s.num_running(), 0);
     assert_eq!(s.kv_usage(), 0.0);
 }
@@ -71,7 +97,10 @@ fn running_out_of_blocks_preempts_the_latest_sequence() {
     let (p, _) = run_step(&mut s);
     assert_eq!(p.preempted, vec![2]);
     assert_eq!(s.num_preemptions(), 1);
-    assert_eq!(p.scheduled.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        p.scheduled.iter().map(|x| x.id).collect::<Vec<_>>(),
+        vec![1]
+    );
     assert_eq!(s.num_waiting(), (1, 0));
 }
 
@@ -132,13 +161,27 @@ fn decode_role_waits_deferred_for_remote_kv_then_samples_from_the_last_token() {
     s.add(n);
     let p = s.schedule();
     assert!(p.scheduled.is_empty());
-    assert_eq!(p.transfers, vec![TransferStart { id: 1, local_hit_blocks: 0, prompt_blocks: 3 }]);
+    assert_eq!(
+        p.transfers,
+        vec![TransferStart {
+            id: 1,
+            local_hit_blocks: 0,
+            prompt_blocks: 3
+        }]
+    );
     assert_eq!(s.num_waiting(), (0, 1), "deferred while KV is pulled");
     assert!(s.schedule().is_empty(), "nothing to do until the KV lands");
     assert_eq!(s.expected_prompt_contents(1).unwrap().len(), 3);
     assert!(s.remote_kv_done(1));
     let (p, out) = run_step(&mut s);
-    assert_eq!((p.scheduled[0].start, p.scheduled[0].len, p.scheduled[0].samples), (9, 1, true));
+    assert_eq!(
+        (
+            p.scheduled[0].start,
+            p.scheduled[0].len,
+            p.scheduled[0].samples
+        ),
+        (9, 1, true)
+    );
     assert_eq!(out.len(), 1);
     // Block contents were written for what arrived.
     let blocks = s.blocks_of(1).unwrap().to_vec();
@@ -158,7 +201,10 @@ fn decode_role_recompute_prefills_locally() {
     assert!(s.remote_kv_recompute(1));
     let (p, out) = run_step(&mut s);
     assert_eq!((p.scheduled[0].start, p.scheduled[0].len), (0, 10));
-    assert_eq!(out[0].finished.as_ref().unwrap().reason, FinishReason::Length);
+    assert_eq!(
+        out[0].finished.as_ref().unwrap().reason,
+        FinishReason::Length
+    );
 }
 
 #[test]
