@@ -8,146 +8,29 @@
 //! Time: the simulated clock is `(tokio now - start) * time_scale`, so paused-time tests and
 //! accelerated replays both work; every metric is observed in simulated seconds.
 
+mod output;
 mod transfer;
+mod types;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::cost::{CostModel, LinkClass};
 use crate::faults::Faults;
 use crate::kv_events::KvEventPublisher;
 use crate::metrics::{EngineMetrics, FinishedReason, FinishedRequest, SchedulerGauges};
-use crate::sampler::{prompt_fingerprint, sample, SampleVocab};
-use crate::scheduler::{FinishReason, NewSeq, Scheduler, SchedulerConfig, SeqId, StepPlan};
-use crate::side_channel::{CompatFactors, SideRequest};
+use crate::sampler::{prompt_fingerprint, SampleVocab};
+use crate::scheduler::{FinishReason, NewSeq, Scheduler, SeqId, StepPlan};
+use crate::side_channel::SideRequest;
 use crate::tokenizer::SimTokenizer;
 
+pub use output::random_suffix;
+use output::{decide, floor_char_boundary, wall_clock_secs};
 pub use transfer::{RemoteKv, TransferError};
-
-/// What to do when a decode-side KV load fails (vLLM's `kv_load_failure_policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvLoadFailurePolicy {
-    Fail,
-    Recompute,
-}
-
-impl KvLoadFailurePolicy {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "fail" => Some(Self::Fail),
-            "recompute" => Some(Self::Recompute),
-            _ => None,
-        }
-    }
-}
-
-/// Everything the engine task needs, resolved at start-up.
-#[derive(Debug)]
-pub struct EngineConfig {
-    pub served_model_name: String,
-    pub cost: CostModel,
-    pub sched: SchedulerConfig,
-    /// Simulated seconds per real second.
-    pub time_scale: f64,
-    pub seed: u64,
-    pub eos_ppm: u32,
-    /// This engine's NIXL engine id and side-channel address, as put in `kv_transfer_params`.
-    pub engine_id: String,
-    pub side_channel_host: String,
-    pub side_channel_port: u16,
-    pub tp_size: u32,
-    pub compat: CompatFactors,
-    /// Prefill side: how long pinned blocks wait for a read notification (simulated time).
-    pub abort_timeout: Duration,
-    pub kv_load_failure_policy: KvLoadFailurePolicy,
-    /// Link class charged for KV pulls by this (decode) engine.
-    pub link: LinkClass,
-    /// Real-time limit for each side-channel call (vLLM's handshake uses 5 s).
-    pub side_channel_timeout: Duration,
-    /// Pooled side-channel connections (one per engine: the zeromq ROUTER keeps closed peers).
-    pub side_client: crate::side_channel::SideChannelClient,
-    /// Bytes actually moved per block on the side channel (a stand-in for the modeled size).
-    pub kv_bytes_per_token: u64,
-}
-
-/// Sampling and stopping parameters of one request.
-#[derive(Debug, Clone)]
-pub struct SeqParams {
-    pub max_tokens: usize,
-    pub min_tokens: usize,
-    pub ignore_eos: bool,
-    pub stop: Vec<String>,
-    pub stop_token_ids: Vec<u32>,
-    pub include_stop_str_in_output: bool,
-    /// The request's `seed`, else the engine's.
-    pub seed: Option<u64>,
-}
-
-/// Which side of a P/D pair a request is on.
-#[derive(Debug, Clone)]
-pub enum Role {
-    Colocated,
-    /// `do_remote_decode`: prefill, return one token and a KV handle.
-    Prefill,
-    /// `do_remote_prefill` with valid params: pull the KV, then decode.
-    Decode(RemoteKv),
-}
-
-/// A request as the HTTP layer hands it over.
-#[derive(Debug)]
-pub struct Submit {
-    /// Engine-internal request id (external id plus the random suffix).
-    pub internal_id: String,
-    pub prompt: Arc<[u32]>,
-    pub params: SeqParams,
-    pub n: u32,
-    pub role: Role,
-    /// Simulated arrival time, stamped before the per-request overhead.
-    pub arrival: f64,
-    /// Take EOS as the first token (the `eos_next` fault).
-    pub force_eos_first: bool,
-    pub max_tokens_param: u64,
-}
-
-/// The KV handle a prefill-role request leaves for the decode engine.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KvHandle {
-    pub block_ids: Vec<u32>,
-    pub remote_request_id: String,
-    pub num_tokens: usize,
-}
-
-/// How a sequence ended.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Finish {
-    pub reason: FinishReason,
-    /// The matched stop string or stop token id (vLLM's `stop_reason`).
-    pub stop_reason: Option<serde_json::Value>,
-    /// Prefill role, length-capped: the pinned KV.
-    pub kv: Option<KvHandle>,
-    /// Prompt tokens that hit the local prefix cache.
-    pub cached_tokens: usize,
-}
-
-/// What a request's channel carries.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// One sampled token; the last one of a sequence carries its finish.
-    Token {
-        index: u32,
-        token: u32,
-        /// Newly decoded text (may be empty).
-        text: String,
-        finish: Option<Finish>,
-    },
-    /// The sequence failed without a token (KV load failure under the `fail` policy).
-    Failed { index: u32, error: String },
-}
+pub use types::*;
 
 enum Command {
     Submit(Box<Submit>, mpsc::UnboundedSender<Event>, Vec<SeqId>),
@@ -832,83 +715,6 @@ impl Engine {
         self.flush_events();
         self.publish_gauges();
     }
-}
-
-/// Sample the next token of a sequence and decide whether it ends it.
-fn decide(
-    m: &mut SeqMeta,
-    tokenizer: &SimTokenizer,
-    vocab: &SampleVocab,
-    tokens: &[u32],
-    prompt_len: usize,
-) -> (u32, Option<FinishReason>) {
-    let position = tokens.len() - prompt_len;
-    let token = if position == 0 && m.force_eos_first {
-        vocab.eos
-    } else {
-        sample(vocab, m.seed, m.fingerprint, position, m.index)
-    };
-    let may_stop = position >= m.params.min_tokens;
-    if token == vocab.eos && !m.params.ignore_eos && may_stop {
-        return (token, Some(FinishReason::Stop));
-    }
-    if may_stop && m.params.stop_token_ids.contains(&token) {
-        m.stop_reason = Some(token.into());
-        return (token, Some(FinishReason::Stop));
-    }
-    let mut output: Vec<u32> = tokens[prompt_len..].to_vec();
-    output.push(token);
-    // Decoding the whole output keeps multi-byte characters intact across token boundaries.
-    let text = tokenizer.decode(&output).unwrap_or_default();
-    if may_stop {
-        let search_from = floor_char_boundary(
-            &text,
-            m.text
-                .len()
-                .saturating_sub(m.params.stop.iter().map(|s| s.len()).max().unwrap_or(0)),
-        );
-        for stop in &m.params.stop {
-            if stop.is_empty() {
-                continue;
-            }
-            if let Some(pos) = text[search_from..].find(stop.as_str()) {
-                let at = search_from + pos;
-                let end = if m.params.include_stop_str_in_output {
-                    at + stop.len()
-                } else {
-                    at
-                };
-                m.text = text[..end].to_string();
-                m.stop_reason = Some(stop.clone().into());
-                return (token, Some(FinishReason::Stop));
-            }
-        }
-    }
-    m.text = text;
-    (token, None)
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    if i >= s.len() {
-        return s.len();
-    }
-    while !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
-}
-
-/// Wall-clock seconds, vLLM's `time.time()` for event batch timestamps.
-fn wall_clock_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// A fresh 8-hex-char suffix for internal request ids (vLLM's `random_uuid()[:8]`).
-pub fn random_suffix(rng: &mut impl Rng) -> String {
-    format!("{:08x}", rng.random::<u32>())
 }
 
 #[cfg(test)]

@@ -5,8 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::cost::{CostModel, LinkClass};
 use crate::metrics::CacheConfigInfo;
 use crate::profile::{GpuKind, Profile};
+use crate::scheduler::SchedulerConfig;
+use crate::side_channel::CompatFactors;
 
 fn engine(model: &str) -> EngineHandle {
     let profile = Profile::new(model, GpuKind::H100, None).unwrap();
