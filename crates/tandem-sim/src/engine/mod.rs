@@ -76,6 +76,11 @@ impl SimClock {
         self.start.elapsed().as_secs_f64() * self.scale
     }
 
+    /// Simulated time at a real instant.
+    pub fn sim_of(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.start).as_secs_f64() * self.scale
+    }
+
     /// Real time that a simulated duration takes.
     pub fn real(&self, sim: Duration) -> Duration {
         sim.div_f64(self.scale)
@@ -305,7 +310,8 @@ impl Engine {
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd);
             }
-            self.complete(&plan);
+            // Outputs are stamped with the step's scheduled end, not the (jittery) wake-up time.
+            self.complete(&plan, self.clock.sim_of(end));
         }
     }
 
@@ -446,8 +452,7 @@ impl Engine {
         self.flush_events();
     }
 
-    fn complete(&mut self, plan: &StepPlan) {
-        let now = self.clock.now();
+    fn complete(&mut self, plan: &StepPlan, now: f64) {
         self.metrics.iteration_tokens(plan.num_tokens() as u64);
         let Engine {
             sched,
