@@ -13,17 +13,17 @@ fn body(max_tokens: u64) -> Value {
 #[tokio::test]
 async fn fail_next_returns_500_then_recovers() {
     let s = Sim::start(&["--fault-fail-next", "1"]).await;
-    let (status, err) = s.post_json("/v1/completions", &body(4), None).await;
+    let (status, err) = s.complete(&body(4)).await;
     assert_eq!(status, 500);
     assert_eq!(err["error"]["type"], "InternalServerError");
     assert_eq!(err["error"]["code"], 500);
-    let (status, _) = s.post_json("/v1/completions", &body(4), None).await;
+    let (status, _) = s.complete(&body(4)).await;
     assert_eq!(status, 200);
     // Runtime form of the same fault.
     s.faults(json!({"fail_next": 2})).await;
-    assert_eq!(s.post_json("/v1/completions", &body(4), None).await.0, 500);
-    assert_eq!(s.post_json("/v1/completions", &body(4), None).await.0, 500);
-    assert_eq!(s.post_json("/v1/completions", &body(4), None).await.0, 200);
+    assert_eq!(s.complete(&body(4)).await.0, 500);
+    assert_eq!(s.complete(&body(4)).await.0, 500);
+    assert_eq!(s.complete(&body(4)).await.0, 200);
 }
 
 #[tokio::test]
@@ -39,7 +39,7 @@ async fn stall_accepts_and_never_answers() {
         .await;
     assert!(stalled.unwrap_err().is_timeout());
     // The engine is still healthy for the next request.
-    assert_eq!(s.post_json("/v1/completions", &body(4), None).await.0, 200);
+    assert_eq!(s.complete(&body(4)).await.0, 200);
 }
 
 #[tokio::test]
@@ -62,19 +62,13 @@ async fn die_after_tokens_cuts_the_stream() {
     let ok = read_sse(s.post("/v1/completions", &short, None).await).await;
     assert!(ok.done && !ok.cut);
     // The cut request was aborted in the engine (the client side of the cut closed it).
-    let mut aborted = 0.0;
-    for _ in 0..100 {
-        aborted = s
-            .metric(
-                "vllm:request_success_total",
-                &[("finished_reason", "abort")],
-            )
-            .await;
-        if aborted > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let aborted = s
+        .wait_metric(
+            "vllm:request_success_total",
+            &[("finished_reason", "abort")],
+            |v| v > 0.0,
+        )
+        .await;
     assert_eq!(aborted, 1.0);
 }
 
@@ -187,14 +181,9 @@ async fn decode_side_rejection_still_releases_prefill_blocks() {
         )
         .await;
     assert_eq!(status, 500);
-    let mut usage = 1.0;
-    for _ in 0..100 {
-        usage = p.metric("vllm:kv_cache_usage_perc", &[]).await;
-        if usage == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let usage = p
+        .wait_metric("vllm:kv_cache_usage_perc", &[], |v| v == 0.0)
+        .await;
     assert_eq!(usage, 0.0, "the rejection must notify the prefill engine");
 }
 
@@ -202,7 +191,7 @@ async fn decode_side_rejection_still_releases_prefill_blocks() {
 async fn slow_accept_delays_each_request() {
     let s = Sim::start(&["--fault-slow-accept-ms", "300"]).await;
     let t = Instant::now();
-    assert_eq!(s.post_json("/v1/completions", &body(2), None).await.0, 200);
+    assert_eq!(s.complete(&body(2)).await.0, 200);
     assert!(t.elapsed() >= Duration::from_millis(300));
     s.faults(json!({"slow_accept_ms": 0})).await;
     let f: Value = s.get("/admin/faults").await.json().await.unwrap();
@@ -216,14 +205,9 @@ async fn exhausted_kv_holds_requests_waiting_until_released() {
     let client = s.client.clone();
     let url = format!("{}/v1/completions", s.url);
     let pending = tokio::spawn(async move { client.post(url).json(&body(4)).send().await });
-    let mut waiting = 0.0;
-    for _ in 0..200 {
-        waiting = s.metric("vllm:num_requests_waiting", &[]).await;
-        if waiting > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let waiting = s
+        .wait_metric("vllm:num_requests_waiting", &[], |v| v > 0.0)
+        .await;
     assert_eq!(waiting, 1.0, "the request waits for KV capacity");
     assert_eq!(
         s.metric(

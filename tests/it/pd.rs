@@ -123,15 +123,10 @@ async fn unread_handoff_expires_after_its_lease() {
     assert_eq!(status, 200);
     assert!(pr["kv_transfer_params"]["remote_block_ids"].is_array());
     assert!(p.metric("vllm:kv_cache_usage_perc", &[]).await > 0.0);
-    // Bounded poll: the lease is driven by the engine's own timer.
-    let mut expired = 0.0;
-    for _ in 0..200 {
-        expired = p.metric("vllm:nixl_num_kv_expired_reqs_total", &[]).await;
-        if expired > 0.0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    // The lease is driven by the engine's own timer.
+    let expired = p
+        .wait_metric("vllm:nixl_num_kv_expired_reqs_total", &[], |v| v > 0.0)
+        .await;
     assert_eq!(expired, 1.0);
     assert_eq!(p.metric("vllm:kv_cache_usage_perc", &[]).await, 0.0);
 }

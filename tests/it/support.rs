@@ -108,6 +108,30 @@ impl Sim {
         metric_in(&self.metrics().await, name, labels)
     }
 
+    /// Poll `name` until `done(value)` holds, at most 200 times 25 ms apart (for effects that a
+    /// sim's own timers or background tasks produce); returns the last value seen.
+    pub async fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        done: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let mut v = self.metric(name, labels).await;
+        for _ in 0..200 {
+            if done(v) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            v = self.metric(name, labels).await;
+        }
+        v
+    }
+
+    /// POST a completion body and return (status, JSON).
+    pub async fn complete(&self, body: &Value) -> (u16, Value) {
+        self.post_json("/v1/completions", body, None).await
+    }
+
     pub async fn tokens(&self, prompt: &str) -> Vec<u32> {
         let (status, v) = self
             .post_json("/tokenize", &json!({"prompt": prompt}), None)
