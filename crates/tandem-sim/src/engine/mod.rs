@@ -28,7 +28,7 @@ use crate::side_channel::SideRequest;
 use crate::tokenizer::SimTokenizer;
 
 pub use output::random_suffix;
-use output::{decide, floor_char_boundary, wall_clock_secs};
+use output::{decide, floor_char_boundary, wall_clock_secs, DetokState};
 pub use transfer::{RemoteKv, TransferError};
 pub use types::*;
 
@@ -183,7 +183,10 @@ struct SeqMeta {
     n: u32,
     max_tokens_param: u64,
     text: String,
+    detok: DetokState,
     cached_tokens: usize,
+    /// Prompt tokens whose KV arrived from the prefill engine (decode role).
+    pulled_tokens: usize,
     arrival: f64,
     first_scheduled: Option<f64>,
     first_token: Option<f64>,
@@ -368,7 +371,9 @@ impl Engine {
                     n: req.n,
                     max_tokens_param: req.max_tokens_param,
                     text: String::new(),
+                    detok: DetokState::default(),
                     cached_tokens: 0,
+                    pulled_tokens: 0,
                     arrival: req.arrival,
                     first_scheduled: None,
                     first_token: None,
@@ -557,7 +562,10 @@ impl Engine {
             prefill_s: first - sched,
             decode_s: now - first,
             inference_s: now - sched,
-            prefill_kv_computed_tokens: m.prompt_len.saturating_sub(m.cached_tokens) as u64,
+            prefill_kv_computed_tokens: m
+                .prompt_len
+                .saturating_sub(m.cached_tokens + m.pulled_tokens)
+                as u64,
             mean_tpot_s: mean_tpot,
         });
     }
@@ -608,9 +616,6 @@ impl Engine {
                 "Releasing expired KV blocks for request {id} which were retrieved by 0 decode worker(s) within {} seconds.",
                 self.cfg.abort_timeout.as_secs()
             );
-        }
-        if !self.pinned.is_empty() || self.sched.num_running() == 0 {
-            self.publish_gauges();
         }
     }
 
@@ -692,7 +697,12 @@ impl Engine {
                     stats.bytes,
                     stats.descriptors,
                 );
-                self.sched.remote_kv_done(id);
+                if self.sched.remote_kv_done(id) {
+                    if let Some(m) = self.meta.get_mut(&id) {
+                        // vLLM recomputes the last prompt token on the decode side.
+                        m.pulled_tokens = m.prompt_len.saturating_sub(m.cached_tokens + 1);
+                    }
+                }
             }
             Err(e) => {
                 self.metrics.nixl_failed_transfer();

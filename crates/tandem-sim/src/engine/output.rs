@@ -3,6 +3,7 @@
 use rand::Rng;
 
 use super::SeqMeta;
+
 use crate::sampler::{sample, SampleVocab};
 use crate::scheduler::FinishReason;
 use crate::tokenizer::SimTokenizer;
@@ -31,8 +32,8 @@ pub(super) fn decide(
     }
     let mut output: Vec<u32> = tokens[prompt_len..].to_vec();
     output.push(token);
-    // Decoding the whole output keeps multi-byte characters intact across token boundaries.
-    let text = tokenizer.decode(&output).unwrap_or_default();
+    let mut text = std::mem::take(&mut m.text);
+    text.push_str(&detokenize_step(tokenizer, &output, &mut m.detok));
     if may_stop {
         let search_from = floor_char_boundary(
             &text,
@@ -61,6 +62,33 @@ pub(super) fn decide(
     (token, None)
 }
 
+/// vLLM's incremental detokenizer: decode a short window (`prefix..` against `prefix..read`) so
+/// each token costs O(window), not O(output); text is released only once it no longer ends in
+/// an incomplete character.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct DetokState {
+    prefix: usize,
+    read: usize,
+}
+
+fn detokenize_step(tokenizer: &SimTokenizer, output: &[u32], st: &mut DetokState) -> String {
+    let prefix_text = tokenizer
+        .decode(&output[st.prefix..st.read])
+        .unwrap_or_default();
+    let new_text = tokenizer.decode(&output[st.prefix..]).unwrap_or_default();
+    if new_text.len() <= prefix_text.len() || new_text.ends_with('\u{FFFD}') {
+        return String::new();
+    }
+    let delta = match new_text.strip_prefix(prefix_text.as_str()) {
+        Some(d) => d.to_string(),
+        // The window re-tokenised differently (rare): take the part past the old length.
+        None => new_text[floor_char_boundary(&new_text, prefix_text.len())..].to_string(),
+    };
+    st.prefix = st.read;
+    st.read = output.len();
+    delta
+}
+
 pub(super) fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     if i >= s.len() {
         return s.len();
@@ -82,4 +110,27 @@ pub(super) fn wall_clock_secs() -> f64 {
 /// A fresh 8-hex-char suffix for internal request ids (vLLM's `random_uuid()[:8]`).
 pub fn random_suffix(rng: &mut impl Rng) -> String {
     format!("{:08x}", rng.random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incremental_detokenization_holds_back_split_characters() {
+        let t = SimTokenizer::byte_level();
+        let mut st = DetokState::default();
+        let mut out = Vec::new();
+        let mut text = String::new();
+        // "aé b": 'é' is two bytes, so it arrives over two tokens.
+        for b in "aé b".bytes() {
+            out.push(u32::from(b));
+            let delta = detokenize_step(&t, &out, &mut st);
+            assert!(!delta.contains('\u{FFFD}'));
+            text.push_str(&delta);
+        }
+        assert_eq!(text, "aé b");
+        // The window stays short however long the output grows.
+        assert!(st.read - st.prefix <= 2);
+    }
 }
