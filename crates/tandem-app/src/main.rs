@@ -1,9 +1,12 @@
 //! `tandem`: the one CLI binary.
 //!
 //! - `tandem sim`: a simulated vLLM engine (see `tandem-sim`).
+//! - `tandem serve`: the coordinator in front of prefill and decode pools.
+//! - `tandem config check`: validate a configuration file and print the effective configuration.
 //! - `tandem demo`: simulated prefill and decode pools plus a workload, with per-phase results.
 
 mod demo;
+mod serve;
 mod sim_args;
 
 use clap::{Parser, Subcommand};
@@ -23,19 +26,40 @@ struct Cli {
 enum Command {
     /// Run a simulated vLLM engine (OpenAI HTTP, NixlConnector P/D, KV events, metrics).
     Sim(Box<sim_args::SimArgs>),
+    /// Run the coordinator: an OpenAI-compatible front door over prefill and decode pools.
+    Serve(serve::ServeArgs),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(serve::ConfigCommand),
     /// Run the embedded demo: simulated P/D pools and a workload; prints per-phase results.
     Demo(demo::DemoArgs),
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // `serve` takes its logging settings from its config file; the rest log warnings to stderr.
+    let serve_cfg = match &cli.command {
+        Command::Serve(args) => match serve::load(args) {
+            Ok(cfg) => {
+                serve::init_logging(&cfg);
+                Some(cfg)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        _ => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            None
+        }
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -47,6 +71,11 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Sim(args) => sim_args::run(*args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Serve(_) => match serve_cfg {
+                Some(cfg) => serve::run(cfg).await.map_err(Into::into),
+                None => unreachable!("serve's config was loaded above"),
+            },
+            Command::Config(cmd) => serve::check(cmd).map_err(Into::into),
         }
     });
     match result {

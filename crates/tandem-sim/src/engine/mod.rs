@@ -218,7 +218,7 @@ pub fn spawn(
         clock,
         overhead: cfg.cost.per_request_overhead(),
     };
-    let vocab = tokenizer.sample_vocab(cfg.eos_ppm);
+    let vocab = crate::tokenizer::sample_vocab(&tokenizer, cfg.eos_ppm);
     let sched = Scheduler::new(cfg.sched.clone());
     let engine = Engine {
         cfg: Arc::new(cfg),

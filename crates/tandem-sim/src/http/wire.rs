@@ -150,36 +150,7 @@ impl axum::response::IntoResponse for ApiError {
     }
 }
 
-/// Normalise chat message content: a list of `{type: "text", text}` parts becomes one string.
+/// Normalise chat message content (see `tandem_model::chat`), as a 400 on bad shapes.
 pub fn normalise_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
-    messages
-        .iter()
-        .map(|m| {
-            let obj = m
-                .as_object()
-                .ok_or_else(|| ApiError::bad_request("each message must be an object"))?;
-            let role = obj
-                .get("role")
-                .and_then(Value::as_str)
-                .ok_or_else(|| ApiError::bad_request("each message needs a string `role`"))?;
-            let content = match obj.get("content") {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                Some(_) => {
-                    return Err(ApiError::bad_request(
-                        "message `content` must be a string or a list of parts",
-                    ))
-                }
-            };
-            let mut out = obj.clone();
-            out.insert("role".into(), Value::String(role.to_string()));
-            out.insert("content".into(), Value::String(content));
-            Ok(Value::Object(out))
-        })
-        .collect()
+    tandem_model::chat::normalise_messages(messages).map_err(ApiError::bad_request)
 }

@@ -1,0 +1,107 @@
+//! `tandem serve` and `tandem config check`.
+
+use std::path::PathBuf;
+
+use tandem_config::{Config, LogFormat};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The configuration file (TOML). `TANDEM__SECTION__KEY` variables override it.
+    #[arg(long, short, env = "TANDEM_CONFIG")]
+    pub config: PathBuf,
+    /// Override `server.listen` (port 0 picks a free port; the ready line names it).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Override any key: `--set disaggregation.mode=never` (repeatable; beats the environment).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub set: Vec<(String, String)>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file and print the effective configuration (defaults filled in,
+    /// environment overrides applied).
+    Check {
+        file: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        set: Vec<(String, String)>,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got `{s}`"))
+}
+
+pub fn load(args: &ServeArgs) -> Result<Config, String> {
+    let mut overrides = args.set.clone();
+    if let Some(l) = &args.listen {
+        overrides.push(("server.listen".into(), l.clone()));
+    }
+    tandem_config::load(Some(&args.config), None, &overrides)
+        .map_err(|e| format!("{}: {e}", args.config.display()))
+}
+
+pub fn check(cmd: ConfigCommand) -> Result<(), String> {
+    let ConfigCommand::Check { file, set } = cmd;
+    let cfg = tandem_config::load(Some(&file), None, &set)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    print!("{}", tandem_config::render(&cfg));
+    Ok(())
+}
+
+/// Logging for `serve` comes from the config file (`[logging]`); `RUST_LOG` still wins.
+pub fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.logging.level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.logging.format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+/// Run the coordinator until SIGINT or SIGTERM.
+pub async fn run(cfg: Config) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
+    let running =
+        tandem_proxy::start(cfg, listener, shutdown_signal()).map_err(|e| e.to_string())?;
+    // One JSON line on stdout so scripts and tests know where to connect.
+    println!(
+        "{}",
+        serde_json::json!({"ready": "tandem", "http": format!("http://{}", running.addr)})
+    );
+    tracing::info!(addr = %running.addr, "tandem serving");
+    match running.task.await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: no new connections; in-flight responses finish");
+}

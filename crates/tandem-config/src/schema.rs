@@ -1,0 +1,483 @@
+//! The configuration schema: every section, its documented defaults, and the
+//! serde shapes of the few values that are not plain TOML scalars
+//! (endpoints, the `P:D` ratio).
+//!
+//! Defaults live in the `Default` impls (and, for structs that have required
+//! fields, in small `default_*` functions) so that there is exactly one place
+//! that states each default; `tandem.example.toml` mirrors them and a test
+//! keeps the two in step.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+///
+/// There is no `Default` for `Config` because the pools have no sensible
+/// default: use [`Config::new`] to get every other section at its default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    pub pools: PoolsConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    #[serde(default)]
+    pub retries: RetryConfig,
+    #[serde(default)]
+    pub disaggregation: DisaggregationConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+impl Config {
+    /// The given pools with every other section at its documented default.
+    pub fn new(pools: PoolsConfig) -> Self {
+        Self {
+            server: ServerConfig::default(),
+            model: ModelConfig::default(),
+            pools,
+            timeouts: TimeoutsConfig::default(),
+            retries: RetryConfig::default(),
+            disaggregation: DisaggregationConfig::default(),
+            health: HealthConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the OpenAI-compatible front end listens on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// How long in-flight streams may finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// Per-request timing records kept for `GET /admin/requests`.
+    pub recent_requests: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8000)),
+            max_body_bytes: 32 * 1024 * 1024,
+            shutdown_grace_secs: 30,
+            recent_requests: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// HF `tokenizer.json`; `None` = built-in byte-level tokenizer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
+    /// Jinja chat template file; `None` = built-in default template.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<PathBuf>,
+    /// KV block size in tokens; must match the engines (vLLM's default is 16).
+    pub block_size: u32,
+    /// `None` = take it from the engines' `/v1/models`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_model_name: Option<String>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            tokenizer: None,
+            chat_template: None,
+            block_size: 16,
+            served_model_name: None,
+        }
+    }
+}
+
+/// The two engine pools. `prefill` and `decode` are required tables so that
+/// a typo in a section name cannot silently leave a pool empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsConfig {
+    pub prefill: PoolConfig,
+    pub decode: PoolConfig,
+    /// Intended prefill:decode engine ratio; `None` = not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ratio: Option<Ratio>,
+    /// Warn when the live P/D ratio differs from the target by more than this
+    /// fraction of the target.
+    #[serde(default = "default_ratio_tolerance")]
+    pub ratio_tolerance: f64,
+}
+
+fn default_ratio_tolerance() -> f64 {
+    0.25
+}
+
+impl PoolsConfig {
+    /// Both pools, no target ratio, default tolerance.
+    pub fn new(prefill: PoolConfig, decode: PoolConfig) -> Self {
+        Self {
+            prefill,
+            decode,
+            target_ratio: None,
+            ratio_tolerance: default_ratio_tolerance(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Static engine endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// Engines discovered by re-resolving a (headless Service) DNS name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsConfig>,
+    pub protocol: Protocol,
+    pub policy: PolicyName,
+}
+
+/// One engine endpoint. Written either as a plain URL string or as a table
+/// `{ url = "...", weight = 2.0 }`; rendered back as a plain string when the
+/// weight is the default so that rendered files stay as terse as the input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "EndpointSpec", into = "EndpointSpec")]
+pub struct Endpoint {
+    pub url: String,
+    pub weight: f64,
+}
+
+impl Endpoint {
+    /// An endpoint with the default weight (1.0).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            weight: default_weight(),
+        }
+    }
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+/// The two spellings of an [`Endpoint`] in the file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum EndpointSpec {
+    Url(String),
+    Detailed { url: String, weight: f64 },
+}
+
+impl From<EndpointSpec> for Endpoint {
+    fn from(spec: EndpointSpec) -> Self {
+        match spec {
+            EndpointSpec::Url(url) => Endpoint::new(url),
+            EndpointSpec::Detailed { url, weight } => Endpoint { url, weight },
+        }
+    }
+}
+
+impl From<Endpoint> for EndpointSpec {
+    fn from(ep: Endpoint) -> Self {
+        if ep.weight == default_weight() {
+            EndpointSpec::Url(ep.url)
+        } else {
+            EndpointSpec::Detailed {
+                url: ep.url,
+                weight: ep.weight,
+            }
+        }
+    }
+}
+
+/// The table spelling, kept separate so that it can deny unknown fields:
+/// serde cannot deny unknown fields on a variant of an untagged enum.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointTable {
+    url: String,
+    #[serde(default = "default_weight")]
+    weight: f64,
+}
+
+// Hand-written rather than `#[serde(untagged)]` because the derived untagged
+// impl replaces every inner error (e.g. "unknown field `wieght`") with "data
+// did not match any variant", which would hide the offending key.
+impl<'de> Deserialize<'de> for EndpointSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SpecVisitor;
+
+        impl<'de> Visitor<'de> for SpecVisitor {
+            type Value = EndpointSpec;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an endpoint URL string or a table { url = \"...\", weight = ... }")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EndpointSpec, E> {
+                Ok(EndpointSpec::Url(v.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<EndpointSpec, E> {
+                Ok(EndpointSpec::Url(v))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<EndpointSpec, A::Error> {
+                let t = EndpointTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(EndpointSpec::Detailed {
+                    url: t.url,
+                    weight: t.weight,
+                })
+            }
+        }
+
+        deserializer.deserialize_any(SpecVisitor)
+    }
+}
+
+/// Engines found by resolving `name` every `interval_secs`; each address
+/// becomes `scheme://addr:port` with `weight`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    pub name: String,
+    pub port: u16,
+    #[serde(default = "default_dns_scheme")]
+    pub scheme: String,
+    #[serde(default = "default_dns_interval_secs")]
+    pub interval_secs: u64,
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+}
+
+fn default_dns_scheme() -> String {
+    "http".to_owned()
+}
+
+fn default_dns_interval_secs() -> u64 {
+    5
+}
+
+/// Wire protocol spoken to the engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Grpc,
+}
+
+/// Engine selection policy within a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyName {
+    #[default]
+    LeastLoaded,
+    RoundRobin,
+    Random,
+}
+
+/// A prefill:decode engine ratio, written `"P:D"` (both > 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Ratio {
+    pub prefill: u32,
+    pub decode: u32,
+}
+
+impl Ratio {
+    /// `prefill / decode`.
+    pub fn value(&self) -> f64 {
+        f64::from(self.prefill) / f64::from(self.decode)
+    }
+}
+
+impl FromStr for Ratio {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("expected \"P:D\" with two positive integers, e.g. \"2:1\"; got {s:?}");
+        let (p, d) = s.split_once(':').ok_or_else(bad)?;
+        let prefill: u32 = p.trim().parse().map_err(|_| bad())?;
+        let decode: u32 = d.trim().parse().map_err(|_| bad())?;
+        if prefill == 0 || decode == 0 {
+            return Err(format!("both sides of the ratio must be > 0; got {s:?}"));
+        }
+        Ok(Self { prefill, decode })
+    }
+}
+
+impl TryFrom<String> for Ratio {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for Ratio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.prefill, self.decode)
+    }
+}
+
+impl From<Ratio> for String {
+    fn from(r: Ratio) -> Self {
+        r.to_string()
+    }
+}
+
+/// Timeouts, all in milliseconds and all > 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// TCP connect to an engine.
+    pub connect_ms: u64,
+    /// One prefill leg, request sent to response parsed.
+    pub prefill_ms: u64,
+    /// Decode leg dispatched to its response headers.
+    pub handoff_ms: u64,
+    /// Decode leg dispatched to its first content chunk.
+    pub first_token_ms: u64,
+    /// Longest gap between decode chunks.
+    pub idle_ms: u64,
+    /// How long a finished prefill's KV stays pinned for us. vLLM frees it
+    /// after VLLM_NIXL_ABORT_REQUEST_TIMEOUT (480 s); the default keeps a
+    /// 30 s margin so we never pull blocks that were already released.
+    pub prefill_lease_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            connect_ms: 2_000,
+            prefill_ms: 60_000,
+            handoff_ms: 10_000,
+            first_token_ms: 60_000,
+            idle_ms: 30_000,
+            prefill_lease_ms: 450_000,
+        }
+    }
+}
+
+/// Attempts per leg, counting the first (so 1 = no retry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    pub prefill_attempts: u32,
+    pub decode_attempts: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            prefill_attempts: 3,
+            decode_attempts: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DisaggregationConfig {
+    pub mode: DisaggregationMode,
+    /// `true` = fail the request instead of silently running it locally on
+    /// the decode engine when disaggregation is not possible.
+    pub enforce: bool,
+    /// Conditional mode runs prompts with fewer uncached tokens than this on
+    /// the decode engine (the transfer would cost more than it saves).
+    pub local_max_uncached_tokens: u32,
+    /// Conditional mode runs locally when every prefill engine has more
+    /// queued prefill tokens than this.
+    pub local_when_prefill_queue_tokens: u64,
+}
+
+impl Default for DisaggregationConfig {
+    fn default() -> Self {
+        Self {
+            mode: DisaggregationMode::default(),
+            enforce: false,
+            local_max_uncached_tokens: 256,
+            local_when_prefill_queue_tokens: 16_384,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DisaggregationMode {
+    /// Every request is prefilled on the prefill pool.
+    Always,
+    /// Disaggregate only when it pays off (see `DisaggregationConfig`).
+    #[default]
+    Conditional,
+    /// Everything runs on the decode pool; the prefill pool may be empty.
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Time between health probes of each engine.
+    pub interval_ms: u64,
+    /// A probe slower than this counts as failed.
+    pub timeout_ms: u64,
+    /// Consecutive failed probes before an engine is taken out of rotation.
+    pub unhealthy_after: u32,
+    /// Consecutive good probes before it is put back.
+    pub healthy_after: u32,
+    /// Time between scrapes of each engine's load metrics.
+    pub scrape_interval_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1_000,
+            timeout_ms: 1_000,
+            unhealthy_after: 2,
+            healthy_after: 1,
+            scrape_interval_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A tracing filter directive, e.g. `"info"` or `"info,tandem_proxy=debug"`.
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}

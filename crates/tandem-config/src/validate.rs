@@ -1,0 +1,302 @@
+//! Semantic checks that serde cannot express. Each failure names the dotted
+//! key (with `[i]` for list items) so an operator can find it in the file,
+//! the environment (`TANDEM__A__B`) or the command line alike.
+
+use std::collections::HashSet;
+use std::net::Ipv6Addr;
+
+use crate::schema::{Config, DisaggregationMode, DnsConfig, PoolConfig, Protocol};
+use crate::ConfigError;
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// `value > 0`, for the many settings where zero would disable the feature
+/// by accident (a 0 ms timeout, a 0 s interval).
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn positive_weight(key: &str, weight: f64) -> Result<(), ConfigError> {
+    if !(weight.is_finite() && weight > 0.0) {
+        return Err(invalid(
+            key,
+            format!("must be a finite number greater than 0; got {weight}"),
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Checks everything the schema alone cannot; returns the first problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_integer_range()?;
+
+        positive("server.max_body_bytes", self.server.max_body_bytes as u64)?;
+
+        let block = self.model.block_size;
+        if !(1..=1024).contains(&block) {
+            return Err(invalid(
+                "model.block_size",
+                format!("must be between 1 and 1024 tokens; got {block}"),
+            ));
+        }
+        let paths = [
+            ("model.tokenizer", &self.model.tokenizer),
+            ("model.chat_template", &self.model.chat_template),
+        ];
+        for (key, path) in paths {
+            let Some(path) = path else { continue };
+            if path.as_os_str().is_empty() {
+                return Err(invalid(
+                    key,
+                    "must not be empty; omit the key for the built-in",
+                ));
+            }
+            // TOML strings are UTF-8, so `render` could not print this path.
+            if path.to_str().is_none() {
+                return Err(invalid(key, format!("must be valid UTF-8; got {path:?}")));
+            }
+        }
+        if self.model.served_model_name.as_deref() == Some("") {
+            return Err(invalid(
+                "model.served_model_name",
+                "must not be empty; omit the key to take it from the engines",
+            ));
+        }
+
+        let never = self.disaggregation.mode == DisaggregationMode::Never;
+        validate_pool("pools.prefill", &self.pools.prefill, !never)?;
+        validate_pool("pools.decode", &self.pools.decode, true)?;
+        let tol = self.pools.ratio_tolerance;
+        if !(tol > 0.0 && tol <= 10.0) {
+            return Err(invalid(
+                "pools.ratio_tolerance",
+                format!("must be greater than 0 and at most 10; got {tol}"),
+            ));
+        }
+
+        let t = &self.timeouts;
+        positive("timeouts.connect_ms", t.connect_ms)?;
+        positive("timeouts.prefill_ms", t.prefill_ms)?;
+        positive("timeouts.handoff_ms", t.handoff_ms)?;
+        positive("timeouts.first_token_ms", t.first_token_ms)?;
+        positive("timeouts.idle_ms", t.idle_ms)?;
+        positive("timeouts.prefill_lease_ms", t.prefill_lease_ms)?;
+
+        // Attempts count the first try, so 0 would mean "never send it".
+        let attempts = [
+            ("retries.prefill_attempts", self.retries.prefill_attempts),
+            ("retries.decode_attempts", self.retries.decode_attempts),
+        ];
+        for (key, n) in attempts {
+            if n < 1 {
+                return Err(invalid(
+                    key,
+                    "must be at least 1 (it counts the first attempt)",
+                ));
+            }
+        }
+
+        let h = &self.health;
+        positive("health.interval_ms", h.interval_ms)?;
+        positive("health.timeout_ms", h.timeout_ms)?;
+        positive("health.scrape_interval_ms", h.scrape_interval_ms)?;
+        positive("health.unhealthy_after", u64::from(h.unhealthy_after))?;
+        positive("health.healthy_after", u64::from(h.healthy_after))?;
+
+        if self.logging.level.trim().is_empty() {
+            return Err(invalid("logging.level", "must not be empty, e.g. \"info\""));
+        }
+        Ok(())
+    }
+
+    /// TOML integers are signed 64-bit, so a larger value (reachable only
+    /// through a command-line override or code) could not be rendered by
+    /// `render()`; reject it here rather than let `config check` fail later.
+    fn validate_integer_range(&self) -> Result<(), ConfigError> {
+        let t = &self.timeouts;
+        let values = [
+            ("server.max_body_bytes", self.server.max_body_bytes as u64),
+            (
+                "server.shutdown_grace_secs",
+                self.server.shutdown_grace_secs,
+            ),
+            ("server.recent_requests", self.server.recent_requests as u64),
+            ("timeouts.connect_ms", t.connect_ms),
+            ("timeouts.prefill_ms", t.prefill_ms),
+            ("timeouts.handoff_ms", t.handoff_ms),
+            ("timeouts.first_token_ms", t.first_token_ms),
+            ("timeouts.idle_ms", t.idle_ms),
+            ("timeouts.prefill_lease_ms", t.prefill_lease_ms),
+            (
+                "disaggregation.local_when_prefill_queue_tokens",
+                self.disaggregation.local_when_prefill_queue_tokens,
+            ),
+            ("health.interval_ms", self.health.interval_ms),
+            ("health.timeout_ms", self.health.timeout_ms),
+            ("health.scrape_interval_ms", self.health.scrape_interval_ms),
+        ];
+        let dns = [
+            ("prefill", &self.pools.prefill),
+            ("decode", &self.pools.decode),
+        ]
+        .into_iter()
+        .filter_map(|(name, p)| {
+            let d = p.dns.as_ref()?;
+            Some((format!("pools.{name}.dns.interval_secs"), d.interval_secs))
+        });
+        let all = values
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .chain(dns);
+        for (key, value) in all {
+            if value > i64::MAX as u64 {
+                return Err(invalid(key, format!("must be at most {}", i64::MAX)));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_pool(prefix: &str, pool: &PoolConfig, required: bool) -> Result<(), ConfigError> {
+    if pool.protocol == Protocol::Grpc {
+        return Err(invalid(
+            format!("{prefix}.protocol"),
+            "the gRPC engine protocol is not supported yet; use \"http\"",
+        ));
+    }
+    if required && pool.endpoints.is_empty() && pool.dns.is_none() {
+        let why = if prefix == "pools.prefill" {
+            " (only disaggregation.mode = \"never\" may leave the prefill pool empty)"
+        } else {
+            ""
+        };
+        return Err(invalid(
+            format!("{prefix}.endpoints"),
+            format!("the pool needs at least one endpoint or a `dns` table{why}"),
+        ));
+    }
+    // Compared case-insensitively: with no path left, the whole URL is
+    // scheme, host and port, none of which are case-sensitive.
+    let mut seen = HashSet::new();
+    for (i, ep) in pool.endpoints.iter().enumerate() {
+        let key = format!("{prefix}.endpoints[{i}]");
+        check_url(&ep.url).map_err(|reason| invalid(&key, reason))?;
+        positive_weight(&format!("{key}.weight"), ep.weight)?;
+        let norm = normalize_url(&ep.url).to_ascii_lowercase();
+        if !seen.insert(norm) {
+            return Err(invalid(
+                key,
+                format!("duplicate endpoint {:?} in this pool", ep.url),
+            ));
+        }
+    }
+    if let Some(dns) = &pool.dns {
+        validate_dns(&format!("{prefix}.dns"), dns)?;
+    }
+    Ok(())
+}
+
+fn validate_dns(prefix: &str, dns: &DnsConfig) -> Result<(), ConfigError> {
+    if dns.name.is_empty() {
+        return Err(invalid(format!("{prefix}.name"), "must not be empty"));
+    }
+    if !dns.name.chars().all(is_host_char) {
+        return Err(invalid(
+            format!("{prefix}.name"),
+            format!(
+                "must be a bare DNS name such as \"vllm-prefill.ns.svc.cluster.local\" \
+                 (no scheme, port or path); got {:?}",
+                dns.name
+            ),
+        ));
+    }
+    if dns.port == 0 {
+        return Err(invalid(format!("{prefix}.port"), "must be greater than 0"));
+    }
+    if dns.scheme != "http" && dns.scheme != "https" {
+        return Err(invalid(
+            format!("{prefix}.scheme"),
+            format!("must be \"http\" or \"https\"; got {:?}", dns.scheme),
+        ));
+    }
+    positive(&format!("{prefix}.interval_secs"), dns.interval_secs)?;
+    positive_weight(&format!("{prefix}.weight"), dns.weight)
+}
+
+fn is_host_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')
+}
+
+/// The canonical spelling of an endpoint URL: without the optional trailing
+/// "/", so `http://a:1` and `http://a:1/` are the same engine.
+pub(crate) fn normalize_url(url: &str) -> &str {
+    url.strip_suffix('/').unwrap_or(url)
+}
+
+/// Accepts exactly `http[s]://HOST:PORT[/]`. Hand-written because the shape
+/// is this narrow; a general URL parser would accept (and we would have to
+/// reject again) user info, paths, queries and fragments.
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("must start with \"http://\" or \"https://\"; got {url:?}"))?;
+    let authority = normalize_url(rest);
+    if let Some(c) = authority.chars().find(|c| matches!(c, '/' | '?' | '#')) {
+        return Err(format!(
+            "must be just scheme, host and port (no path, query or fragment, found {c:?}); \
+             got {url:?}"
+        ));
+    }
+    if authority.contains('@') {
+        return Err(format!("must not contain user info; got {url:?}"));
+    }
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let (v6, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| format!("has an unterminated IPv6 address; got {url:?}"))?;
+        if v6.parse::<Ipv6Addr>().is_err() {
+            return Err(format!("has an invalid IPv6 address {v6:?}; got {url:?}"));
+        }
+        if !after.is_empty() && !after.starts_with(':') {
+            return Err(format!(
+                "has unexpected text {after:?} after the IPv6 address; got {url:?}"
+            ));
+        }
+        (v6, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("must have a host; got {url:?}"));
+    }
+    // Bracketed IPv6 hosts were parsed above; anything else must be a name or
+    // an IPv4 address, which rules out a stray ':' or spaces.
+    if !authority.starts_with('[') && !host.chars().all(is_host_char) {
+        return Err(format!("has an invalid host {host:?}; got {url:?}"));
+    }
+    let port = port.ok_or_else(|| {
+        format!(
+            "must have an explicit port, e.g. \"{}:8000\"",
+            normalize_url(url)
+        )
+    })?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
+        _ => Err(format!(
+            "has an invalid port {port:?} (1-65535); got {url:?}"
+        )),
+    }
+}

@@ -1,0 +1,15 @@
+//! The pure routing core.
+//!
+//! Everything here is a function of its arguments: an immutable [`PoolSnapshot`], the request's
+//! routing facts and an injected RNG. Nothing does IO, reads a clock or keeps hidden state, so a
+//! decision can be replayed from its inputs and tested exhaustively.
+
+mod disagg;
+mod plan;
+mod policy;
+mod snapshot;
+
+pub use disagg::{decide, DisaggDecision, DisaggMode, DisaggReason, DisaggSettings};
+pub use plan::{plan, plan_decode, Pick, Plan, PlanError, RouteRequest};
+pub use policy::{load, policy_for, Choice, Policy, PolicyKind, RouteFacts, RouteReason};
+pub use snapshot::{EngineView, Health, PoolKind, PoolSnapshot};

@@ -1,0 +1,99 @@
+//! Immutable views of the two pools, as the control loop last published them plus the
+//! coordinator's own in-flight accounting.
+
+use std::sync::Arc;
+
+/// Which pool an engine belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolKind {
+    Prefill,
+    Decode,
+}
+
+impl PoolKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolKind::Prefill => "prefill",
+            PoolKind::Decode => "decode",
+        }
+    }
+}
+
+/// An engine's routable state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Health {
+    /// Not probed yet: not routable.
+    Unknown,
+    Healthy,
+    Unhealthy,
+    /// Left discovery or shutting down: in-flight requests finish, nothing new is routed.
+    Draining,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+            Health::Draining => "draining",
+        }
+    }
+}
+
+/// One engine as a policy sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineView {
+    /// Stable index into the pool's engine table (never reused while the process runs).
+    pub id: usize,
+    pub url: Arc<str>,
+    pub health: Health,
+    /// Relative capacity for mixed GPUs (1.0 = baseline).
+    pub weight: f64,
+    /// Requests the coordinator has in flight on this engine.
+    pub inflight: u32,
+    /// Prompt tokens the coordinator has sent to this engine for prefill and not seen finish.
+    pub queued_prefill_tokens: u64,
+    /// Served model name from the engine's `/v1/models`, once known.
+    pub model: Option<Arc<str>>,
+    /// KV block size from the engine's `vllm:cache_config_info`, once known.
+    pub block_size: Option<u32>,
+}
+
+impl EngineView {
+    pub fn routable(&self) -> bool {
+        self.health == Health::Healthy
+    }
+
+    /// Whether a prefill on `self` can hand its KV to `decode`: same model and block size where
+    /// both are known (vLLM refuses mismatched block sizes at the NIXL handshake).
+    pub fn compatible_with(&self, decode: &EngineView) -> bool {
+        fn agree<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+        }
+        agree(&self.model, &decode.model) && agree(&self.block_size, &decode.block_size)
+    }
+}
+
+/// Both pools at one moment. Published whole; never mutated after publication.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolSnapshot {
+    pub prefill: Vec<EngineView>,
+    pub decode: Vec<EngineView>,
+}
+
+impl PoolSnapshot {
+    pub fn pool(&self, kind: PoolKind) -> &[EngineView] {
+        match kind {
+            PoolKind::Prefill => &self.prefill,
+            PoolKind::Decode => &self.decode,
+        }
+    }
+
+    pub fn routable(&self, kind: PoolKind) -> usize {
+        self.pool(kind).iter().filter(|e| e.routable()).count()
+    }
+}

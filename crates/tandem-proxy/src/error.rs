@@ -1,0 +1,120 @@
+//! The coordinator's errors, their retryability, and their one mapping to HTTP.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::json;
+use tandem_policy::PlanError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client's request is malformed (vLLM's 400 `BadRequestError`).
+    #[error("{0}")]
+    BadRequest(String),
+    /// vLLM's 404 for an unknown model name.
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    /// No engine can take the request now.
+    #[error("{0}")]
+    NoEngine(PlanError),
+    /// Every prefill attempt failed and local fallback is forbidden (`enforce`).
+    #[error("prefill failed on every attempt and disaggregation is enforced: {0}")]
+    PrefillFailed(String),
+    /// The prefill returned no KV handoff and local fallback is forbidden (`enforce`).
+    #[error("the prefill engine returned no kv_transfer_params and disaggregation is enforced")]
+    NullParamsEnforced,
+    /// Every decode attempt failed before the first byte.
+    #[error("decode failed on every attempt: {0}")]
+    DecodeFailed(String),
+    /// An engine rejected the request as invalid; its response is relayed unchanged, since the
+    /// engine knows the model's limits better than Tandem does.
+    #[error("engine answered {status}")]
+    Engine {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
+}
+
+impl ProxyError {
+    /// Whether the client may retry the same request later and expect success.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoEngine(_) | ProxyError::PrefillFailed(_) | ProxyError::DecodeFailed(_)
+        )
+    }
+
+    /// The `outcome` label for `tandem_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) | ProxyError::ModelNotFound(_) => "client_error",
+            ProxyError::Engine { status, .. } if status.is_client_error() => "client_error",
+            ProxyError::Engine { .. } => "engine_error",
+            ProxyError::NoEngine(_) => "no_engine",
+            ProxyError::PrefillFailed(_) | ProxyError::NullParamsEnforced => "prefill_failed",
+            ProxyError::DecodeFailed(_) => "decode_failed",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::NoEngine(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::PrefillFailed(_) | ProxyError::DecodeFailed(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::NullParamsEnforced => StatusCode::BAD_GATEWAY,
+            ProxyError::Engine { status, .. } => *status,
+        }
+    }
+
+    /// vLLM's `ErrorResponse` body.
+    pub fn body(&self) -> serde_json::Value {
+        error_body(&self.to_string(), self.status())
+    }
+}
+
+/// vLLM's `{"error": {message, type, param, code}}`, with the type named after the status the
+/// way vLLM names `HTTPStatus` members.
+pub fn error_body(message: &str, status: StatusCode) -> serde_json::Value {
+    let kind = match status.as_u16() {
+        400 => "BadRequestError",
+        404 => "NotFoundError",
+        502 => "BadGatewayError",
+        503 => "ServiceUnavailableError",
+        504 => "GatewayTimeoutError",
+        _ => "InternalServerError",
+    };
+    json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}})
+}
+
+/// The SSE form of an error after the first byte, followed by the stream terminator.
+pub fn sse_error(message: &str) -> Bytes {
+    let body = error_body(message, StatusCode::INTERNAL_SERVER_ERROR);
+    Bytes::from(format!("data: {body}\n\ndata: [DONE]\n\n"))
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        if let ProxyError::Engine {
+            status,
+            content_type,
+            body,
+        } = self
+        {
+            let mut r = (status, body).into_response();
+            if let Some(ct) = content_type {
+                r.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            return r;
+        }
+        let status = self.status();
+        let mut r = (status, axum::Json(self.body())).into_response();
+        if self.retryable() {
+            // Engines come back within a health interval or two.
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}

@@ -1,0 +1,172 @@
+//! Tandem's data plane: the OpenAI-compatible front door, the P/D request state machine, the
+//! engine clients and the pool control loop.
+//!
+//! `run` is the whole coordinator: give it a validated [`Config`], a bound listener and a shutdown
+//! signal. Everything it needs is built here and passed down; there is no global state.
+
+mod error;
+mod front;
+mod metrics;
+mod pd;
+mod pool;
+mod relay;
+mod server;
+mod timing;
+mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tandem_config::{Config, DisaggregationMode, PolicyName};
+use tandem_model::Tokenizer;
+use tandem_policy::{DisaggMode, DisaggSettings, Policy, PolicyKind};
+use tokio::net::TcpListener;
+
+pub use error::ProxyError;
+pub use metrics::Metrics;
+pub use timing::RequestRecord;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tokenizer(#[from] tandem_model::TokenizerError),
+    #[error("cannot read chat template {path}: {source}")]
+    ChatTemplate {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Deadlines per phase, from the config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadlines {
+    pub prefill: Duration,
+    pub handoff: Duration,
+    pub first_token: Duration,
+    pub idle: Duration,
+    pub lease: Duration,
+}
+
+/// Everything a request needs, built once.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub cfg: Config,
+    pub metrics: Arc<Metrics>,
+    pub pools: pool::PoolHandle,
+    pub tokenizer: Tokenizer,
+    pub disagg: DisaggSettings,
+    pub prefill_policy: Box<dyn Policy>,
+    pub decode_policy: Box<dyn Policy>,
+    pub prefill_policy_name: &'static str,
+    pub decode_policy_name: &'static str,
+    /// Tie-breaking and random policies; seeded so a run can be replayed.
+    pub rng: Mutex<ChaCha8Rng>,
+    pub seq: AtomicU64,
+    pub recent: Arc<timing::Recent>,
+    pub deadlines: Deadlines,
+}
+
+fn policy_kind(p: PolicyName) -> PolicyKind {
+    match p {
+        PolicyName::LeastLoaded => PolicyKind::LeastLoaded,
+        PolicyName::RoundRobin => PolicyKind::RoundRobin,
+        PolicyName::Random => PolicyKind::Random,
+    }
+}
+
+/// A coordinator running in this process (for `tandem demo` and tests).
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// The most recent per-request records, oldest first.
+    pub fn recent(&self) -> Vec<RequestRecord> {
+        self.state.recent.list()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.state.metrics.clone()
+    }
+}
+
+fn build(cfg: Config) -> Result<Arc<State>, StartError> {
+    let mut tokenizer = match &cfg.model.tokenizer {
+        Some(p) => Tokenizer::from_file(p)?,
+        None => Tokenizer::byte_level(),
+    };
+    if let Some(p) = &cfg.model.chat_template {
+        let src = std::fs::read_to_string(p).map_err(|source| StartError::ChatTemplate {
+            path: p.display().to_string(),
+            source,
+        })?;
+        tokenizer = tokenizer.with_chat_template(src)?;
+    }
+    let target = cfg.pools.target_ratio.map(|r| r.value());
+    let metrics = Arc::new(Metrics::new(target));
+    let pools = pool::start(&cfg, metrics.clone());
+    let d = &cfg.disaggregation;
+    let disagg = DisaggSettings {
+        mode: match d.mode {
+            DisaggregationMode::Always => DisaggMode::Always,
+            DisaggregationMode::Conditional => DisaggMode::Conditional,
+            DisaggregationMode::Never => DisaggMode::Never,
+        },
+        enforce: d.enforce,
+        local_max_uncached_tokens: u64::from(d.local_max_uncached_tokens),
+        local_when_prefill_queue_tokens: d.local_when_prefill_queue_tokens,
+    };
+    let t = &cfg.timeouts;
+    let deadlines = Deadlines {
+        prefill: Duration::from_millis(t.prefill_ms),
+        handoff: Duration::from_millis(t.handoff_ms),
+        first_token: Duration::from_millis(t.first_token_ms),
+        idle: Duration::from_millis(t.idle_ms),
+        lease: Duration::from_millis(t.prefill_lease_ms),
+    };
+    let prefill_policy = tandem_policy::policy_for(policy_kind(cfg.pools.prefill.policy));
+    let decode_policy = tandem_policy::policy_for(policy_kind(cfg.pools.decode.policy));
+    Ok(Arc::new(State {
+        prefill_policy_name: prefill_policy.name(),
+        decode_policy_name: decode_policy.name(),
+        prefill_policy,
+        decode_policy,
+        recent: Arc::new(timing::Recent::new(cfg.server.recent_requests)),
+        rng: Mutex::new(ChaCha8Rng::seed_from_u64(0x7a4d_e35e)),
+        seq: AtomicU64::new(0),
+        tokenizer,
+        metrics,
+        pools,
+        disagg,
+        deadlines,
+        cfg,
+    }))
+}
+
+/// Start the coordinator on `listener`; it stops accepting when `shutdown` resolves and returns
+/// once in-flight responses have finished.
+pub fn start(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Running, StartError> {
+    let addr = listener.local_addr()?;
+    let state = build(cfg)?;
+    let app = server::router(state.clone());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    Ok(Running { addr, state, task })
+}

@@ -1,0 +1,330 @@
+//! Tandem's Prometheus metrics. The application owns the registry (no globals); every name starts
+//! with `tandem_` and every label value comes from a bounded set: enum names, pool names, and the
+//! configured engine URLs.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use tandem_policy::{Health, PoolKind};
+
+use crate::pool::Pools;
+
+/// Time to first token and its phases: 1 ms to 5 minutes. LLM TTFT spans a cached short prompt
+/// (milliseconds) to a queued 100k-token prefill (minutes).
+pub const TTFT_BUCKETS: [f64; 26] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
+    3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Gaps between streamed chunks: 0.5 ms (a batch-1 small model) to 10 s (a preempted request).
+pub const ITL_BUCKETS: [f64; 19] = [
+    0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5,
+    1.0, 2.0, 5.0, 10.0,
+];
+/// Whole requests: 10 ms to 10 minutes.
+pub const E2E_BUCKETS: [f64; 20] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
+    120.0, 240.0, 480.0, 600.0,
+];
+/// Prefill params in hand to decode leg dispatched: 1 µs to 100 ms.
+pub const DISPATCH_BUCKETS: [f64; 16] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+    5e-2, 1e-1,
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TtftLabels {
+    pub route: &'static str,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub pool: &'static str,
+    pub policy: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DisaggLabels {
+    pub decision: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub leg: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineLabels {
+    pub pool: &'static str,
+    pub engine: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolStateLabels {
+    pub pool: &'static str,
+    pub state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RatioLabels {
+    pub kind: &'static str,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn hist(buckets: &'static [f64]) -> Histogram {
+    Histogram::new(buckets.iter().copied())
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub ttft: HistFamily<TtftLabels>,
+    pub phase: HistFamily<PhaseLabels>,
+    pub itl: Histogram,
+    pub tpot: Histogram,
+    pub e2e: Histogram,
+    pub dispatch_gap: Histogram,
+    pub route_decisions: Family<RouteLabels, Counter>,
+    pub disagg_decisions: Family<DisaggLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub predicted_cached_tokens: Counter,
+    pub reported_cached_tokens: Counter,
+    engine_up: Family<EngineLabels, Gauge>,
+    engine_inflight: Family<EngineLabels, Gauge>,
+    engine_prefill_queue: Family<EngineLabels, Gauge>,
+    engine_kv_total: Family<EngineLabels, Gauge>,
+    engine_kv_free: Family<EngineLabels, Gauge>,
+    pool_engines: Family<PoolStateLabels, Gauge>,
+    pd_ratio: Family<RatioLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Metrics {
+    pub fn new(target_ratio: Option<f64>) -> Self {
+        let mut r = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        r.register(
+            "tandem_requests",
+            "Requests finished, by route (disaggregated | local) and outcome",
+            requests.clone(),
+        );
+        let ttft: HistFamily<TtftLabels> = Family::new_with_constructor(|| hist(&TTFT_BUCKETS));
+        r.register(
+            "tandem_ttft_seconds",
+            "Arrival to the first content byte written to the client",
+            ttft.clone(),
+        );
+        let phase: HistFamily<PhaseLabels> = Family::new_with_constructor(|| hist(&TTFT_BUCKETS));
+        r.register(
+            "tandem_phase_seconds",
+            "TTFT phases: queue, prefill, handoff, decode_first_token; they add up to TTFT",
+            phase.clone(),
+        );
+        let itl = hist(&ITL_BUCKETS);
+        r.register(
+            "tandem_itl_seconds",
+            "Gaps between content chunks written to the client",
+            itl.clone(),
+        );
+        let tpot = hist(&ITL_BUCKETS);
+        r.register(
+            "tandem_tpot_seconds",
+            "Per request: (last content chunk - first content chunk) / (chunks - 1)",
+            tpot.clone(),
+        );
+        let e2e = hist(&E2E_BUCKETS);
+        r.register(
+            "tandem_e2e_seconds",
+            "Arrival to the end of the response",
+            e2e.clone(),
+        );
+        let dispatch_gap = hist(&DISPATCH_BUCKETS);
+        r.register(
+            "tandem_handoff_dispatch_seconds",
+            "Prefill KV params parsed to decode leg dispatched",
+            dispatch_gap.clone(),
+        );
+        let route_decisions = Family::<RouteLabels, Counter>::default();
+        r.register(
+            "tandem_route_decisions",
+            "Engine choices by pool, policy and reason",
+            route_decisions.clone(),
+        );
+        let disagg_decisions = Family::<DisaggLabels, Counter>::default();
+        r.register(
+            "tandem_disaggregation_decisions",
+            "Disaggregate-or-local decisions by reason",
+            disagg_decisions.clone(),
+        );
+        let retries = Family::<RetryLabels, Counter>::default();
+        r.register(
+            "tandem_retries",
+            "Leg retries by leg and reason",
+            retries.clone(),
+        );
+        let predicted_cached_tokens = Counter::default();
+        r.register(
+            "tandem_predicted_cached_tokens",
+            "Prompt tokens Tandem predicted the chosen prefill engine had cached",
+            predicted_cached_tokens.clone(),
+        );
+        let reported_cached_tokens = Counter::default();
+        r.register(
+            "tandem_reported_cached_tokens",
+            "Prompt tokens the prefill engines reported as cached (usage.prompt_tokens_details)",
+            reported_cached_tokens.clone(),
+        );
+        let g = || Family::<EngineLabels, Gauge>::default();
+        let (engine_up, engine_inflight, engine_prefill_queue, engine_kv_total, engine_kv_free) =
+            (g(), g(), g(), g(), g());
+        r.register(
+            "tandem_engine_up",
+            "1 when the engine is healthy",
+            engine_up.clone(),
+        );
+        r.register(
+            "tandem_engine_inflight",
+            "Requests Tandem has in flight on the engine",
+            engine_inflight.clone(),
+        );
+        r.register(
+            "tandem_engine_prefill_queue_tokens",
+            "Prompt tokens Tandem has sent to the engine for prefill and not seen finish",
+            engine_prefill_queue.clone(),
+        );
+        r.register(
+            "tandem_engine_kv_total_blocks",
+            "The engine's KV blocks (vLLM num_gpu_blocks)",
+            engine_kv_total.clone(),
+        );
+        r.register(
+            "tandem_engine_kv_free_blocks",
+            "The engine's free KV blocks at the last scrape",
+            engine_kv_free.clone(),
+        );
+        let pool_engines = Family::<PoolStateLabels, Gauge>::default();
+        r.register(
+            "tandem_pool_engines",
+            "Engines per pool and state",
+            pool_engines.clone(),
+        );
+        let pd_ratio = Family::<RatioLabels, Gauge<f64, AtomicU64>>::default();
+        r.register(
+            "tandem_pd_ratio",
+            "Prefill:decode engine ratio, live (healthy engines) and target",
+            pd_ratio.clone(),
+        );
+        if let Some(t) = target_ratio {
+            pd_ratio
+                .get_or_create(&RatioLabels { kind: "target" })
+                .set(t);
+        }
+        Metrics {
+            registry: r,
+            requests,
+            ttft,
+            phase,
+            itl,
+            tpot,
+            e2e,
+            dispatch_gap,
+            route_decisions,
+            disagg_decisions,
+            retries,
+            predicted_cached_tokens,
+            reported_cached_tokens,
+            engine_up,
+            engine_inflight,
+            engine_prefill_queue,
+            engine_kv_total,
+            engine_kv_free,
+            pool_engines,
+            pd_ratio,
+        }
+    }
+
+    /// Refresh the per-engine and per-pool gauges from a pool view.
+    pub fn observe_pools(&self, p: &Pools) {
+        for kind in [PoolKind::Prefill, PoolKind::Decode] {
+            let mut counts = [0i64; 4];
+            for e in p.pool(kind) {
+                let l = EngineLabels {
+                    pool: kind.as_str(),
+                    engine: e.engine.url.to_string(),
+                };
+                let st = &e.status;
+                self.engine_up
+                    .get_or_create(&l)
+                    .set(i64::from(st.health == Health::Healthy));
+                self.engine_inflight
+                    .get_or_create(&l)
+                    .set(i64::from(e.engine.inflight()));
+                self.engine_prefill_queue
+                    .get_or_create(&l)
+                    .set(e.engine.queued_prefill_tokens() as i64);
+                if let Some(total) = st.num_gpu_blocks {
+                    self.engine_kv_total.get_or_create(&l).set(total as i64);
+                    let used = st.kv_usage.unwrap_or(0.0).clamp(0.0, 1.0);
+                    let free = (total as f64 * (1.0 - used)).round() as i64;
+                    self.engine_kv_free.get_or_create(&l).set(free);
+                }
+                counts[health_index(st.health)] += 1;
+            }
+            for h in [
+                Health::Unknown,
+                Health::Healthy,
+                Health::Unhealthy,
+                Health::Draining,
+            ] {
+                self.pool_engines
+                    .get_or_create(&PoolStateLabels {
+                        pool: kind.as_str(),
+                        state: h.as_str(),
+                    })
+                    .set(counts[health_index(h)]);
+            }
+        }
+        let (np, nd) = (p.healthy(PoolKind::Prefill), p.healthy(PoolKind::Decode));
+        if nd > 0 {
+            self.pd_ratio
+                .get_or_create(&RatioLabels { kind: "live" })
+                .set(np as f64 / nd as f64);
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn health_index(h: Health) -> usize {
+    match h {
+        Health::Unknown => 0,
+        Health::Healthy => 1,
+        Health::Unhealthy => 2,
+        Health::Draining => 3,
+    }
+}

@@ -1,0 +1,611 @@
+//! The P/D request state machine.
+//!
+//! ```text
+//! parse ─▶ plan ─┬─ disaggregate ─▶ prefill leg (decode connection warmed meanwhile)
+//!                │                    ├─ params ──────▶ decode leg (params verbatim)
+//!                │                    ├─ null params ─▶ decode leg, local prefill   [counted]
+//!                │                    ├─ 5xx/connect/deadline ─▶ retry elsewhere ─▶ plan
+//!                │                    │                 (budget spent: local, or error if enforced)
+//!                │                    └─ 4xx ─────────▶ relayed to the client unchanged
+//!                └─ local ─────────▶ decode leg (original body)
+//! decode leg ─┬─ first event ─────▶ stream to the client (mid-stream death: SSE error + [DONE])
+//!             ├─ fails before it ─▶ another decode engine, same params, while the lease holds;
+//!             │                     else re-plan from the prefill
+//!             └─ 4xx ─────────────▶ relayed unchanged
+//! ```
+//! Every edge leaves a counted reason: retries by leg and reason, decisions by reason, outcomes.
+//! Dropping the request (the client went away) drops its connections, which is how both engines
+//! learn to abort and free KV.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tandem_policy::{DisaggReason, PlanError, PoolKind, RouteRequest};
+
+use crate::error::{sse_error, ProxyError};
+use crate::front::{self, Kind, Parsed};
+use crate::metrics::{RetryLabels, RouteLabels};
+use crate::pool::{Engine, LoadGuard, Suspect};
+use crate::relay::{rewrite_body, Event, EventReader, RelayError};
+use crate::timing::Finisher;
+use crate::upstream::Conn;
+use crate::State;
+
+/// A leg's failure: either worth another engine, or the engine's answer for the client.
+#[derive(Debug)]
+enum LegError {
+    Retry {
+        reason: &'static str,
+        message: String,
+        /// The engine itself looks unwell (re-probe it now).
+        suspect: bool,
+    },
+    Relay(ProxyError),
+}
+
+fn retry(reason: &'static str, message: impl Into<String>, suspect: bool) -> LegError {
+    LegError::Retry {
+        reason,
+        message: message.into(),
+        suspect,
+    }
+}
+
+/// A successful decode leg, before its body is relayed.
+enum Done {
+    Full(Response),
+    Stream(StreamParts),
+}
+
+struct StreamParts {
+    reader: EventReader,
+    conn: Conn,
+    first: Event,
+    guard: LoadGuard,
+    content_type: Option<HeaderValue>,
+}
+
+/// Handle one completions or chat request.
+pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: Bytes) -> Response {
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let mut fin = Finisher::new(st.metrics.clone(), st.recent.clone(), request_id.clone());
+    let parsed = match front::parse(kind, &raw, &st.tokenizer) {
+        Ok(p) => p,
+        Err(e) => {
+            fin.finish(e.outcome());
+            return e.into_response();
+        }
+    };
+    fin.prompt_tokens = parsed.prompt_tokens;
+    let span = tracing::info_span!("request", request_id = %request_id, kind = ?kind);
+    let result = tracing::Instrument::instrument(run(&st, &parsed, &mut fin), span).await;
+    let mut resp = match result {
+        Ok(Done::Full(r)) => r,
+        Ok(Done::Stream(parts)) => stream_response(&st, parts, fin),
+        Err(e) => {
+            tracing::warn!(request_id = %request_id, error = %e, "request failed");
+            fin.finish(e.outcome());
+            e.into_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Finisher) -> Response {
+    let idle = st.deadlines.idle;
+    let StreamParts {
+        mut reader,
+        conn,
+        first,
+        guard,
+        content_type,
+    } = parts;
+    let body = async_stream::stream! {
+        if matches!(first, Event::Content(_)) {
+            fin.mark_content();
+        }
+        yield Ok::<Bytes, std::io::Error>(first.bytes().clone());
+        loop {
+            match reader.next(idle).await {
+                Ok(Some(ev)) => {
+                    match &ev {
+                        Event::Content(_) => fin.mark_content(),
+                        Event::Error(_) => fin.finish("engine_error"),
+                        _ => {}
+                    }
+                    let done = matches!(ev, Event::Done(_));
+                    yield Ok(ev.bytes().clone());
+                    if done {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let reason = match e {
+                        RelayError::Idle(_) => "decode_stalled",
+                        _ => "decode_died",
+                    };
+                    fin.finish(reason);
+                    tracing::warn!(request_id = %fin.request_id, error = %e, "decode stream failed after the first byte");
+                    yield Ok(sse_error(&e.to_string()));
+                    break;
+                }
+            }
+        }
+        fin.finish("ok");
+        if reader.finished() {
+            conn.release();
+        }
+        drop(guard);
+    };
+    let mut r = Response::new(Body::from_stream(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or(HeaderValue::from_static("text/event-stream; charset=utf-8")),
+    );
+    r
+}
+
+async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, ProxyError> {
+    let served = st.cfg.model.served_model_name.clone().or_else(|| {
+        st.pools
+            .pools
+            .borrow()
+            .served_model()
+            .map(|m| m.to_string())
+    });
+    if let (Some(asked), Some(served)) = (&req.model, &served) {
+        if asked != served {
+            return Err(ProxyError::ModelNotFound(asked.clone()));
+        }
+    }
+    fin.model = served.unwrap_or_default();
+    let seq = st.seq.fetch_add(1, Ordering::Relaxed);
+    let retries = &st.cfg.retries;
+    let mut ex_p: Vec<usize> = Vec::new();
+    let mut ex_d: Vec<usize> = Vec::new();
+    let mut force_local = req.batch.then_some(DisaggReason::BatchPrompt);
+    let mut last_err = String::new();
+    // Each pass spends at least one attempt, so this bounds re-planning.
+    for _ in 0..(retries.prefill_attempts + retries.decode_attempts) {
+        let pools = st.pools.pools.borrow().clone();
+        let snap = pools.snapshot();
+        let rr = RouteRequest {
+            seq,
+            prompt_tokens: req.prompt_tokens,
+            uncached_tokens: req.prompt_tokens,
+            exclude_prefill: &ex_p,
+            exclude_decode: &ex_d,
+            force_local,
+        };
+        let plan = {
+            let mut rng = st.rng.lock().expect("rng lock");
+            tandem_policy::plan(
+                &snap,
+                &rr,
+                &st.disagg,
+                st.prefill_policy.as_ref(),
+                st.decode_policy.as_ref(),
+                &mut *rng,
+            )
+        };
+        let plan = plan.map_err(|e| match e {
+            _ if last_err.is_empty() => ProxyError::NoEngine(e),
+            PlanError::NoPrefillEngine => ProxyError::PrefillFailed(last_err.clone()),
+            PlanError::NoDecodeEngine => ProxyError::DecodeFailed(last_err.clone()),
+        })?;
+        fin.decision = Some((plan.decision.as_str(), plan.decision_reason.as_str()));
+        count_route(st, PoolKind::Decode, plan.decode.reason.as_str());
+        let mut d_engine = pools
+            .find(PoolKind::Decode, plan.decode.id)
+            .expect("the plan came from this snapshot")
+            .engine
+            .clone();
+        fin.decode_engine = Some(d_engine.url.to_string());
+
+        let mut params: Option<Box<RawValue>> = None;
+        let mut cached: Option<u64> = None;
+        let mut warm: Option<Conn> = None;
+        let mut prefill_id = None;
+        if let Some(pp) = plan.prefill {
+            count_route(st, PoolKind::Prefill, pp.reason.as_str());
+            let p_engine = pools
+                .find(PoolKind::Prefill, pp.id)
+                .expect("the plan came from this snapshot")
+                .engine
+                .clone();
+            fin.prefill_engine = Some(p_engine.url.to_string());
+            fin.prefill_attempts += 1;
+            fin.mark_dispatch();
+            // Warm the decode connection while the prefill runs, so the handoff is one write.
+            let (res, w) = tokio::join!(
+                prefill_leg(st, &p_engine, req, &fin.request_id),
+                d_engine.upstream.acquire()
+            );
+            warm = w.ok();
+            match res {
+                Ok(done) => {
+                    fin.mark_params();
+                    cached = done.cached;
+                    fin.cached_tokens = done.cached;
+                    match done.params {
+                        Some(p) => {
+                            fin.disaggregated = true;
+                            prefill_id = Some(pp.id);
+                            params = Some(p);
+                        }
+                        None => {
+                            if st.disagg.enforce {
+                                return Err(ProxyError::NullParamsEnforced);
+                            }
+                            // The engine ran the prompt but kept no KV for us (e.g. it stopped
+                            // on EOS): the decode engine prefills it itself.
+                            fin.disaggregated = false;
+                            fin.decision = Some(("local", DisaggReason::NullParams.as_str()));
+                            force_local = Some(DisaggReason::NullParams);
+                        }
+                    }
+                }
+                Err(LegError::Relay(e)) => return Err(e),
+                Err(LegError::Retry {
+                    reason,
+                    message,
+                    suspect,
+                }) => {
+                    count_retry(st, "prefill", reason);
+                    tracing::warn!(request_id = %fin.request_id, engine = %p_engine.url, reason, %message, "prefill leg failed");
+                    if suspect {
+                        report(st, &p_engine);
+                    }
+                    ex_p.push(pp.id);
+                    last_err = message.clone();
+                    if fin.prefill_attempts >= retries.prefill_attempts {
+                        if st.disagg.enforce {
+                            return Err(ProxyError::PrefillFailed(message));
+                        }
+                        force_local = Some(DisaggReason::PrefillFailed);
+                    }
+                    continue;
+                }
+            }
+        } else {
+            fin.disaggregated = false;
+        }
+
+        // The decode leg, retried on other decode engines while the KV can still be read.
+        let body = req.decode_body(params.as_deref().map(RawValue::get));
+        let params_at = Instant::now();
+        loop {
+            fin.decode_attempts += 1;
+            let conn = warm.take();
+            match decode_leg(st, &d_engine, conn, body.clone(), req, fin, cached).await {
+                Ok(done) => return Ok(done),
+                Err(LegError::Relay(e)) => return Err(e),
+                Err(LegError::Retry {
+                    reason,
+                    message,
+                    suspect,
+                }) => {
+                    count_retry(st, "decode", reason);
+                    tracing::warn!(request_id = %fin.request_id, engine = %d_engine.url, reason, %message, "decode leg failed before its first byte");
+                    if suspect {
+                        report(st, &d_engine);
+                    }
+                    ex_d.push(d_engine.id);
+                    last_err = message.clone();
+                    if fin.decode_attempts >= retries.decode_attempts {
+                        return Err(ProxyError::DecodeFailed(message));
+                    }
+                    if params.is_none() || params_at.elapsed() >= st.deadlines.lease {
+                        break; // re-plan: a local request anywhere, or a fresh prefill
+                    }
+                    let pools = st.pools.pools.borrow().clone();
+                    let pick = {
+                        let mut rng = st.rng.lock().expect("rng lock");
+                        tandem_policy::plan_decode(
+                            &pools.snapshot(),
+                            seq,
+                            req.prompt_tokens,
+                            &ex_d,
+                            prefill_id,
+                            st.decode_policy.as_ref(),
+                            &mut *rng,
+                        )
+                    };
+                    let Ok(pick) = pick else {
+                        return Err(ProxyError::DecodeFailed(message));
+                    };
+                    count_route(st, PoolKind::Decode, pick.reason.as_str());
+                    d_engine = pools
+                        .find(PoolKind::Decode, pick.id)
+                        .expect("the pick came from this snapshot")
+                        .engine
+                        .clone();
+                    fin.decode_engine = Some(d_engine.url.to_string());
+                }
+            }
+        }
+    }
+    Err(ProxyError::DecodeFailed(last_err))
+}
+
+fn count_route(st: &State, pool: PoolKind, reason: &'static str) {
+    let policy = match pool {
+        PoolKind::Prefill => st.prefill_policy_name,
+        PoolKind::Decode => st.decode_policy_name,
+    };
+    st.metrics
+        .route_decisions
+        .get_or_create(&RouteLabels {
+            pool: pool.as_str(),
+            policy,
+            reason,
+        })
+        .inc();
+}
+
+fn count_retry(st: &State, leg: &'static str, reason: &'static str) {
+    st.metrics
+        .retries
+        .get_or_create(&RetryLabels { leg, reason })
+        .inc();
+}
+
+fn report(st: &State, e: &Engine) {
+    // Best effort: a full queue means a probe round is already due.
+    let _ = st.pools.suspects.try_send(Suspect {
+        pool: e.pool,
+        id: e.id,
+    });
+}
+
+#[derive(Deserialize)]
+struct PrefillResponse {
+    #[serde(default)]
+    kv_transfer_params: Option<Box<RawValue>>,
+    #[serde(default)]
+    usage: Option<UsageLite>,
+}
+
+#[derive(Deserialize)]
+struct UsageLite {
+    #[serde(default)]
+    prompt_tokens_details: Option<DetailsLite>,
+}
+
+#[derive(Deserialize)]
+struct DetailsLite {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+struct PrefillDone {
+    params: Option<Box<RawValue>>,
+    cached: Option<u64>,
+}
+
+fn snippet(b: &[u8]) -> String {
+    String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned()
+}
+
+async fn prefill_leg(
+    st: &State,
+    engine: &Arc<Engine>,
+    req: &Parsed,
+    request_id: &str,
+) -> Result<PrefillDone, LegError> {
+    let _load = engine.track(req.prompt_tokens);
+    let leg = async {
+        let mut conn = engine
+            .upstream
+            .acquire()
+            .await
+            .map_err(|e| retry("connect", e.to_string(), true))?;
+        let r = conn.post_json(req.kind.path(), req.prefill_body.clone(), request_id);
+        let resp = conn
+            .send(r)
+            .await
+            .map_err(|e| retry("send", e.to_string(), true))?;
+        let status = resp.status();
+        let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| retry("read", e.to_string(), true))?
+            .to_bytes();
+        if status.is_server_error() {
+            return Err(retry(
+                "status_5xx",
+                format!(
+                    "prefill engine {} answered {status}: {}",
+                    engine.url,
+                    snippet(&body)
+                ),
+                false,
+            ));
+        }
+        if !status.is_success() {
+            return Err(LegError::Relay(ProxyError::Engine {
+                status,
+                content_type: ct,
+                body,
+            }));
+        }
+        conn.release();
+        let parsed: PrefillResponse = serde_json::from_slice(&body).map_err(|e| {
+            retry(
+                "bad_response",
+                format!("prefill engine {} sent unreadable JSON: {e}", engine.url),
+                false,
+            )
+        })?;
+        Ok(PrefillDone {
+            params: parsed.kv_transfer_params,
+            cached: parsed
+                .usage
+                .and_then(|u| u.prompt_tokens_details)
+                .and_then(|d| d.cached_tokens),
+        })
+    };
+    match tokio::time::timeout(st.deadlines.prefill, leg).await {
+        Ok(r) => r,
+        Err(_) => Err(retry(
+            "timeout",
+            format!(
+                "prefill engine {} did not answer within {} ms",
+                engine.url,
+                st.deadlines.prefill.as_millis()
+            ),
+            false,
+        )),
+    }
+}
+
+/// How long a non-streaming decode may take: nothing arrives until the whole answer is ready.
+fn full_deadline(st: &State, req: &Parsed) -> Duration {
+    let tokens = req.max_tokens.unwrap_or(4096).clamp(1, 100_000) as u32;
+    st.deadlines.first_token + st.deadlines.idle.saturating_mul(tokens)
+}
+
+async fn decode_leg(
+    st: &State,
+    engine: &Arc<Engine>,
+    warm: Option<Conn>,
+    body: Bytes,
+    req: &Parsed,
+    fin: &mut Finisher,
+    cached: Option<u64>,
+) -> Result<Done, LegError> {
+    let guard = engine.track(0);
+    let mut conn = match warm {
+        Some(c) => c,
+        None => engine
+            .upstream
+            .acquire()
+            .await
+            .map_err(|e| retry("connect", e.to_string(), true))?,
+    };
+    let r = conn.post_json(req.kind.path(), body, &fin.request_id);
+    fin.mark_decode_dispatch();
+    let head_deadline = if req.stream {
+        st.deadlines.handoff
+    } else {
+        full_deadline(st, req)
+    };
+    let resp = match tokio::time::timeout(head_deadline, conn.send(r)).await {
+        Err(_) => {
+            return Err(retry(
+                "handoff_timeout",
+                format!(
+                    "decode engine {} sent no response headers in time",
+                    engine.url
+                ),
+                false,
+            ))
+        }
+        Ok(Err(e)) => return Err(retry("send", e.to_string(), true)),
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+    if !status.is_success() {
+        let body = tokio::time::timeout(st.deadlines.idle, resp.into_body().collect())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        if status.is_server_error() {
+            return Err(retry(
+                "status_5xx",
+                format!(
+                    "decode engine {} answered {status}: {}",
+                    engine.url,
+                    snippet(&body)
+                ),
+                false,
+            ));
+        }
+        return Err(LegError::Relay(ProxyError::Engine {
+            status,
+            content_type: ct,
+            body,
+        }));
+    }
+    if req.stream {
+        let mut reader = EventReader::new(resp.into_body(), cached);
+        let first = match reader.next(st.deadlines.first_token).await {
+            Ok(Some(Event::Error(b))) => {
+                return Err(retry(
+                    "error_event",
+                    format!(
+                        "decode engine {} streamed an error first: {}",
+                        engine.url,
+                        snippet(&b)
+                    ),
+                    false,
+                ))
+            }
+            Ok(Some(ev)) => ev,
+            Ok(None) => return Err(retry("stream_broken", "empty decode stream", true)),
+            Err(RelayError::Idle(_)) => {
+                return Err(retry(
+                    "first_token_timeout",
+                    format!("decode engine {} sent no first token in time", engine.url),
+                    false,
+                ))
+            }
+            Err(e) => return Err(retry("stream_broken", e.to_string(), true)),
+        };
+        return Ok(Done::Stream(StreamParts {
+            reader,
+            conn,
+            first,
+            guard,
+            content_type: ct,
+        }));
+    }
+    let body = match tokio::time::timeout(full_deadline(st, req), resp.into_body().collect()).await
+    {
+        Err(_) => {
+            return Err(retry(
+                "first_token_timeout",
+                "decode answer timed out",
+                false,
+            ))
+        }
+        Ok(Err(e)) => return Err(retry("stream_broken", e.to_string(), true)),
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    conn.release();
+    let body = match cached {
+        Some(c) => rewrite_body(&body, c).unwrap_or(body),
+        None => body,
+    };
+    fin.mark_content();
+    fin.finish("ok");
+    drop(guard);
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        ct.unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    Ok(Done::Full(r))
+}

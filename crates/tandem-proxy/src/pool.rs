@@ -1,0 +1,504 @@
+//! The engine pools: the engine table, the control loop that is its only writer, and the
+//! immutable snapshots request tasks read.
+//!
+//! Two kinds of state live here. Health, model, block size and KV capacity are written only by
+//! the control loop and published whole as `Arc<Pools>` through a `watch` channel. The
+//! coordinator's own load accounting (in-flight requests, queued prefill tokens) changes on every
+//! request, so each engine keeps it in atomics that request tasks bump through [`LoadGuard`]s;
+//! a policy still sees one consistent, immutable [`PoolSnapshot`] built per decision.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tandem_config::Config;
+use tandem_policy::{EngineView, Health, PoolKind, PoolSnapshot};
+use tokio::sync::{mpsc, watch};
+
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// One engine Tandem routes to. Lives as long as any snapshot or request refers to it.
+#[derive(Debug)]
+pub struct Engine {
+    pub id: usize,
+    pub pool: PoolKind,
+    pub url: Arc<str>,
+    pub weight: f64,
+    pub upstream: Arc<Upstream>,
+    inflight: AtomicU32,
+    queued_prefill_tokens: AtomicU64,
+}
+
+impl Engine {
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn queued_prefill_tokens(&self) -> u64 {
+        self.queued_prefill_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Count a request on this engine until the guard drops; `prefill_tokens` are counted as
+    /// queued prefill work for the same span.
+    pub fn track(self: &Arc<Self>, prefill_tokens: u64) -> LoadGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.queued_prefill_tokens
+            .fetch_add(prefill_tokens, Ordering::Relaxed);
+        LoadGuard {
+            engine: self.clone(),
+            prefill_tokens,
+        }
+    }
+}
+
+/// Releases an engine's load accounting when the leg ends, however it ends.
+#[derive(Debug)]
+pub struct LoadGuard {
+    engine: Arc<Engine>,
+    prefill_tokens: u64,
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.engine.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.engine
+            .queued_prefill_tokens
+            .fetch_sub(self.prefill_tokens, Ordering::Relaxed);
+    }
+}
+
+/// What the control loop knows about an engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineStatus {
+    pub health: Health,
+    pub model: Option<Arc<str>>,
+    pub block_size: Option<u32>,
+    pub num_gpu_blocks: Option<u64>,
+    pub kv_usage: Option<f64>,
+    pub last_probe: Option<Instant>,
+    pub last_scrape: Option<Instant>,
+    /// Why the last probe failed, for `/ready` and `/admin/engines`.
+    pub last_error: Option<String>,
+    successes: u32,
+    failures: u32,
+}
+
+impl Default for EngineStatus {
+    fn default() -> Self {
+        EngineStatus {
+            health: Health::Unknown,
+            model: None,
+            block_size: None,
+            num_gpu_blocks: None,
+            kv_usage: None,
+            last_probe: None,
+            last_scrape: None,
+            last_error: None,
+            successes: 0,
+            failures: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineEntry {
+    pub engine: Arc<Engine>,
+    pub status: EngineStatus,
+}
+
+/// Both pools as last published by the control loop.
+#[derive(Debug, Clone, Default)]
+pub struct Pools {
+    pub prefill: Vec<EngineEntry>,
+    pub decode: Vec<EngineEntry>,
+    /// Whether at least one probe round has finished.
+    pub probed: bool,
+}
+
+impl Pools {
+    pub fn pool(&self, kind: PoolKind) -> &[EngineEntry] {
+        match kind {
+            PoolKind::Prefill => &self.prefill,
+            PoolKind::Decode => &self.decode,
+        }
+    }
+
+    pub fn find(&self, kind: PoolKind, id: usize) -> Option<&EngineEntry> {
+        self.pool(kind).iter().find(|e| e.engine.id == id)
+    }
+
+    /// The policy input: control-loop status plus the load counters as they are now.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        fn views(es: &[EngineEntry]) -> Vec<EngineView> {
+            es.iter()
+                .map(|e| EngineView {
+                    id: e.engine.id,
+                    url: e.engine.url.clone(),
+                    health: e.status.health,
+                    weight: e.engine.weight,
+                    inflight: e.engine.inflight(),
+                    queued_prefill_tokens: e.engine.queued_prefill_tokens(),
+                    model: e.status.model.clone(),
+                    block_size: e.status.block_size,
+                })
+                .collect()
+        }
+        PoolSnapshot {
+            prefill: views(&self.prefill),
+            decode: views(&self.decode),
+        }
+    }
+
+    pub fn healthy(&self, kind: PoolKind) -> usize {
+        self.pool(kind)
+            .iter()
+            .filter(|e| e.status.health == Health::Healthy)
+            .count()
+    }
+
+    /// The served model name: the first one a healthy decode engine reported.
+    pub fn served_model(&self) -> Option<Arc<str>> {
+        self.decode
+            .iter()
+            .chain(self.prefill.iter())
+            .find_map(|e| e.status.model.clone())
+    }
+}
+
+/// A request task's hint that an engine just failed; the control loop re-probes it at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Suspect {
+    pub pool: PoolKind,
+    pub id: usize,
+}
+
+/// Handles for readers.
+#[derive(Debug, Clone)]
+pub struct PoolHandle {
+    pub pools: watch::Receiver<Arc<Pools>>,
+    pub suspects: mpsc::Sender<Suspect>,
+}
+
+/// Build the engine table from static endpoints and start the control loop.
+pub fn start(cfg: &Config, metrics: Arc<Metrics>) -> PoolHandle {
+    let connect = Duration::from_millis(cfg.timeouts.connect_ms);
+    let mut next_id = 0usize;
+    let mut make = |pool: PoolKind, url: &str, weight: f64| {
+        let id = next_id;
+        next_id += 1;
+        EngineEntry {
+            engine: Arc::new(Engine {
+                id,
+                pool,
+                url: url.into(),
+                weight,
+                upstream: Upstream::new(url, connect),
+                inflight: AtomicU32::new(0),
+                queued_prefill_tokens: AtomicU64::new(0),
+            }),
+            status: EngineStatus::default(),
+        }
+    };
+    let initial = Pools {
+        prefill: cfg
+            .pools
+            .prefill
+            .endpoints
+            .iter()
+            .map(|e| make(PoolKind::Prefill, &e.url, e.weight))
+            .collect(),
+        decode: cfg
+            .pools
+            .decode
+            .endpoints
+            .iter()
+            .map(|e| make(PoolKind::Decode, &e.url, e.weight))
+            .collect(),
+        probed: false,
+    };
+    let (tx, rx) = watch::channel(Arc::new(initial));
+    let (stx, srx) = mpsc::channel(256);
+    let ctl = Control {
+        cfg: cfg.clone(),
+        tx,
+        suspects: srx,
+        metrics,
+        ratio_warned: false,
+    };
+    tokio::spawn(ctl.run());
+    PoolHandle {
+        pools: rx,
+        suspects: stx,
+    }
+}
+
+/// The single writer of [`Pools`].
+struct Control {
+    cfg: Config,
+    tx: watch::Sender<Arc<Pools>>,
+    suspects: mpsc::Receiver<Suspect>,
+    metrics: Arc<Metrics>,
+    ratio_warned: bool,
+}
+
+/// One probe's findings.
+#[derive(Debug, Default)]
+struct Probe {
+    ok: bool,
+    error: Option<String>,
+    model: Option<Arc<str>>,
+    scrape: Option<Scrape>,
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct Scrape {
+    block_size: Option<u32>,
+    num_gpu_blocks: Option<u64>,
+    kv_usage: Option<f64>,
+}
+
+impl Control {
+    async fn run(mut self) {
+        let interval = Duration::from_millis(self.cfg.health.interval_ms);
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.round(None).await,
+                s = self.suspects.recv() => match s {
+                    Some(s) => self.round(Some(s)).await,
+                    None => return,
+                },
+            }
+            if self.tx.is_closed() {
+                return;
+            }
+        }
+    }
+
+    /// Probe every engine (or one suspect) and publish the result.
+    async fn round(&mut self, only: Option<Suspect>) {
+        let current = self.tx.borrow().clone();
+        let now = Instant::now();
+        let scrape_every = Duration::from_millis(self.cfg.health.scrape_interval_ms);
+        let timeout = Duration::from_millis(self.cfg.health.timeout_ms);
+        let targets: Vec<(PoolKind, EngineEntry)> = [PoolKind::Prefill, PoolKind::Decode]
+            .into_iter()
+            .flat_map(|k| current.pool(k).iter().map(move |e| (k, e.clone())))
+            .filter(|(k, e)| only.is_none_or(|s| s.pool == *k && s.id == e.engine.id))
+            .collect();
+        let probes = futures::future::join_all(targets.iter().map(|(_, e)| {
+            let scrape = e
+                .status
+                .last_scrape
+                .is_none_or(|t| now.duration_since(t) >= scrape_every);
+            probe(e.engine.clone(), e.status.model.is_none(), scrape, timeout)
+        }))
+        .await;
+        let results: HashMap<(PoolKind, usize), Probe> = targets
+            .iter()
+            .map(|(k, e)| (*k, e.engine.id))
+            .zip(probes)
+            .collect();
+        let mut next = (*current).clone();
+        for kind in [PoolKind::Prefill, PoolKind::Decode] {
+            let pool = match kind {
+                PoolKind::Prefill => &mut next.prefill,
+                PoolKind::Decode => &mut next.decode,
+            };
+            for e in pool.iter_mut() {
+                if let Some(p) = results.get(&(kind, e.engine.id)) {
+                    apply(&self.cfg, &mut e.status, p, now);
+                }
+            }
+        }
+        if only.is_none() {
+            next.probed = true;
+        }
+        self.metrics.observe_pools(&next);
+        self.check_ratio(&next);
+        let changed_health = health_summary(&current) != health_summary(&next);
+        if changed_health {
+            for e in next.prefill.iter().chain(next.decode.iter()) {
+                tracing::info!(
+                    engine = %e.engine.url,
+                    pool = e.engine.pool.as_str(),
+                    state = e.status.health.as_str(),
+                    error = e.status.last_error.as_deref().unwrap_or(""),
+                    "engine state"
+                );
+            }
+        }
+        let _ = self.tx.send(Arc::new(next));
+    }
+
+    fn check_ratio(&mut self, p: &Pools) {
+        let Some(target) = self.cfg.pools.target_ratio else {
+            return;
+        };
+        let (np, nd) = (p.healthy(PoolKind::Prefill), p.healthy(PoolKind::Decode));
+        if nd == 0 || !p.probed {
+            return;
+        }
+        let live = np as f64 / nd as f64;
+        let drift = (live - target.value()).abs() / target.value();
+        let drifted = drift > self.cfg.pools.ratio_tolerance;
+        if drifted && !self.ratio_warned {
+            tracing::warn!(
+                live = format!("{np}:{nd}"),
+                target = format!("{}:{}", target.prefill, target.decode),
+                "live prefill:decode ratio has drifted from the configured target"
+            );
+        }
+        self.ratio_warned = drifted;
+    }
+}
+
+fn health_summary(p: &Pools) -> Vec<(usize, Health)> {
+    p.prefill
+        .iter()
+        .chain(p.decode.iter())
+        .map(|e| (e.engine.id, e.status.health))
+        .collect()
+}
+
+fn apply(cfg: &Config, st: &mut EngineStatus, p: &Probe, now: Instant) {
+    st.last_probe = Some(now);
+    if p.ok {
+        st.successes += 1;
+        st.failures = 0;
+        st.last_error = None;
+        if st.health != Health::Healthy && st.successes >= cfg.health.healthy_after {
+            st.health = Health::Healthy;
+        }
+    } else {
+        st.failures += 1;
+        st.successes = 0;
+        st.last_error = p.error.clone();
+        if st.health == Health::Unknown || st.failures >= cfg.health.unhealthy_after {
+            st.health = Health::Unhealthy;
+        }
+    }
+    if let Some(m) = &p.model {
+        st.model = Some(m.clone());
+    }
+    if let Some(s) = &p.scrape {
+        st.last_scrape = Some(now);
+        st.block_size = s.block_size.or(st.block_size);
+        st.num_gpu_blocks = s.num_gpu_blocks.or(st.num_gpu_blocks);
+        st.kv_usage = s.kv_usage.or(st.kv_usage);
+    }
+}
+
+async fn get(engine: &Engine, path: &str, timeout: Duration) -> Result<Bytes, String> {
+    let fut = async {
+        let mut conn = engine.upstream.acquire().await.map_err(|e| e.to_string())?;
+        let req = conn.get(path);
+        let resp = conn.send(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        conn.release();
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(format!("GET {path} returned {status}"))
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| Err(format!("GET {path} timed out")))
+}
+
+async fn probe(engine: Arc<Engine>, want_model: bool, want_scrape: bool, t: Duration) -> Probe {
+    if let Err(e) = get(&engine, "/health", t).await {
+        return Probe {
+            ok: false,
+            error: Some(e),
+            ..Probe::default()
+        };
+    }
+    let mut out = Probe {
+        ok: true,
+        ..Probe::default()
+    };
+    if want_model {
+        if let Ok(b) = get(&engine, "/v1/models", t).await {
+            out.model = serde_json::from_slice::<serde_json::Value>(&b)
+                .ok()
+                .and_then(|v| v["data"][0]["id"].as_str().map(Arc::from));
+        }
+    }
+    if want_scrape {
+        if let Ok(b) = get(&engine, "/metrics", t).await {
+            out.scrape = Some(parse_scrape(&String::from_utf8_lossy(&b)));
+        }
+    }
+    out
+}
+
+/// Read the few vLLM metric families routing needs from a Prometheus text exposition.
+fn parse_scrape(text: &str) -> Scrape {
+    let mut s = Scrape::default();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("vllm:cache_config_info{") {
+            s.block_size = label(rest, "block_size").and_then(|v| v.parse().ok());
+            s.num_gpu_blocks = label(rest, "num_gpu_blocks").and_then(|v| v.parse().ok());
+        } else if line.starts_with("vllm:kv_cache_usage_perc") {
+            s.kv_usage = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite());
+        }
+    }
+    s
+}
+
+fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!("{name}=\"");
+    // Only whole label names count (`block_size`, not `mamba_block_size`).
+    let start = labels
+        .match_indices(&key)
+        .map(|(i, _)| i)
+        .find(|&i| i == 0 || matches!(labels.as_bytes()[i - 1], b',' | b'{'))?
+        + key.len();
+    let end = labels[start..].find('"')?;
+    Some(&labels[start..start + end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrape_reads_block_size_capacity_and_usage() {
+        let text = "# HELP vllm:cache_config_info x\n\
+            vllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",num_gpu_blocks=\"24000\"} 1.0\n\
+            vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.25\n";
+        assert_eq!(
+            parse_scrape(text),
+            Scrape {
+                block_size: Some(16),
+                num_gpu_blocks: Some(24000),
+                kv_usage: Some(0.25)
+            }
+        );
+        assert_eq!(label("xblock_size=\"3\"", "block_size"), None);
+        assert_eq!(
+            label("mamba_block_size=\"3\",block_size=\"16\"", "block_size"),
+            Some("16")
+        );
+    }
+}

@@ -1,0 +1,261 @@
+//! Relaying the decode engine's response to the client: SSE events one by one (so each content
+//! chunk is timed as it is handed over), with the usage rewritten to carry the prefill side's
+//! cached-token count.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// One SSE event from the engine, classified.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A chunk carrying generated text.
+    Content(Bytes),
+    /// Any other chunk (the chat role chunk, a finish chunk, the usage chunk).
+    Other(Bytes),
+    /// vLLM's in-stream error event.
+    Error(Bytes),
+    /// `data: [DONE]`.
+    Done(Bytes),
+}
+
+impl Event {
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            Event::Content(b) | Event::Other(b) | Event::Error(b) | Event::Done(b) => b,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("the decode engine sent nothing for {0:?}")]
+    Idle(Duration),
+    #[error("the decode stream broke: {0}")]
+    Broken(String),
+    #[error("the decode stream ended without [DONE]")]
+    Truncated,
+}
+
+#[derive(Deserialize)]
+struct ChunkLite<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChoiceLite<'a>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceLite<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    delta: Option<DeltaLite<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaLite<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+/// Reads SSE events off an engine response body.
+#[derive(Debug)]
+pub struct EventReader {
+    body: Incoming,
+    buf: BytesMut,
+    /// Replace `usage.prompt_tokens_details.cached_tokens` with this (the prefill side's count).
+    cached_override: Option<u64>,
+    done: bool,
+}
+
+impl EventReader {
+    pub fn new(body: Incoming, cached_override: Option<u64>) -> Self {
+        EventReader {
+            body,
+            buf: BytesMut::new(),
+            cached_override,
+            done: false,
+        }
+    }
+
+    /// The next event, waiting at most `wait` for more bytes. `Ok(None)` after `[DONE]`.
+    pub async fn next(&mut self, wait: Duration) -> Result<Option<Event>, RelayError> {
+        loop {
+            if let Some(pos) = memchr::memmem::find(&self.buf, b"\n\n") {
+                let raw = self.buf.split_to(pos + 2).freeze();
+                let ev = classify(raw, self.cached_override);
+                if matches!(ev, Event::Done(_)) {
+                    self.done = true;
+                }
+                return Ok(Some(ev));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            let frame = match tokio::time::timeout(wait, self.body.frame()).await {
+                Err(_) => return Err(RelayError::Idle(wait)),
+                Ok(None) => {
+                    return if self.buf.iter().all(u8::is_ascii_whitespace) {
+                        Err(RelayError::Truncated)
+                    } else {
+                        // A last event without its blank line: deliver it as is.
+                        let raw = self.buf.split().freeze();
+                        Ok(Some(classify(raw, self.cached_override)))
+                    };
+                }
+                Ok(Some(Err(e))) => return Err(RelayError::Broken(e.to_string())),
+                Ok(Some(Ok(f))) => f,
+            };
+            if let Ok(data) = frame.into_data() {
+                self.buf.extend_from_slice(&data);
+            }
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.done
+    }
+}
+
+fn classify(raw: Bytes, cached_override: Option<u64>) -> Event {
+    let text = raw.strip_prefix(b"data: ").unwrap_or(&raw);
+    let payload = trim_ascii(text);
+    if payload == b"[DONE]" {
+        return Event::Done(raw);
+    }
+    if payload.starts_with(b"{\"error\"") {
+        return Event::Error(raw);
+    }
+    let Ok(chunk) = serde_json::from_slice::<ChunkLite>(payload) else {
+        return Event::Other(raw);
+    };
+    let content = chunk.choices.iter().any(|c| {
+        c.text.as_deref().is_some_and(|t| !t.is_empty())
+            || c.delta
+                .as_ref()
+                .and_then(|d| d.content.as_deref())
+                .is_some_and(|t| !t.is_empty())
+    });
+    let has_usage = chunk.usage.is_some_and(|u| u.get() != "null");
+    let raw = match (has_usage, cached_override) {
+        (true, Some(cached)) => rewrite_event(payload, cached).unwrap_or(raw),
+        _ => raw,
+    };
+    if content {
+        Event::Content(raw)
+    } else {
+        Event::Other(raw)
+    }
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+fn rewrite_event(payload: &[u8], cached: u64) -> Option<Bytes> {
+    let mut v: Value = serde_json::from_slice(payload).ok()?;
+    set_cached(&mut v, cached);
+    Some(Bytes::from(format!("data: {v}\n\n")))
+}
+
+/// Put the prefill side's `cached_tokens` into a response's usage (the decode engine counts the
+/// pulled KV as its own, which is not what the client's tokens cost).
+pub fn set_cached(v: &mut Value, cached: u64) {
+    let Some(usage) = v.get_mut("usage").and_then(Value::as_object_mut) else {
+        return;
+    };
+    match usage.get_mut("prompt_tokens_details") {
+        Some(Value::Object(d)) => {
+            d.insert("cached_tokens".into(), cached.into());
+        }
+        _ => {
+            usage.insert(
+                "prompt_tokens_details".into(),
+                serde_json::json!({ "cached_tokens": cached }),
+            );
+        }
+    }
+}
+
+/// Rewrite a whole non-streaming response body's usage.
+pub fn rewrite_body(body: &[u8], cached: u64) -> Option<Bytes> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    set_cached(&mut v, cached);
+    Some(Bytes::from(serde_json::to_vec(&v).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_events_and_rewrites_usage() {
+        let c = classify(
+            Bytes::from_static(
+                b"data: {\"choices\":[{\"index\":0,\"text\":\" hi\"}],\"usage\":null}\n\n",
+            ),
+            Some(7),
+        );
+        assert!(matches!(c, Event::Content(_)));
+        assert!(c.bytes().ends_with(b"\"usage\":null}\n\n"), "untouched");
+        let role = classify(
+            Bytes::from_static(
+                b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+            ),
+            None,
+        );
+        assert!(matches!(role, Event::Other(_)));
+        let chat = classify(
+            Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\\n\"}}]}\n\n"),
+            None,
+        );
+        assert!(matches!(chat, Event::Content(_)));
+        let usage = classify(
+            Bytes::from_static(b"data: {\"id\":\"a\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"total_tokens\":7,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n"),
+            Some(3),
+        );
+        assert_eq!(
+            usage.bytes().as_ref(),
+            b"data: {\"id\":\"a\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"total_tokens\":7,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":3}}}\n\n"
+        );
+        assert!(matches!(
+            classify(Bytes::from_static(b"data: [DONE]\n\n"), None),
+            Event::Done(_)
+        ));
+        assert!(matches!(
+            classify(
+                Bytes::from_static(b"data: {\"error\":{\"message\":\"x\",\"code\":500}}\n\n"),
+                None
+            ),
+            Event::Error(_)
+        ));
+    }
+
+    #[test]
+    fn body_rewrite_adds_details_when_absent() {
+        let b = rewrite_body(
+            br#"{"id":"x","usage":{"prompt_tokens":3,"prompt_tokens_details":null}}"#,
+            2,
+        )
+        .unwrap();
+        assert_eq!(
+            b.as_ref(),
+            br#"{"id":"x","usage":{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}"#
+        );
+    }
+}

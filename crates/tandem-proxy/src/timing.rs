@@ -1,0 +1,284 @@
+//! Per-request timing: the marks that split TTFT into phases, and the record every request
+//! leaves behind (in metrics and in the bounded recent-requests buffer behind
+//! `GET /admin/requests`).
+//!
+//! The phases are differences of consecutive marks on one monotonic clock, so they add up to
+//! TTFT exactly: queue = arrival → first leg dispatched; prefill = → KV params parsed; handoff =
+//! → decode leg dispatched; decode_first_token = → first content byte handed to the client.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::metrics::{DisaggLabels, Metrics, PhaseLabels, RequestLabels, TtftLabels};
+
+/// What one request left behind.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestRecord {
+    pub request_id: String,
+    pub route: &'static str,
+    pub outcome: &'static str,
+    pub decision_reason: &'static str,
+    pub prefill_engine: Option<String>,
+    pub decode_engine: Option<String>,
+    pub prefill_attempts: u32,
+    pub decode_attempts: u32,
+    pub prompt_tokens: u64,
+    pub cached_tokens: Option<u64>,
+    pub content_chunks: u64,
+    pub itl_observations: u64,
+    pub queue_s: Option<f64>,
+    pub prefill_s: Option<f64>,
+    pub handoff_s: Option<f64>,
+    pub decode_first_token_s: Option<f64>,
+    pub ttft_s: Option<f64>,
+    pub e2e_s: f64,
+    /// Prefill params parsed to decode leg dispatched.
+    pub dispatch_gap_s: Option<f64>,
+}
+
+/// The last N records.
+#[derive(Debug)]
+pub struct Recent {
+    cap: usize,
+    buf: Mutex<VecDeque<RequestRecord>>,
+}
+
+impl Recent {
+    pub fn new(cap: usize) -> Self {
+        Recent {
+            cap,
+            buf: Mutex::new(VecDeque::with_capacity(cap.min(4096))),
+        }
+    }
+
+    fn push(&self, r: RequestRecord) {
+        if self.cap == 0 {
+            return;
+        }
+        let mut b = self.buf.lock().expect("recent lock");
+        if b.len() == self.cap {
+            b.pop_front();
+        }
+        b.push_back(r);
+    }
+
+    pub fn list(&self) -> Vec<RequestRecord> {
+        self.buf
+            .lock()
+            .expect("recent lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Accumulates one request's marks and, when dropped, records it. A request whose future or
+/// stream is dropped before it finished (the client went away) is recorded as
+/// `client_disconnect`.
+#[derive(Debug)]
+pub struct Finisher {
+    metrics: Arc<Metrics>,
+    recent: Arc<Recent>,
+    pub model: String,
+    pub request_id: String,
+    arrival: Instant,
+    dispatched: Option<Instant>,
+    params: Option<Instant>,
+    decode_dispatch: Option<Instant>,
+    first_content: Option<Instant>,
+    last_content: Option<Instant>,
+    content_chunks: u64,
+    itl_observations: u64,
+    dispatch_gap: Option<f64>,
+    pub disaggregated: bool,
+    pub decision: Option<(&'static str, &'static str)>,
+    pub prefill_engine: Option<String>,
+    pub decode_engine: Option<String>,
+    pub prefill_attempts: u32,
+    pub decode_attempts: u32,
+    pub prompt_tokens: u64,
+    pub cached_tokens: Option<u64>,
+    outcome: Option<&'static str>,
+}
+
+fn secs(a: Instant, b: Instant) -> f64 {
+    b.saturating_duration_since(a).as_secs_f64()
+}
+
+impl Finisher {
+    pub fn new(metrics: Arc<Metrics>, recent: Arc<Recent>, request_id: String) -> Self {
+        Finisher {
+            metrics,
+            recent,
+            model: String::new(),
+            request_id,
+            arrival: Instant::now(),
+            dispatched: None,
+            params: None,
+            decode_dispatch: None,
+            first_content: None,
+            last_content: None,
+            content_chunks: 0,
+            itl_observations: 0,
+            dispatch_gap: None,
+            disaggregated: false,
+            decision: None,
+            prefill_engine: None,
+            decode_engine: None,
+            prefill_attempts: 0,
+            decode_attempts: 0,
+            prompt_tokens: 0,
+            cached_tokens: None,
+            outcome: None,
+        }
+    }
+
+    /// An upstream leg (prefill, or a local decode) is about to be sent. Only the first counts.
+    pub fn mark_dispatch(&mut self) {
+        self.dispatched.get_or_insert_with(Instant::now);
+    }
+
+    /// The prefill's KV params (or its null answer) are parsed. A later re-plan moves it.
+    pub fn mark_params(&mut self) {
+        self.params = Some(Instant::now());
+        self.decode_dispatch = None;
+    }
+
+    /// The decode leg is about to be sent. Only the first after the params counts; decode
+    /// retries fall in the decode_first_token phase.
+    pub fn mark_decode_dispatch(&mut self) {
+        if self.decode_dispatch.is_none() {
+            let now = Instant::now();
+            self.dispatched.get_or_insert(now);
+            self.decode_dispatch = Some(now);
+            if let (true, Some(p)) = (self.disaggregated, self.params) {
+                let gap = secs(p, now);
+                self.dispatch_gap = Some(gap);
+                self.metrics.dispatch_gap.observe(gap);
+            }
+        }
+    }
+
+    /// A content chunk is being handed to the client.
+    pub fn mark_content(&mut self) {
+        let now = Instant::now();
+        if let Some(prev) = self.last_content {
+            self.metrics.itl.observe(secs(prev, now));
+            self.itl_observations += 1;
+        } else {
+            self.first_content = Some(now);
+        }
+        self.last_content = Some(now);
+        self.content_chunks += 1;
+    }
+
+    pub fn finish(&mut self, outcome: &'static str) {
+        self.outcome.get_or_insert(outcome);
+    }
+
+    fn route(&self) -> &'static str {
+        if self.disaggregated {
+            "disaggregated"
+        } else {
+            "local"
+        }
+    }
+
+    fn record(&self, outcome: &'static str) -> RequestRecord {
+        let end = Instant::now();
+        let ttft = self.first_content.map(|t| secs(self.arrival, t));
+        let phases = match (self.dispatched, self.decode_dispatch, self.first_content) {
+            (Some(d), Some(dd), Some(fc)) => {
+                // A request without a prefill leg has no prefill phase: its "params" moment is
+                // its dispatch.
+                let p = self.params.unwrap_or(d);
+                Some((secs(self.arrival, d), secs(d, p), secs(p, dd), secs(dd, fc)))
+            }
+            _ => None,
+        };
+        RequestRecord {
+            request_id: self.request_id.clone(),
+            route: self.route(),
+            outcome,
+            decision_reason: self.decision.map_or("none", |d| d.1),
+            prefill_engine: self.prefill_engine.clone(),
+            decode_engine: self.decode_engine.clone(),
+            prefill_attempts: self.prefill_attempts,
+            decode_attempts: self.decode_attempts,
+            prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.cached_tokens,
+            content_chunks: self.content_chunks,
+            itl_observations: self.itl_observations,
+            queue_s: phases.map(|p| p.0),
+            prefill_s: phases.map(|p| p.1),
+            handoff_s: phases.map(|p| p.2),
+            decode_first_token_s: phases.map(|p| p.3),
+            ttft_s: ttft,
+            e2e_s: secs(self.arrival, end),
+            dispatch_gap_s: self.dispatch_gap,
+        }
+    }
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or("client_disconnect");
+        let rec = self.record(outcome);
+        let m = &self.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: rec.route,
+                outcome,
+            })
+            .inc();
+        if let Some((decision, reason)) = self.decision {
+            m.disagg_decisions
+                .get_or_create(&DisaggLabels { decision, reason })
+                .inc();
+        }
+        if let Some(t) = rec.ttft_s {
+            m.ttft
+                .get_or_create(&TtftLabels {
+                    route: rec.route,
+                    model: self.model.clone(),
+                })
+                .observe(t);
+        }
+        if let (Some(q), Some(p), Some(h), Some(d)) = (
+            rec.queue_s,
+            rec.prefill_s,
+            rec.handoff_s,
+            rec.decode_first_token_s,
+        ) {
+            for (phase, v) in [
+                ("queue", q),
+                ("prefill", p),
+                ("handoff", h),
+                ("decode_first_token", d),
+            ] {
+                m.phase.get_or_create(&PhaseLabels { phase }).observe(v);
+            }
+        }
+        if let (Some(f), Some(l)) = (self.first_content, self.last_content) {
+            if self.content_chunks > 1 {
+                m.tpot
+                    .observe(secs(f, l) / (self.content_chunks - 1) as f64);
+            }
+        }
+        m.e2e.observe(rec.e2e_s);
+        if let Some(c) = self.cached_tokens {
+            m.reported_cached_tokens.inc_by(c);
+        }
+        tracing::debug!(
+            request_id = %rec.request_id,
+            route = rec.route,
+            outcome,
+            ttft_s = rec.ttft_s,
+            "request finished"
+        );
+        self.recent.push(rec);
+    }
+}
