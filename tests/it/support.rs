@@ -234,3 +234,218 @@ pub fn decode_leg(client_body: &Value, kv: &Value) -> Value {
 }
 
 pub const PROMPT: &str = "Disaggregated serving splits prefill and decode across engines so that each phase runs where it is cheapest.";
+
+/// A running `tandem serve` child process, killed on drop; its config file is removed on drop.
+pub struct Tandem {
+    _child: Child,
+    config: std::path::PathBuf,
+    pub url: String,
+    pub client: reqwest::Client,
+}
+
+impl Drop for Tandem {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// A fresh path under the system temp directory, unique within and across test processes.
+fn temp_config_path() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!(
+        "tandem-it-{}-{}-{nanos}.toml",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+impl Tandem {
+    /// Start `tandem serve` with `config` (TOML) and wait until `GET /ready` answers 200.
+    pub async fn start(config: &str) -> Tandem {
+        let t = Tandem::spawn(config).await;
+        let mut last = t.ready().await;
+        for _ in 0..400 {
+            if last.0 == 200 {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            last = t.ready().await;
+        }
+        panic!("tandem not ready after 10 s: {} {}", last.0, last.1);
+    }
+
+    /// Start `tandem serve` and return once it listens (its engines may not be probed yet).
+    pub async fn spawn(config: &str) -> Tandem {
+        let path = temp_config_path();
+        std::fs::write(&path, config).expect("write the tandem config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .env(
+                "RUST_LOG",
+                std::env::var("TANDEM_IT_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn tandem serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("ready line within 60 s")
+            .expect("read stdout")
+            .expect("a ready line before exit");
+        let ready: Value = serde_json::from_str(&line).expect("ready line is JSON");
+        assert_eq!(ready["ready"], "tandem");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let url = ready["http"].as_str().expect("http address").to_string();
+        Tandem {
+            _child: child,
+            config: path,
+            url,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client"),
+        }
+    }
+
+    /// `GET /ready`: (status, body).
+    pub async fn ready(&self) -> (u16, Value) {
+        let resp = self.get("/ready").await;
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("/ready answers JSON"))
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        request_id: Option<&str>,
+    ) -> reqwest::Response {
+        let mut req = self.client.post(format!("{}{path}", self.url)).json(body);
+        if let Some(id) = request_id {
+            req = req.header("X-Request-Id", id);
+        }
+        req.send().await.expect("request sent")
+    }
+
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &Value,
+        request_id: Option<&str>,
+    ) -> (u16, Value) {
+        let resp = self.post(path, body, request_id).await;
+        let status = resp.status().as_u16();
+        let v = resp.json().await.expect("JSON body");
+        (status, v)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics")
+            .await
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// Sum of the samples of `name` whose label set contains every `labels` pair.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_in(&self.metrics().await, name, labels)
+    }
+
+    /// `GET /admin/requests`.
+    pub async fn records(&self) -> Vec<Value> {
+        let v: Value = self
+            .get("/admin/requests")
+            .await
+            .json()
+            .await
+            .expect("/admin/requests answers JSON");
+        v.as_array().expect("a JSON array").clone()
+    }
+
+    /// The record of `request_id`, polled for (at most 200 times 25 ms apart): a request is
+    /// recorded when its response or its stream ends, which may trail the client's last read.
+    pub async fn record(&self, request_id: &str) -> Value {
+        for _ in 0..200 {
+            if let Some(r) = self
+                .records()
+                .await
+                .into_iter()
+                .find(|r| r["request_id"] == request_id)
+            {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("no record of request {request_id} in /admin/requests");
+    }
+}
+
+/// Send a POST with a JSON body on a raw TCP connection and return the connection without
+/// reading anything: dropping it is a client disconnect at exactly the moment the test chooses.
+pub async fn raw_post(
+    base_url: &str,
+    path: &str,
+    body: &Value,
+    request_id: &str,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let authority = base_url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(authority)
+        .await
+        .expect("connect");
+    let body = body.to_string();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         X-Request-Id: {request_id}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write head");
+    s.write_all(body.as_bytes()).await.expect("write body");
+    s
+}
+
+/// Read from `s` until the bytes received so far contain `needle` (within 30 s); returns them.
+pub async fn read_until(s: &mut tokio::net::TcpStream, needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("expected bytes within 30 s")
+            .expect("read");
+        assert!(
+            n > 0,
+            "connection closed before {needle:?}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A local port with nothing listening on it (bound, then released).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("local addr").port()
+}

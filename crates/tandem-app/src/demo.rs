@@ -1,178 +1,158 @@
 //! `tandem demo`: the embedded default run.
 //!
-//! Starts simulated vLLM engines in process (a prefill pool, a decode pool, and a colocated pool
-//! of the same total size for comparison), replays a seeded prefix-sharing workload against both
-//! over real HTTP, and prints per-phase latency. Until the coordinator lands, the P/D path is
-//! driven exactly as vLLM's reference proxy drives it (prefill leg with `do_remote_decode` and
-//! `max_tokens` 1, then the decode leg with the returned `kv_transfer_params`), round-robin.
-//! All latencies are in simulated seconds (real time multiplied by the time scale).
+//! In one process: N prefill and M decode simulated vLLM engines on loopback (real HTTP, real
+//! KV handoff over their side channels), the coordinator in front of them, and a synthetic chat
+//! workload: conversations that share a few long system prompts and come back for several turns,
+//! each turn carrying the whole history. The client measures what a user sees (TTFT, ITL); the
+//! coordinator's own per-request records split each TTFT into its phases. With `--serve` the
+//! stack stays up afterwards for curl.
 
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-use tandem_sim::engine::SimClock;
+use tandem_config::{Config, DisaggregationMode, Endpoint, PoolConfig, PoolsConfig};
+use tandem_proxy::RequestRecord;
 use tandem_sim::profile::GpuKind;
 use tandem_sim::{RunningSim, SimConfig};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Requests per mode.
-    #[arg(long, default_value_t = 64)]
-    requests: usize,
-    /// Mean arrival rate, requests per simulated second (Poisson).
-    #[arg(long, default_value_t = 6.0)]
+    /// Conversations in the workload.
+    #[arg(long, default_value_t = 24)]
+    conversations: usize,
+    /// Turns per conversation (each turn resends the whole history).
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
+    /// New conversations per second (Poisson).
+    #[arg(long, default_value_t = 2.0)]
     rate: f64,
-    /// Output tokens per request.
-    #[arg(long, default_value_t = 128)]
+    /// Mean user think time between turns, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    think: f64,
+    /// Shared system prompts the conversations draw from.
+    #[arg(long, default_value_t = 4)]
+    system_prompts: usize,
+    /// Output tokens per turn.
+    #[arg(long, default_value_t = 64)]
     output_tokens: u64,
     #[arg(long, default_value = "llama-3.1-8b")]
     model: String,
     #[arg(long, default_value = "h100")]
     gpu: String,
+    /// Prefill engines.
     #[arg(long, default_value_t = 2)]
     prefill: usize,
+    /// Decode engines.
     #[arg(long, default_value_t = 2)]
     decode: usize,
-    /// Simulated seconds per real second. Above 1, client-side ITL gets coarse: an 8 ms step
-    /// becomes shorter than the timer's resolution, so tokens arrive in bursts (their mean stays
-    /// right, and engine-side metrics are stamped in simulated time either way).
+    /// Disaggregation mode: always, conditional or never.
+    #[arg(long, default_value = "conditional")]
+    mode: String,
+    /// Simulated seconds per real second (above 1, client-side ITL gets coarse).
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Keep the engines and the coordinator up after the workload and print the URL.
+    #[arg(long)]
+    serve: bool,
 }
 
-/// Per-request observations, simulated seconds.
+/// What the client saw for one request.
 #[derive(Debug, Default, Clone)]
-struct Obs {
-    prefill_leg: Option<f64>,
-    ttft: f64,
-    itls: Vec<f64>,
-    e2e: f64,
-    tokens: u64,
+struct Seen {
     ok: bool,
-}
-
-/// Pulls one phase's samples out of a request's observations.
-type Extract = fn(&Obs) -> Vec<f64>;
-
-#[derive(Debug, Clone)]
-struct Req {
-    at: f64,
-    prompt: String,
+    ttft: Option<f64>,
+    itls: Vec<f64>,
+    tokens: u64,
+    text: String,
+    error: Option<String>,
 }
 
 pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
     let gpu = GpuKind::parse(&args.gpu).ok_or_else(|| format!("unknown GPU `{}`", args.gpu))?;
-    if args.prefill == 0 || args.decode == 0 || args.requests == 0 || args.rate <= 0.0 {
-        return Err("--prefill, --decode, --requests and --rate must be positive".into());
+    let mode = match args.mode.as_str() {
+        "always" => DisaggregationMode::Always,
+        "conditional" => DisaggregationMode::Conditional,
+        "never" => DisaggregationMode::Never,
+        m => return Err(format!("unknown --mode `{m}` (always, conditional, never)").into()),
+    };
+    if args.decode == 0 || args.rate <= 0.0 || args.turns == 0 {
+        return Err("--decode, --rate and --turns must be positive".into());
     }
-    let workload = make_workload(&args);
-    let total_prompt: usize = workload.iter().map(|r| r.prompt.len()).sum();
-    println!(
-        "tandem demo: {} on {} | {} requests per mode, Poisson {:.1} req/s, mean prompt {} tokens (8 shared system prompts), {} output tokens | time scale x{}",
-        args.model, gpu.name(), args.requests, args.rate, total_prompt / workload.len(), args.output_tokens, args.time_scale
-    );
+    if args.prefill == 0 && mode != DisaggregationMode::Never {
+        return Err("--prefill 0 needs --mode never".into());
+    }
+
+    let mut sims = Vec::new();
+    for i in 0..args.prefill + args.decode {
+        sims.push(start_sim(&args, gpu, 100 + i as u64).await?);
+    }
+    let (p, d) = sims.split_at(args.prefill);
+    let url = |s: &RunningSim| format!("http://{}", s.http_addr);
+    let pool = |v: &[RunningSim]| PoolConfig {
+        endpoints: v.iter().map(|s| Endpoint::new(url(s))).collect(),
+        ..PoolConfig::default()
+    };
+    let mut cfg = Config::new(PoolsConfig::new(pool(p), pool(d)));
+    cfg.disaggregation.mode = mode;
+    cfg.health.interval_ms = 200;
+    cfg.validate()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let tandem = tandem_proxy::start(cfg, listener, async {
+        let _ = stop_rx.await;
+    })?;
+    let base = format!("http://{}", tandem.addr);
     let client = reqwest::Client::new();
+    wait_ready(&client, &base).await?;
 
-    let mut pool = Vec::new();
-    for i in 0..args.prefill + args.decode {
-        pool.push(start_sim(&args, gpu, 100 + i as u64).await?);
-    }
-    let (p, d) = pool.split_at(args.prefill);
-    let prefill: Vec<String> = p
-        .iter()
-        .map(|s| format!("http://{}", s.http_addr))
-        .collect();
-    let decode: Vec<String> = d
-        .iter()
-        .map(|s| format!("http://{}", s.http_addr))
-        .collect();
-    let clock = SimClock::new(args.time_scale);
-    let disagg = replay(
-        &client,
-        &workload,
-        clock,
-        &args,
-        Mode::Disagg { prefill, decode },
-    )
-    .await;
-
-    let mut colo = Vec::new();
-    for i in 0..args.prefill + args.decode {
-        colo.push(start_sim(&args, gpu, 200 + i as u64).await?);
-    }
-    let colocated: Vec<String> = colo
-        .iter()
-        .map(|s| format!("http://{}", s.http_addr))
-        .collect();
-    let clock = SimClock::new(args.time_scale);
-    let colocated_obs = replay(&client, &workload, clock, &args, Mode::Colocated(colocated)).await;
-
-    println!();
+    let systems = system_prompts(&args);
+    let total = args.conversations * args.turns;
     println!(
-        "{:<34} {:>12} {:>12}",
-        "phase (simulated ms)",
-        format!("{}P+{}D", args.prefill, args.decode),
-        format!("{} colocated", args.prefill + args.decode)
+        "tandem demo: {} on {} | {}P + {}D simulated engines | {} conversations x {} turns = {} chat requests, {} shared system prompts (~{} tokens), {} output tokens | mode {} | time scale x{}",
+        args.model, gpu.name(), args.prefill, args.decode, args.conversations, args.turns, total,
+        systems.len(), systems.first().map_or(0, String::len), args.output_tokens, args.mode, args.time_scale
     );
-    let rows: [(&str, Extract); 4] = [
-        ("prefill leg (P, incl. queue)", |o| {
-            o.prefill_leg.into_iter().collect()
-        }),
-        ("TTFT (client)", |o| vec![o.ttft]),
-        ("ITL (client)", |o| o.itls.clone()),
-        ("E2E (client)", |o| vec![o.e2e]),
-    ];
-    for (name, f) in rows {
-        for (q, label) in [(0.5, "p50"), (0.99, "p99")] {
-            let a = pct(disagg.iter().flat_map(f).collect(), q);
-            let b = pct(colocated_obs.iter().flat_map(f).collect(), q);
-            println!(
-                "{:<34} {:>12} {:>12}",
-                format!("{name} {label}"),
-                fmt_ms(a),
-                fmt_ms(b)
-            );
-        }
-    }
-    let ok_d = disagg.iter().filter(|o| o.ok).count();
-    let ok_c = colocated_obs.iter().filter(|o| o.ok).count();
-    let tok_d: u64 = disagg.iter().map(|o| o.tokens).sum();
-    let tok_c: u64 = colocated_obs.iter().map(|o| o.tokens).sum();
-    println!("{:<34} {:>12} {:>12}", "completed requests", ok_d, ok_c);
-    println!("{:<34} {:>12} {:>12}", "output tokens", tok_d, tok_c);
+    println!("coordinator at {base}");
 
-    println!();
-    println!("engine-side counters (from each engine's /metrics):");
-    for (name, sims) in [("prefill", p), ("decode", d), ("colocated", &colo[..])] {
-        let queries = sum(&client, sims, "vllm:prefix_cache_queries_total").await;
-        let hits = sum(&client, sims, "vllm:prefix_cache_hits_total").await;
-        let xfer = sum(&client, sims, "vllm:nixl_xfer_time_seconds_count").await;
-        let xfer_s = sum(&client, sims, "vllm:nixl_xfer_time_seconds_sum").await;
-        let usage = sum(&client, sims, "vllm:kv_cache_usage_perc").await;
-        let preempt = sum(&client, sims, "vllm:num_preemptions_total").await;
+    let started = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let progress = tokio::spawn(progress(done.clone(), errors.clone(), total));
+    let seen = workload(&client, &base, &args, &systems, done, errors).await;
+    progress.abort();
+    let wall = started.elapsed().as_secs_f64();
+    eprintln!();
+
+    let records: HashMap<String, RequestRecord> = tandem
+        .recent()
+        .into_iter()
+        .map(|r| (r.request_id.clone(), r))
+        .collect();
+    report(&args, &client, &seen, &records, p, d, wall).await;
+
+    let failed = seen.values().filter(|s| !s.ok).count();
+    if args.serve {
+        println!();
+        println!("Tandem is serving at {base} (Ctrl-C to stop). Try:");
         println!(
-            "  {name:<10} prefix-cache hit rate {:>5.1}% | KV pulls {:>4} (mean {:>6.2} ms modeled) | preemptions {:>3} | KV usage now {:.3}",
-            if queries > 0.0 { 100.0 * hits / queries } else { 0.0 },
-            xfer,
-            if xfer > 0.0 { 1000.0 * xfer_s / xfer } else { 0.0 },
-            preempt,
-            usage
+            "  curl -N {base}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}],\"max_tokens\":32,\"stream\":true}}'"
         );
+        println!("  curl {base}/metrics   curl {base}/admin/engines   curl {base}/admin/requests");
+        tokio::signal::ctrl_c().await?;
     }
-    if ok_d != workload.len() || ok_c != workload.len() {
-        return Err(format!(
-            "{} of {} disaggregated and {} colocated requests failed",
-            workload.len() - ok_d,
-            workload.len(),
-            workload.len() - ok_c
-        )
-        .into());
+    let _ = stop_tx.send(());
+    if failed > 0 {
+        return Err(format!("{failed} of {total} requests failed").into());
     }
     Ok(())
 }
@@ -180,135 +160,173 @@ pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
 async fn start_sim(
     args: &DemoArgs,
     gpu: GpuKind,
-    seed: u64,
+    hash_seed: u64,
 ) -> Result<RunningSim, Box<dyn std::error::Error>> {
     let mut cfg = SimConfig::new(&args.model, gpu);
     cfg.time_scale = args.time_scale;
-    // Same sampling seed everywhere, so text matches across engines; distinct hash seeds as in vLLM.
+    // One sampling seed everywhere, so a turn's text does not depend on the engine it ran on;
+    // distinct prefix-hash seeds, as separate vLLM processes have.
     cfg.seed = args.seed;
-    cfg.hash_seed = Some(seed.to_string());
+    cfg.hash_seed = Some(hash_seed.to_string());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     Ok(tandem_sim::start(cfg, listener, std::future::pending()).await?)
 }
 
-fn make_workload(args: &DemoArgs) -> Vec<Req> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
-    let words = [
-        "tensor", "cache", "prefill", "decode", "route", "block", "token", "stream", "engine",
-        "batch",
-    ];
-    let text = |rng: &mut rand_chacha::ChaCha8Rng, chars: usize| {
-        let mut s = String::with_capacity(chars + 8);
-        while s.len() < chars {
-            s.push_str(words[rng.random_range(0..words.len())]);
-            s.push(' ');
-        }
-        s.truncate(chars);
-        s
-    };
-    let systems: Vec<String> = (0..8).map(|_| text(&mut rng, 1536)).collect();
-    let mut t = 0.0;
-    (0..args.requests)
-        .map(|_| {
-            let u: f64 = rng.random_range(f64::EPSILON..1.0);
-            t += -u.ln() / args.rate;
-            let sys = &systems[rng.random_range(0..systems.len())];
-            let user_len = rng.random_range(256..2560);
-            Req {
-                at: t,
-                prompt: format!("{sys}{}", text(&mut rng, user_len)),
+async fn wait_ready(client: &reqwest::Client, base: &str) -> Result<(), String> {
+    for _ in 0..200 {
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
+            if r.status().is_success() {
+                return Ok(());
             }
-        })
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("the coordinator did not become ready within 10 s".into())
+}
+
+fn system_prompts(args: &DemoArgs) -> Vec<String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    (0..args.system_prompts.max(1))
+        .map(|i| format!("You are assistant #{i}. {}", words(&mut rng, 3000)))
         .collect()
 }
 
-enum Mode {
-    Disagg {
-        prefill: Vec<String>,
-        decode: Vec<String>,
-    },
-    Colocated(Vec<String>),
+fn words(rng: &mut ChaCha8Rng, chars: usize) -> String {
+    const W: [&str; 12] = [
+        "tensor", "cache", "prefill", "decode", "route", "block", "token", "stream", "engine",
+        "batch", "latency", "memory",
+    ];
+    let mut s = String::with_capacity(chars + 10);
+    while s.len() < chars {
+        s.push_str(W[rng.random_range(0..W.len())]);
+        s.push(' ');
+    }
+    s.truncate(chars);
+    s
 }
 
-async fn replay(
+async fn progress(done: Arc<AtomicUsize>, errors: Arc<AtomicUsize>, total: usize) {
+    let tty = std::io::stderr().is_terminal();
+    let mut last_quarter = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (n, e) = (done.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+        let filled = if total == 0 { 30 } else { n * 30 / total };
+        let line = format!(
+            "  [{}{}] {n}/{total} requests, {e} errors",
+            "#".repeat(filled),
+            " ".repeat(30 - filled)
+        );
+        if tty {
+            eprint!("\r{line}");
+            let _ = std::io::stderr().flush();
+        } else if total > 0 && n * 4 / total > last_quarter {
+            last_quarter = n * 4 / total;
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// Run every conversation; returns what the client saw, by request id.
+async fn workload(
     client: &reqwest::Client,
-    workload: &[Req],
-    clock: SimClock,
+    base: &str,
     args: &DemoArgs,
-    mode: Mode,
-) -> Vec<Obs> {
-    let mode = Arc::new(mode);
+    systems: &[String],
+    done: Arc<AtomicUsize>,
+    errors: Arc<AtomicUsize>,
+) -> HashMap<String, Seen> {
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
+    let mut t = 0.0;
     let mut tasks = Vec::new();
-    for (i, r) in workload.iter().enumerate() {
-        let client = client.clone();
-        let mode = mode.clone();
-        let r = r.clone();
-        let max_tokens = args.output_tokens;
+    let start = tokio::time::Instant::now();
+    for c in 0..args.conversations {
+        t += -rng.random_range(f64::EPSILON..1.0f64).ln() / args.rate;
+        let system = systems[rng.random_range(0..systems.len())].clone();
+        let questions: Vec<String> = (0..args.turns)
+            .map(|_| {
+                let n = rng.random_range(200..1200);
+                words(&mut rng, n)
+            })
+            .collect();
+        let thinks: Vec<f64> = (0..args.turns)
+            .map(|_| -rng.random_range(f64::EPSILON..1.0f64).ln() * args.think)
+            .collect();
+        let at = start + Duration::from_secs_f64(t / args.time_scale);
+        let (client, base) = (client.clone(), base.to_string());
+        let (done, errors) = (done.clone(), errors.clone());
+        let (max_tokens, scale) = (args.output_tokens, args.time_scale);
         tasks.push(tokio::spawn(async move {
-            tokio::time::sleep_until(clock.instant_at(r.at)).await;
-            one(&client, &mode, i, &r, max_tokens, clock)
-                .await
-                .unwrap_or_default()
+            tokio::time::sleep_until(at).await;
+            let mut history = vec![json!({"role": "system", "content": system})];
+            let mut out = Vec::new();
+            for (turn, q) in questions.into_iter().enumerate() {
+                history.push(json!({"role": "user", "content": q}));
+                let id = format!("demo-c{c}-t{turn}");
+                let seen = chat(&client, &base, &id, &history, max_tokens, scale).await;
+                done.fetch_add(1, Ordering::Relaxed);
+                if !seen.ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                history.push(json!({"role": "assistant", "content": seen.text}));
+                let ok = seen.ok;
+                out.push((id, seen));
+                if !ok {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs_f64(thinks[turn] / scale)).await;
+            }
+            out
         }));
     }
-    let mut out = Vec::new();
+    let mut all = HashMap::new();
     for t in tasks {
-        out.push(t.await.unwrap_or_default());
+        if let Ok(v) = t.await {
+            all.extend(v);
+        }
     }
-    out
+    all
 }
 
-async fn one(
+/// One streamed chat turn, timed as the client sees it (simulated seconds).
+async fn chat(
     client: &reqwest::Client,
-    mode: &Mode,
-    i: usize,
-    r: &Req,
+    base: &str,
+    id: &str,
+    messages: &[Value],
     max_tokens: u64,
-    clock: SimClock,
-) -> Result<Obs, reqwest::Error> {
-    let start = clock.now();
-    let rid = format!("demo-{i}");
-    let mut body = json!({"model": null, "prompt": r.prompt, "max_tokens": max_tokens, "ignore_eos": true,
+    scale: f64,
+) -> Seen {
+    let mut seen = Seen::default();
+    let body = json!({"messages": messages, "max_tokens": max_tokens, "ignore_eos": true,
         "stream": true, "stream_options": {"include_usage": true}});
-    body.as_object_mut().map(|o| o.remove("model"));
-    let mut obs = Obs::default();
-    let target = match mode {
-        Mode::Colocated(engines) => engines[i % engines.len()].clone(),
-        Mode::Disagg { prefill, decode } => {
-            let mut p = body.clone();
-            p["kv_transfer_params"] = json!({"do_remote_decode": true, "do_remote_prefill": false,
-                "remote_engine_id": null, "remote_block_ids": null, "remote_host": null, "remote_port": null});
-            p["stream"] = json!(false);
-            p["max_tokens"] = json!(1);
-            p.as_object_mut().map(|o| o.remove("stream_options"));
-            let resp: Value = client
-                .post(format!("{}/v1/completions", prefill[i % prefill.len()]))
-                .header("X-Request-Id", &rid)
-                .json(&p)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            obs.prefill_leg = Some(clock.now() - start);
-            if let Some(kv) = resp.get("kv_transfer_params").filter(|v| !v.is_null()) {
-                body["kv_transfer_params"] = kv.clone();
-            }
-            decode[i % decode.len()].clone()
-        }
-    };
-    let resp = client
-        .post(format!("{target}/v1/completions"))
-        .header("X-Request-Id", &rid)
+    let start = Instant::now();
+    let resp = match client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("X-Request-Id", id)
         .json(&body)
         .send()
-        .await?
-        .error_for_status()?;
+        .await
+    {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
+            seen.error = Some(format!("HTTP {}", r.status()));
+            return seen;
+        }
+        Err(e) => {
+            seen.error = Some(e.to_string());
+            return seen;
+        }
+    };
     let mut stream = resp.bytes_stream();
     let mut buf = Vec::new();
-    let mut last = None;
+    let mut last: Option<Instant> = None;
     while let Some(chunk) = stream.next().await {
-        buf.extend_from_slice(&chunk?);
+        let Ok(chunk) = chunk else {
+            seen.error = Some("stream cut".into());
+            return seen;
+        };
+        buf.extend_from_slice(&chunk);
         while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buf.drain(..pos + 2).collect();
             let line = String::from_utf8_lossy(&event);
@@ -316,70 +334,186 @@ async fn one(
                 continue;
             };
             if data == "[DONE]" {
-                obs.ok = true;
+                seen.ok = seen.error.is_none();
                 continue;
             }
             let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-            if v.get("error").is_some() {
-                return Ok(obs);
+            if let Some(e) = v.get("error") {
+                seen.error = Some(e.to_string());
+                continue;
             }
-            if let Some(u) = v
-                .get("usage")
-                .and_then(|u| u.get("completion_tokens"))
-                .and_then(Value::as_u64)
-            {
-                obs.tokens = u;
+            if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
+                seen.tokens = u;
             }
-            if v.get("choices")
-                .and_then(Value::as_array)
-                .is_some_and(|c| !c.is_empty())
-            {
-                let now = clock.now();
-                match last {
-                    None => obs.ttft = now - start,
-                    Some(prev) => obs.itls.push(now - prev),
+            if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+                if !c.is_empty() {
+                    let now = Instant::now();
+                    match last {
+                        None => seen.ttft = Some((now - start).as_secs_f64() * scale),
+                        Some(prev) => seen.itls.push((now - prev).as_secs_f64() * scale),
+                    }
+                    last = Some(now);
+                    seen.text.push_str(c);
                 }
-                last = Some(now);
             }
         }
     }
-    obs.e2e = clock.now() - start;
-    Ok(obs)
+    seen
+}
+
+fn pct(v: &mut [f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[((v.len() - 1) as f64 * q).round() as usize])
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |s| format!("{:.1}", s * 1000.0))
+}
+
+async fn report(
+    args: &DemoArgs,
+    client: &reqwest::Client,
+    seen: &HashMap<String, Seen>,
+    records: &HashMap<String, RequestRecord>,
+    prefill: &[RunningSim],
+    decode: &[RunningSim],
+    wall: f64,
+) {
+    let ok: Vec<&Seen> = seen.values().filter(|s| s.ok).collect();
+    let recs: Vec<&RequestRecord> = seen
+        .iter()
+        .filter(|(_, s)| s.ok)
+        .filter_map(|(id, _)| records.get(id))
+        .collect();
+    let disagg = recs.iter().filter(|r| r.route == "disaggregated").count();
+    let mut reasons: HashMap<&str, usize> = HashMap::new();
+    for r in &recs {
+        *reasons.entry(r.decision_reason).or_default() += 1;
+    }
+    let mut reasons: Vec<_> = reasons.into_iter().collect();
+    reasons.sort();
+    let tokens: u64 = ok.iter().map(|s| s.tokens).sum();
+    let sim_wall = wall * args.time_scale;
+
+    println!();
+    println!(
+        "requests {} | errors {} | disaggregated {} | local {} ({})",
+        seen.len(),
+        seen.len() - ok.len(),
+        disagg,
+        recs.len() - disagg,
+        reasons
+            .iter()
+            .map(|(r, n)| format!("{r}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "throughput {:.1} req/s, {:.0} output tokens/s over {:.1} s (simulated)",
+        ok.len() as f64 / sim_wall,
+        tokens as f64 / sim_wall,
+        sim_wall
+    );
+    println!();
+    println!(
+        "{:<40} {:>9} {:>9} {:>9}",
+        "latency (ms, simulated)", "p50", "p90", "p99"
+    );
+    let scale = args.time_scale;
+    let rows: [(&str, Box<dyn Fn(&RequestRecord) -> Option<f64>>); 5] = [
+        ("TTFT (coordinator, first byte out)", Box::new(|r| r.ttft_s)),
+        ("  queue (parse, tokenize, plan)", Box::new(|r| r.queue_s)),
+        ("  prefill (P leg incl. retries)", Box::new(|r| r.prefill_s)),
+        (
+            "  handoff (params -> decode sent)",
+            Box::new(|r| r.handoff_s),
+        ),
+        (
+            "  decode first token (KV pull + 1st)",
+            Box::new(|r| r.decode_first_token_s),
+        ),
+    ];
+    for (name, f) in rows.iter() {
+        let mut v: Vec<f64> = recs
+            .iter()
+            .filter_map(|r| f(r))
+            .map(|s| s * scale)
+            .collect();
+        let (a, b, c) = (pct(&mut v, 0.5), pct(&mut v, 0.9), pct(&mut v, 0.99));
+        println!("{name:<40} {:>9} {:>9} {:>9}", ms(a), ms(b), ms(c));
+    }
+    let mut ttft: Vec<f64> = ok.iter().filter_map(|s| s.ttft).collect();
+    let mut itl: Vec<f64> = ok.iter().flat_map(|s| s.itls.iter().copied()).collect();
+    let (a, b, c) = (
+        pct(&mut ttft, 0.5),
+        pct(&mut ttft, 0.9),
+        pct(&mut ttft, 0.99),
+    );
+    println!(
+        "{:<40} {:>9} {:>9} {:>9}",
+        "TTFT (client)",
+        ms(a),
+        ms(b),
+        ms(c)
+    );
+    let (a, b, c) = (pct(&mut itl, 0.5), pct(&mut itl, 0.9), pct(&mut itl, 0.99));
+    println!(
+        "{:<40} {:>9} {:>9} {:>9}",
+        "ITL (client)",
+        ms(a),
+        ms(b),
+        ms(c)
+    );
+    let mut gap: Vec<f64> = recs.iter().filter_map(|r| r.dispatch_gap_s).collect();
+    let (a, c) = (pct(&mut gap, 0.5), pct(&mut gap, 0.99));
+    println!(
+        "params-to-decode-dispatch gap (real µs): p50 {} p99 {}",
+        a.map_or("-".into(), |s| format!("{:.1}", s * 1e6)),
+        c.map_or("-".into(), |s| format!("{:.1}", s * 1e6))
+    );
+
+    println!();
+    for (name, sims) in [("prefill", prefill), ("decode", decode)] {
+        let queries = sum(client, sims, "vllm:prefix_cache_queries_total").await;
+        let hits = sum(client, sims, "vllm:prefix_cache_hits_total").await;
+        let pulls = sum(client, sims, "vllm:nixl_xfer_time_seconds_count").await;
+        let pull_s = sum(client, sims, "vllm:nixl_xfer_time_seconds_sum").await;
+        println!(
+            "{name:<8} engines: prefix-cache hit rate {:>5.1}% ({:.0} of {:.0} prompt tokens) | KV pulls {:.0} (mean {:.2} ms modeled)",
+            if queries > 0.0 { 100.0 * hits / queries } else { 0.0 },
+            hits,
+            queries,
+            pulls,
+            if pulls > 0.0 { 1000.0 * pull_s / pulls } else { 0.0 }
+        );
+    }
+    for (id, s) in seen.iter().filter(|(_, s)| !s.ok).take(5) {
+        println!("failed {id}: {}", s.error.as_deref().unwrap_or("no [DONE]"));
+    }
 }
 
 async fn sum(client: &reqwest::Client, sims: &[RunningSim], metric: &str) -> f64 {
     let mut t = 0.0;
     for s in sims {
-        t += scrape(client, s, metric).await.unwrap_or(0.0);
+        let Ok(resp) = client
+            .get(format!("http://{}/metrics", s.http_addr))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let Ok(text) = resp.text().await else {
+            continue;
+        };
+        t += text
+            .lines()
+            .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
     }
     t
-}
-
-async fn scrape(client: &reqwest::Client, sim: &RunningSim, metric: &str) -> Option<f64> {
-    let text = client
-        .get(format!("http://{}/metrics", sim.http_addr))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .reduce(|a, b| a + b)
-}
-
-fn pct(mut v: Vec<f64>, q: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let idx = ((v.len() - 1) as f64 * q).round() as usize;
-    Some(v[idx])
-}
-
-fn fmt_ms(v: Option<f64>) -> String {
-    v.map_or("-".into(), |s| format!("{:.1}", s * 1000.0))
 }
