@@ -449,3 +449,71 @@ pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("local addr").port()
 }
+
+/// A TCP forwarder in front of an engine that closes a connection once nothing has moved on it,
+/// in either direction, for `idle`: the way uvicorn (vLLM's HTTP server) closes idle keep-alive
+/// connections after `timeout_keep_alive` (5 s by default). It stops accepting when dropped.
+pub struct IdleClosingProxy {
+    pub url: String,
+    /// Connections closed for being idle.
+    pub closed_idle: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for IdleClosingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl IdleClosingProxy {
+    pub async fn start(upstream_url: &str, idle: Duration) -> IdleClosingProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream_url.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("local addr"));
+        let closed_idle = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let closed = closed_idle.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut a, mut b) = ([0u8; 8192], [0u8; 8192]);
+                    // Reads are cancel-safe; each iteration restarts the idle timer.
+                    loop {
+                        tokio::select! {
+                            r = client.read(&mut a) => match r {
+                                Ok(n) if n > 0 => {
+                                    if server.write_all(&a[..n]).await.is_err() { return; }
+                                }
+                                _ => return,
+                            },
+                            r = server.read(&mut b) => match r {
+                                Ok(n) if n > 0 => {
+                                    if client.write_all(&b[..n]).await.is_err() { return; }
+                                }
+                                _ => return,
+                            },
+                            _ = tokio::time::sleep(idle) => {
+                                closed.fetch_add(1, Ordering::SeqCst);
+                                return; // dropping both streams closes them
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        IdleClosingProxy {
+            url,
+            closed_idle,
+            task,
+        }
+    }
+}

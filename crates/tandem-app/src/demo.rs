@@ -66,6 +66,9 @@ pub struct DemoArgs {
     serve: bool,
 }
 
+/// Reads one latency out of a coordinator record.
+type Phase = Box<dyn Fn(&RequestRecord) -> Option<f64>>;
+
 /// What the client saw for one request.
 #[derive(Debug, Default, Clone)]
 struct Seen {
@@ -211,7 +214,7 @@ async fn progress(done: Arc<AtomicUsize>, errors: Arc<AtomicUsize>, total: usize
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let (n, e) = (done.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
-        let filled = if total == 0 { 30 } else { n * 30 / total };
+        let filled = (n * 30).checked_div(total).unwrap_or(30).min(30);
         let line = format!(
             "  [{}{}] {n}/{total} requests, {e} errors",
             "#".repeat(filled),
@@ -423,7 +426,7 @@ async fn report(
         "latency (ms, simulated)", "p50", "p90", "p99"
     );
     let scale = args.time_scale;
-    let rows: [(&str, Box<dyn Fn(&RequestRecord) -> Option<f64>>); 5] = [
+    let rows: [(&str, Phase); 5] = [
         ("TTFT (coordinator, first byte out)", Box::new(|r| r.ttft_s)),
         ("  queue (parse, tokenize, plan)", Box::new(|r| r.queue_s)),
         ("  prefill (P leg incl. retries)", Box::new(|r| r.prefill_s)),

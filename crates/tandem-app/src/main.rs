@@ -5,6 +5,7 @@
 //! - `tandem config check`: validate a configuration file and print the effective configuration.
 //! - `tandem demo`: simulated prefill and decode pools plus a workload, with per-phase results.
 
+mod bench;
 mod demo;
 mod serve;
 mod sim_args;
@@ -31,6 +32,9 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(serve::ConfigCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Run the embedded demo: simulated P/D pools and a workload; prints per-phase results.
     Demo(demo::DemoArgs),
 }
@@ -71,6 +75,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Sim(args) => sim_args::run(*args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Bench(cmd) => bench::run(cmd).await,
             Command::Serve(_) => match serve_cfg {
                 Some(cfg) => serve::run(cfg).await.map_err(Into::into),
                 None => unreachable!("serve's config was loaded above"),

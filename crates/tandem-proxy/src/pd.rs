@@ -47,6 +47,10 @@ enum LegError {
         message: String,
         /// The engine itself looks unwell (re-probe it now).
         suspect: bool,
+        /// The request never reached the engine, so a prefill's pinned KV is untouched. Once a
+        /// decode engine has seen the handoff it may have read it or told the prefill engine to
+        /// free it (vLLM notifies P when D rejects), so its params must not be reused.
+        undelivered: bool,
     },
     Relay(ProxyError),
 }
@@ -56,6 +60,16 @@ fn retry(reason: &'static str, message: impl Into<String>, suspect: bool) -> Leg
         reason,
         message: message.into(),
         suspect,
+        undelivered: false,
+    }
+}
+
+fn undelivered(message: impl Into<String>) -> LegError {
+    LegError::Retry {
+        reason: "connect",
+        message: message.into(),
+        suspect: true,
+        undelivered: true,
     }
 }
 
@@ -124,13 +138,23 @@ fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Finisher) -> Re
         loop {
             match reader.next(idle).await {
                 Ok(Some(ev)) => {
-                    match &ev {
-                        Event::Content(_) => fin.mark_content(),
-                        Event::Error(_) => fin.finish("engine_error"),
-                        _ => {}
+                    // Whatever else already arrived goes out in the same write.
+                    let mut out = bytes::BytesMut::new();
+                    let mut next = Some(ev);
+                    let mut done = false;
+                    while let Some(ev) = next.take() {
+                        match &ev {
+                            Event::Content(_) => fin.mark_content(),
+                            Event::Error(_) => fin.finish("engine_error"),
+                            Event::Done(_) => done = true,
+                            Event::Other(_) => {}
+                        }
+                        out.extend_from_slice(ev.bytes());
+                        if !done {
+                            next = reader.buffered();
+                        }
                     }
-                    let done = matches!(ev, Event::Done(_));
-                    yield Ok(ev.bytes().clone());
+                    yield Ok(out.freeze());
                     if done {
                         break;
                     }
@@ -238,7 +262,13 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                 prefill_leg(st, &p_engine, req, &fin.request_id),
                 d_engine.upstream.acquire()
             );
-            warm = w.ok();
+            // The warmed connection sat idle while the prefill ran, like a pooled one: the engine
+            // may have closed it meanwhile (uvicorn's keep-alive timeout is 5 s), so a request it
+            // never got to send goes out once more on a fresh connection.
+            warm = w.ok().map(|mut c| {
+                c.reused = true;
+                c
+            });
             match res {
                 Ok(done) => {
                     fin.mark_params();
@@ -267,7 +297,10 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                     reason,
                     message,
                     suspect,
+                    ..
                 }) => {
+                    // Failed attempts are prefill time, whatever runs next.
+                    fin.mark_params();
                     count_retry(st, "prefill", reason);
                     tracing::warn!(request_id = %fin.request_id, engine = %p_engine.url, reason, %message, "prefill leg failed");
                     if suspect {
@@ -301,6 +334,7 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                     reason,
                     message,
                     suspect,
+                    undelivered,
                 }) => {
                     count_retry(st, "decode", reason);
                     tracing::warn!(request_id = %fin.request_id, engine = %d_engine.url, reason, %message, "decode leg failed before its first byte");
@@ -312,7 +346,8 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                     if fin.decode_attempts >= retries.decode_attempts {
                         return Err(ProxyError::DecodeFailed(message));
                     }
-                    if params.is_none() || params_at.elapsed() >= st.deadlines.lease {
+                    if params.is_none() || !undelivered || params_at.elapsed() >= st.deadlines.lease
+                    {
                         break; // re-plan: a local request anywhere, or a fresh prefill
                     }
                     let pools = st.pools.pools.borrow().clone();
@@ -500,7 +535,7 @@ async fn decode_leg(
             .upstream
             .acquire()
             .await
-            .map_err(|e| retry("connect", e.to_string(), true))?,
+            .map_err(|e| undelivered(e.to_string()))?,
     };
     let r = conn.post_json(req.kind.path(), body, &fin.request_id);
     fin.mark_decode_dispatch();

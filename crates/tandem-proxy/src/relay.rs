@@ -9,7 +9,6 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// One SSE event from the engine, classified.
@@ -47,8 +46,6 @@ pub enum RelayError {
 struct ChunkLite<'a> {
     #[serde(default, borrow)]
     choices: Vec<ChoiceLite<'a>>,
-    #[serde(default, borrow)]
-    usage: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -85,15 +82,22 @@ impl EventReader {
         }
     }
 
+    /// An event already complete in the buffer, without waiting (to coalesce a burst into
+    /// one write).
+    pub fn buffered(&mut self) -> Option<Event> {
+        let pos = memchr::memmem::find(&self.buf, b"\n\n")?;
+        let raw = self.buf.split_to(pos + 2).freeze();
+        let ev = classify(raw, self.cached_override);
+        if matches!(ev, Event::Done(_)) {
+            self.done = true;
+        }
+        Some(ev)
+    }
+
     /// The next event, waiting at most `wait` for more bytes. `Ok(None)` after `[DONE]`.
     pub async fn next(&mut self, wait: Duration) -> Result<Option<Event>, RelayError> {
         loop {
-            if let Some(pos) = memchr::memmem::find(&self.buf, b"\n\n") {
-                let raw = self.buf.split_to(pos + 2).freeze();
-                let ev = classify(raw, self.cached_override);
-                if matches!(ev, Event::Done(_)) {
-                    self.done = true;
-                }
+            if let Some(ev) = self.buffered() {
                 return Ok(Some(ev));
             }
             if self.done {
@@ -133,18 +137,26 @@ fn classify(raw: Bytes, cached_override: Option<u64>) -> Event {
     if payload.starts_with(b"{\"error\"") {
         return Event::Error(raw);
     }
-    let Ok(chunk) = serde_json::from_slice::<ChunkLite>(payload) else {
-        return Event::Other(raw);
+    // Most events are token chunks without usage: decide those with byte scans and leave the
+    // JSON parse to the rare usage chunk (and to chunks whose text the scan cannot judge).
+    let usage = memchr::memmem::find(payload, b"\"usage\":")
+        .is_some_and(|i| !payload[i + 8..].starts_with(b"null"));
+    let content = match quick_content(payload) {
+        Some(c) if !usage => c,
+        _ => {
+            let Ok(chunk) = serde_json::from_slice::<ChunkLite>(payload) else {
+                return Event::Other(raw);
+            };
+            chunk.choices.iter().any(|c| {
+                c.text.as_deref().is_some_and(|t| !t.is_empty())
+                    || c.delta
+                        .as_ref()
+                        .and_then(|d| d.content.as_deref())
+                        .is_some_and(|t| !t.is_empty())
+            })
+        }
     };
-    let content = chunk.choices.iter().any(|c| {
-        c.text.as_deref().is_some_and(|t| !t.is_empty())
-            || c.delta
-                .as_ref()
-                .and_then(|d| d.content.as_deref())
-                .is_some_and(|t| !t.is_empty())
-    });
-    let has_usage = chunk.usage.is_some_and(|u| u.get() != "null");
-    let raw = match (has_usage, cached_override) {
+    let raw = match (usage, cached_override) {
         (true, Some(cached)) => rewrite_event(payload, cached).unwrap_or(raw),
         _ => raw,
     };
@@ -153,6 +165,22 @@ fn classify(raw: Bytes, cached_override: Option<u64>) -> Event {
     } else {
         Event::Other(raw)
     }
+}
+
+/// Whether a single-choice chunk carries text, judged from its bytes: `"text":"` or
+/// `"content":"` followed by anything but the closing quote. `None` when the scan cannot tell
+/// (several choices, or neither key), and the caller parses.
+fn quick_content(payload: &[u8]) -> Option<bool> {
+    if memchr::memmem::find_iter(payload, b"\"index\":").count() > 1 {
+        return None;
+    }
+    for key in [&b"\"text\":"[..], b"\"content\":"] {
+        if let Some(i) = memchr::memmem::find(payload, key) {
+            let rest = &payload[i + key.len()..];
+            return Some(rest.starts_with(b"\"") && !rest.starts_with(b"\"\""));
+        }
+    }
+    None
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
@@ -244,6 +272,21 @@ mod tests {
             ),
             Event::Error(_)
         ));
+    }
+
+    #[test]
+    fn quick_scan_agrees_with_the_parse() {
+        for (payload, want) in [
+            (&b"{\"choices\":[{\"index\":0,\"text\":\"a\"}]}"[..], true),
+            (b"{\"choices\":[{\"index\":0,\"text\":\"\"}]}", false),
+            (b"{\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\\"\"}}]}", true),
+            (b"{\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}", false),
+            (b"{\"choices\":[{\"index\":0,\"delta\":{\"content\":null}}]}", false),
+            (b"{\"choices\":[{\"index\":0,\"text\":\"\"},{\"index\":1,\"text\":\"b\"}]}", true),
+        ] {
+            let ev = classify(Bytes::from([b"data: ", payload, b"\n\n"].concat()), None);
+            assert_eq!(matches!(ev, Event::Content(_)), want, "{}", String::from_utf8_lossy(payload));
+        }
     }
 
     #[test]

@@ -1,0 +1,315 @@
+//! `tandem bench overhead`: the latency Tandem adds over calling a decode engine directly.
+//!
+//! One simulated engine serves the same closed-loop streaming load twice: straight from the
+//! client, then through the coordinator (disaggregation off, so the path is client → Tandem →
+//! the same engine). The difference of the client-side percentiles is what Tandem adds. A third
+//! run puts a prefill engine in front (disaggregation always) to measure the
+//! params-to-decode-dispatch gap from the coordinator's own records.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures::StreamExt;
+use serde_json::json;
+use tandem_config::{Config, DisaggregationMode, Endpoint, PoolConfig, PoolsConfig};
+use tandem_sim::profile::GpuKind;
+use tandem_sim::{RunningSim, SimConfig};
+
+#[derive(Debug, Args)]
+pub struct OverheadArgs {
+    /// Concurrent streams (closed loop: each sends its next request when the last one ends).
+    #[arg(long, default_value_t = 200)]
+    streams: usize,
+    /// Requests per stream, per run.
+    #[arg(long, default_value_t = 5)]
+    requests: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: u64,
+    /// Prompt length in characters (the byte tokenizer makes that tokens).
+    #[arg(long, default_value_t = 512)]
+    prompt_chars: usize,
+    /// The simulated model (its decode step time sets the token rate the machine must carry).
+    #[arg(long, default_value = "llama-3.1-8b")]
+    model: String,
+    /// Simulated seconds per real second.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Spread the streams' first requests over this many milliseconds, so arrivals do not come
+    /// in one synchronized wave.
+    #[arg(long, default_value_t = 1000)]
+    stagger_ms: u64,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Latency Tandem adds over calling the decode engine directly, and the handoff gap.
+    Overhead(OverheadArgs),
+}
+
+pub async fn run(cmd: BenchCommand) -> Result<(), Box<dyn std::error::Error>> {
+    match cmd {
+        BenchCommand::Overhead(a) => overhead(a).await,
+    }
+}
+
+#[derive(Debug, Default)]
+struct Run {
+    ttft: Vec<f64>,
+    itl: Vec<f64>,
+    e2e: Vec<f64>,
+    errors: usize,
+}
+
+async fn sim(
+    model: &str,
+    scale: f64,
+    hash_seed: u64,
+) -> Result<RunningSim, Box<dyn std::error::Error>> {
+    let mut cfg = SimConfig::new(model, GpuKind::H100);
+    cfg.time_scale = scale;
+    cfg.seed = 1;
+    cfg.hash_seed = Some(hash_seed.to_string());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(tandem_sim::start(cfg, l, std::future::pending()).await?)
+}
+
+async fn coordinator(
+    prefill: &[&RunningSim],
+    decode: &RunningSim,
+    mode: DisaggregationMode,
+) -> Result<(tandem_proxy::Running, tokio::sync::oneshot::Sender<()>), Box<dyn std::error::Error>> {
+    let pool = |v: &[&RunningSim]| PoolConfig {
+        endpoints: v
+            .iter()
+            .map(|s| Endpoint::new(format!("http://{}", s.http_addr)))
+            .collect(),
+        ..PoolConfig::default()
+    };
+    let mut cfg = Config::new(PoolsConfig::new(pool(prefill), pool(&[decode])));
+    cfg.disaggregation.mode = mode;
+    cfg.health.interval_ms = 200;
+    cfg.server.recent_requests = 100_000;
+    cfg.validate()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let running = tandem_proxy::start(cfg, l, async {
+        let _ = rx.await;
+    })?;
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        let ok = client
+            .get(format!("http://{}/ready", running.addr))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            return Ok((running, tx));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("the coordinator did not become ready".into())
+}
+
+async fn load(base: &str, a: &OverheadArgs) -> Run {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(a.streams)
+        .build()
+        .expect("a default client builds");
+    let prompt: String = "tandem benchmark prompt "
+        .chars()
+        .cycle()
+        .take(a.prompt_chars)
+        .collect();
+    let body = Arc::new(
+        json!({"prompt": prompt, "max_tokens": a.max_tokens, "ignore_eos": true,
+        "stream": true}),
+    );
+    let mut tasks = Vec::new();
+    for i in 0..a.streams {
+        let delay = Duration::from_millis(a.stagger_ms * i as u64 / a.streams.max(1) as u64);
+        let (client, body, url) = (
+            client.clone(),
+            body.clone(),
+            format!("{base}/v1/completions"),
+        );
+        let n = a.requests;
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut run = Run::default();
+            for _ in 0..n {
+                one(&client, &url, &body, &mut run).await;
+            }
+            run
+        }));
+    }
+    let mut all = Run::default();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            all.ttft.extend(r.ttft);
+            all.itl.extend(r.itl);
+            all.e2e.extend(r.e2e);
+            all.errors += r.errors;
+        }
+    }
+    all
+}
+
+async fn one(client: &reqwest::Client, url: &str, body: &serde_json::Value, run: &mut Run) {
+    let start = Instant::now();
+    let resp = match client.post(url).json(body).send().await {
+        Ok(r) if r.status().is_success() => r,
+        _ => {
+            run.errors += 1;
+            return;
+        }
+    };
+    let mut stream = resp.bytes_stream();
+    let mut last: Option<Instant> = None;
+    let mut done = false;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else {
+            run.errors += 1;
+            return;
+        };
+        let now = Instant::now();
+        // The engine writes one event per frame; count content events in this frame.
+        for ev in chunk
+            .split(|&b| b == b'\n')
+            .filter(|l| l.starts_with(b"data: "))
+        {
+            if ev == b"data: [DONE]" {
+                done = true;
+            } else if has_text(ev) {
+                match last {
+                    None => run.ttft.push((now - start).as_secs_f64()),
+                    Some(p) => run.itl.push((now - p).as_secs_f64()),
+                }
+                last = Some(now);
+            }
+        }
+    }
+    if done {
+        run.e2e.push(start.elapsed().as_secs_f64());
+    } else {
+        run.errors += 1;
+    }
+}
+
+/// A completions chunk with non-empty text.
+fn has_text(ev: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"text\":\"";
+    ev.windows(KEY.len())
+        .position(|w| w == KEY)
+        .is_some_and(|i| ev.get(i + KEY.len()) != Some(&b'"'))
+}
+
+fn pct(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "tandem bench overhead: {} concurrent streams x {} requests, {} output tokens, {}-token prompts, {} H100 sim at x{}",
+        a.streams, a.requests, a.max_tokens, a.prompt_chars + 1, a.model, a.time_scale
+    );
+    let d = sim(&a.model, a.time_scale, 1).await?;
+    let direct_base = format!("http://{}", d.http_addr);
+    // Warm both paths (connections, allocator) before measuring.
+    let warm = OverheadArgs {
+        requests: 1,
+        stagger_ms: 0,
+        json: None,
+        model: a.model.clone(),
+        ..a
+    };
+    load(&direct_base, &warm).await;
+    let mut direct = load(&direct_base, &a).await;
+
+    let (t, stop) = coordinator(&[], &d, DisaggregationMode::Never).await?;
+    let via = format!("http://{}", t.addr);
+    load(&via, &warm).await;
+    let mut tandem = load(&via, &a).await;
+    let recs = t.recent();
+    let mut queue: Vec<f64> = recs
+        .iter()
+        .rev()
+        .take(direct.e2e.len())
+        .filter_map(|r| r.queue_s)
+        .collect();
+    let _ = stop.send(());
+
+    // P/D: the handoff gap.
+    let p = sim(&a.model, a.time_scale, 2).await?;
+    let d2 = sim(&a.model, a.time_scale, 3).await?;
+    let (t2, stop2) = coordinator(&[&p], &d2, DisaggregationMode::Always).await?;
+    let pd_base = format!("http://{}", t2.addr);
+    load(&pd_base, &warm).await;
+    let pd = load(&pd_base, &a).await;
+    let mut gap: Vec<f64> = t2
+        .recent()
+        .iter()
+        .filter_map(|r| r.dispatch_gap_s)
+        .collect();
+    let _ = stop2.send(());
+
+    let us = |v: f64| v * 1e6;
+    let (dt50, dt99) = (pct(&mut direct.ttft, 0.5), pct(&mut direct.ttft, 0.99));
+    let (tt50, tt99) = (pct(&mut tandem.ttft, 0.5), pct(&mut tandem.ttft, 0.99));
+    let (di50, di99) = (pct(&mut direct.itl, 0.5), pct(&mut direct.itl, 0.99));
+    let (ti50, ti99) = (pct(&mut tandem.itl, 0.5), pct(&mut tandem.itl, 0.99));
+    let (q50, q99) = (pct(&mut queue, 0.5), pct(&mut queue, 0.99));
+    let (g50, g99) = (pct(&mut gap, 0.5), pct(&mut gap, 0.99));
+    println!();
+    println!("{:<44} {:>12} {:>12}", "real µs", "p50", "p99");
+    let row = |name: &str, a: f64, b: f64| println!("{name:<44} {:>12.0} {:>12.0}", us(a), us(b));
+    row("TTFT direct to the decode engine", dt50, dt99);
+    row("TTFT through Tandem", tt50, tt99);
+    row("  added by Tandem (difference)", tt50 - dt50, tt99 - dt99);
+    row("ITL direct", di50, di99);
+    row("ITL through Tandem", ti50, ti99);
+    row("  added by Tandem (difference)", ti50 - di50, ti99 - di99);
+    row("Tandem queue phase (parse, tokenize, plan)", q50, q99);
+    println!(
+        "{:<44} {:>12.1} {:>12.1}",
+        "P/D params-to-decode-dispatch gap",
+        us(g50),
+        us(g99)
+    );
+    println!(
+        "requests: direct {} ok / {} errors, through Tandem {} / {}, P/D {} / {} ({} gap samples)",
+        direct.e2e.len(),
+        direct.errors,
+        tandem.e2e.len(),
+        tandem.errors,
+        pd.e2e.len(),
+        pd.errors,
+        gap.len()
+    );
+    if let Some(path) = &a.json {
+        let v = json!({
+            "streams": a.streams, "requests_per_stream": a.requests, "max_tokens": a.max_tokens,
+            "ttft_direct_us": {"p50": us(dt50), "p99": us(dt99)},
+            "ttft_tandem_us": {"p50": us(tt50), "p99": us(tt99)},
+            "ttft_added_us": {"p50": us(tt50 - dt50), "p99": us(tt99 - dt99)},
+            "itl_direct_us": {"p50": us(di50), "p99": us(di99)},
+            "itl_tandem_us": {"p50": us(ti50), "p99": us(ti99)},
+            "queue_phase_us": {"p50": us(q50), "p99": us(q99)},
+            "dispatch_gap_us": {"p50": us(g50), "p99": us(g99)},
+            "errors": direct.errors + tandem.errors + pd.errors,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
+    }
+    if direct.errors + tandem.errors + pd.errors > 0 {
+        return Err("some benchmark requests failed".into());
+    }
+    Ok(())
+}
