@@ -1,10 +1,12 @@
 //! `tandem bench overhead`: the latency Tandem adds over calling a decode engine directly.
 //!
-//! One simulated engine serves the same closed-loop streaming load twice: straight from the
-//! client, then through the coordinator (disaggregation off, so the path is client → Tandem →
-//! the same engine). The difference of the client-side percentiles is what Tandem adds. A third
-//! run puts a prefill engine in front (disaggregation always) to measure the
-//! params-to-decode-dispatch gap from the coordinator's own records.
+//! One simulated engine serves a closed-loop streaming load in which every other stream goes
+//! straight to the engine and the rest go through the coordinator (disaggregation off, so the
+//! path is client → Tandem → the same engine). Both halves share the engine's batches and the
+//! machine's cores at the same moments, so the difference of their client-side percentiles is
+//! what Tandem adds, not run-to-run noise. A second run puts a prefill engine in front
+//! (disaggregation always) to measure the params-to-decode-dispatch gap from the coordinator's
+//! own records.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +24,7 @@ pub struct OverheadArgs {
     #[arg(long, default_value_t = 200)]
     streams: usize,
     /// Requests per stream, per run.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     requests: usize,
     /// Output tokens per request.
     #[arg(long, default_value_t = 32)]
@@ -115,7 +117,9 @@ async fn coordinator(
     Err("the coordinator did not become ready".into())
 }
 
-async fn load(base: &str, a: &OverheadArgs) -> Run {
+/// Runs `a.streams` streams; stream `i` sends to `bases[i % bases.len()]`. Returns one `Run`
+/// per base.
+async fn load(bases: &[&str], a: &OverheadArgs) -> Vec<Run> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(a.streams)
         .build()
@@ -135,7 +139,7 @@ async fn load(base: &str, a: &OverheadArgs) -> Run {
         let (client, body, url) = (
             client.clone(),
             body.clone(),
-            format!("{base}/v1/completions"),
+            format!("{}/v1/completions", bases[i % bases.len()]),
         );
         let n = a.requests;
         tasks.push(tokio::spawn(async move {
@@ -147,14 +151,17 @@ async fn load(base: &str, a: &OverheadArgs) -> Run {
             run
         }));
     }
-    let mut all = Run::default();
-    for t in tasks {
-        if let Ok(r) = t.await {
-            all.ttft.extend(r.ttft);
-            all.itl.extend(r.itl);
-            all.e2e.extend(r.e2e);
-            all.errors += r.errors;
-        }
+    let mut all: Vec<Run> = bases.iter().map(|_| Run::default()).collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap_or_else(|_| Run {
+            errors: 1,
+            ..Run::default()
+        });
+        let into = &mut all[i % bases.len()];
+        into.ttft.extend(r.ttft);
+        into.itl.extend(r.itl);
+        into.e2e.extend(r.e2e);
+        into.errors += r.errors;
     }
     all
 }
@@ -218,11 +225,13 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
 
 async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
     println!(
-        "tandem bench overhead: {} concurrent streams x {} requests, {} output tokens, {}-token prompts, {} H100 sim at x{}",
+        "tandem bench overhead: {} concurrent streams (half direct, half through Tandem) x {} requests, {} output tokens, {}-token prompts, {} H100 sim at x{}",
         a.streams, a.requests, a.max_tokens, a.prompt_chars + 1, a.model, a.time_scale
     );
     let d = sim(&a.model, a.time_scale, 1).await?;
     let direct_base = format!("http://{}", d.http_addr);
+    let (t, stop) = coordinator(&[], &d, DisaggregationMode::Never).await?;
+    let via = format!("http://{}", t.addr);
     // Warm both paths (connections, allocator) before measuring.
     let warm = OverheadArgs {
         requests: 1,
@@ -231,18 +240,15 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
         model: a.model.clone(),
         ..a
     };
-    load(&direct_base, &warm).await;
-    let mut direct = load(&direct_base, &a).await;
-
-    let (t, stop) = coordinator(&[], &d, DisaggregationMode::Never).await?;
-    let via = format!("http://{}", t.addr);
-    load(&via, &warm).await;
-    let mut tandem = load(&via, &a).await;
-    let recs = t.recent();
-    let mut queue: Vec<f64> = recs
+    load(&[&direct_base, &via], &warm).await;
+    let skip = t.recent().len();
+    let mut runs = load(&[&direct_base, &via], &a).await.into_iter();
+    let (mut direct, mut tandem) = (
+        runs.next().unwrap_or_default(),
+        runs.next().unwrap_or_default(),
+    );
+    let mut queue: Vec<f64> = t.recent()[skip..]
         .iter()
-        .rev()
-        .take(direct.e2e.len())
         .filter_map(|r| r.queue_s)
         .collect();
     let _ = stop.send(());
@@ -252,10 +258,10 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
     let d2 = sim(&a.model, a.time_scale, 3).await?;
     let (t2, stop2) = coordinator(&[&p], &d2, DisaggregationMode::Always).await?;
     let pd_base = format!("http://{}", t2.addr);
-    load(&pd_base, &warm).await;
-    let pd = load(&pd_base, &a).await;
-    let mut gap: Vec<f64> = t2
-        .recent()
+    load(&[&pd_base], &warm).await;
+    let skip = t2.recent().len();
+    let pd = load(&[&pd_base], &a).await.pop().unwrap_or_default();
+    let mut gap: Vec<f64> = t2.recent()[skip..]
         .iter()
         .filter_map(|r| r.dispatch_gap_s)
         .collect();

@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 
 pub use error::ProxyError;
 pub use metrics::Metrics;
+pub use pool::{Resolver, SystemResolver};
 pub use timing::RequestRecord;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +101,7 @@ impl Running {
     }
 }
 
-fn build(cfg: Config) -> Result<Arc<State>, StartError> {
+fn build(cfg: Config, resolver: Arc<dyn Resolver>) -> Result<Arc<State>, StartError> {
     let mut tokenizer = match &cfg.model.tokenizer {
         Some(p) => Tokenizer::from_file(p)?,
         None => Tokenizer::byte_level(),
@@ -114,7 +115,7 @@ fn build(cfg: Config) -> Result<Arc<State>, StartError> {
     }
     let target = cfg.pools.target_ratio.map(|r| r.value());
     let metrics = Arc::new(Metrics::new(target));
-    let pools = pool::start(&cfg, metrics.clone());
+    let pools = pool::start(&cfg, metrics.clone(), resolver);
     let d = &cfg.disaggregation;
     let disagg = DisaggSettings {
         mode: match d.mode {
@@ -160,13 +161,30 @@ pub fn start(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Running, StartError> {
+    start_with_resolver(cfg, listener, shutdown, Arc::new(SystemResolver))
+}
+
+/// [`start`] with a chosen DNS resolver for pools configured with `dns` (tests use a stand-in).
+pub fn start_with_resolver(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    resolver: Arc<dyn Resolver>,
+) -> Result<Running, StartError> {
     let addr = listener.local_addr()?;
-    let state = build(cfg)?;
+    let state = build(cfg, resolver)?;
     let app = server::router(state.clone());
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
+        axum::serve(
+            // Token chunks are small writes; Nagle plus the peer's delayed ACK would hold
+            // some back by ~40 ms. (Python's asyncio, under vLLM, sets TCP_NODELAY too.)
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
     });
     Ok(Running { addr, state, task })
 }

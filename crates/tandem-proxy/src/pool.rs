@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -29,6 +31,8 @@ pub struct Engine {
     pub url: Arc<str>,
     pub weight: f64,
     pub upstream: Arc<Upstream>,
+    /// Found by DNS (drained when it leaves the answer) rather than configured.
+    pub discovered: bool,
     inflight: AtomicU32,
     queued_prefill_tokens: AtomicU64,
 }
@@ -183,41 +187,50 @@ pub struct PoolHandle {
     pub suspects: mpsc::Sender<Suspect>,
 }
 
+/// Resolves a pool's DNS name (a Kubernetes headless Service) to engine addresses.
+pub trait Resolver: Send + Sync + std::fmt::Debug {
+    fn resolve(
+        &self,
+        name: &str,
+        port: u16,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<Vec<std::net::SocketAddr>>>;
+}
+
+/// The system resolver (`getaddrinfo`), re-asked every interval: no Kubernetes API, no RBAC.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn resolve(
+        &self,
+        name: &str,
+        port: u16,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<Vec<std::net::SocketAddr>>> {
+        let target = format!("{name}:{port}");
+        Box::pin(async move { Ok(tokio::net::lookup_host(target).await?.collect()) })
+    }
+}
+
 /// Build the engine table from static endpoints and start the control loop.
-pub fn start(cfg: &Config, metrics: Arc<Metrics>) -> PoolHandle {
+pub fn start(cfg: &Config, metrics: Arc<Metrics>, resolver: Arc<dyn Resolver>) -> PoolHandle {
+    let mut ctl_ids = 0usize;
     let connect = Duration::from_millis(cfg.timeouts.connect_ms);
-    let mut next_id = 0usize;
-    let mut make = |pool: PoolKind, url: &str, weight: f64| {
-        let id = next_id;
-        next_id += 1;
-        EngineEntry {
-            engine: Arc::new(Engine {
-                id,
-                pool,
-                url: url.into(),
-                weight,
-                upstream: Upstream::new(url, connect),
-                inflight: AtomicU32::new(0),
-                queued_prefill_tokens: AtomicU64::new(0),
-            }),
-            status: EngineStatus::default(),
-        }
+    let mut entries = |kind: PoolKind| -> Vec<EngineEntry> {
+        let pool = match kind {
+            PoolKind::Prefill => &cfg.pools.prefill,
+            PoolKind::Decode => &cfg.pools.decode,
+        };
+        pool.endpoints
+            .iter()
+            .map(|e| {
+                ctl_ids += 1;
+                new_entry(ctl_ids - 1, kind, &e.url, e.weight, false, connect)
+            })
+            .collect()
     };
     let initial = Pools {
-        prefill: cfg
-            .pools
-            .prefill
-            .endpoints
-            .iter()
-            .map(|e| make(PoolKind::Prefill, &e.url, e.weight))
-            .collect(),
-        decode: cfg
-            .pools
-            .decode
-            .endpoints
-            .iter()
-            .map(|e| make(PoolKind::Decode, &e.url, e.weight))
-            .collect(),
+        prefill: entries(PoolKind::Prefill),
+        decode: entries(PoolKind::Decode),
         probed: false,
     };
     let (tx, rx) = watch::channel(Arc::new(initial));
@@ -228,11 +241,37 @@ pub fn start(cfg: &Config, metrics: Arc<Metrics>) -> PoolHandle {
         suspects: srx,
         metrics,
         ratio_warned: false,
+        resolver,
+        next_id: ctl_ids,
+        dns_due: [Instant::now(), Instant::now()],
     };
     tokio::spawn(ctl.run());
     PoolHandle {
         pools: rx,
         suspects: stx,
+    }
+}
+
+fn new_entry(
+    id: usize,
+    pool: PoolKind,
+    url: &str,
+    weight: f64,
+    discovered: bool,
+    connect: Duration,
+) -> EngineEntry {
+    EngineEntry {
+        engine: Arc::new(Engine {
+            id,
+            pool,
+            url: url.into(),
+            weight,
+            upstream: Upstream::new(url, connect),
+            discovered,
+            inflight: AtomicU32::new(0),
+            queued_prefill_tokens: AtomicU64::new(0),
+        }),
+        status: EngineStatus::default(),
     }
 }
 
@@ -243,6 +282,11 @@ struct Control {
     suspects: mpsc::Receiver<Suspect>,
     metrics: Arc<Metrics>,
     ratio_warned: bool,
+    resolver: Arc<dyn Resolver>,
+    /// Engine ids are never reused, so a record or a retry exclusion never names two engines.
+    next_id: usize,
+    /// When each pool's DNS name is next re-resolved (prefill, decode).
+    dns_due: [Instant; 2],
 }
 
 /// One probe's findings.
@@ -268,7 +312,10 @@ impl Control {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.round(None).await,
+                _ = tick.tick() => {
+                    self.discover().await;
+                    self.round(None).await
+                }
                 s = self.suspects.recv() => match s {
                     Some(s) => self.round(Some(s)).await,
                     None => return,
@@ -336,6 +383,80 @@ impl Control {
         let _ = self.tx.send(Arc::new(next));
     }
 
+    /// Re-resolve each pool's DNS name when due: new addresses become engines (probed before
+    /// use), vanished ones drain (no new requests; removed once idle). A failed lookup changes
+    /// nothing, so a DNS hiccup never empties a pool; an empty answer (no ready pods) drains all.
+    async fn discover(&mut self) {
+        let now = Instant::now();
+        for (i, kind) in [PoolKind::Prefill, PoolKind::Decode]
+            .into_iter()
+            .enumerate()
+        {
+            let pool_cfg = match kind {
+                PoolKind::Prefill => &self.cfg.pools.prefill,
+                PoolKind::Decode => &self.cfg.pools.decode,
+            };
+            let Some(dns) = pool_cfg.dns.clone() else {
+                continue;
+            };
+            if now < self.dns_due[i] {
+                continue;
+            }
+            self.dns_due[i] = now + Duration::from_secs(dns.interval_secs);
+            let answer = match self.resolver.resolve(&dns.name, dns.port).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(pool = kind.as_str(), name = %dns.name, error = %e, "DNS lookup failed; keeping the current engines");
+                    continue;
+                }
+            };
+            let urls: Vec<String> = answer
+                .iter()
+                .map(|a| format!("{}://{}", dns.scheme, a))
+                .collect();
+            let current = self.tx.borrow().clone();
+            let mut next = (*current).clone();
+            let connect = Duration::from_millis(self.cfg.timeouts.connect_ms);
+            let pool = match kind {
+                PoolKind::Prefill => &mut next.prefill,
+                PoolKind::Decode => &mut next.decode,
+            };
+            let mut changed = false;
+            for e in pool.iter_mut().filter(|e| e.engine.discovered) {
+                let present = urls.iter().any(|u| **u == *e.engine.url);
+                if !present && e.status.health != Health::Draining {
+                    tracing::info!(pool = kind.as_str(), engine = %e.engine.url, "engine left DNS: draining");
+                    e.status.health = Health::Draining;
+                    changed = true;
+                } else if present && e.status.health == Health::Draining {
+                    e.status = EngineStatus::default();
+                    changed = true;
+                }
+            }
+            let before = pool.len();
+            pool.retain(|e| {
+                let gone = e.status.health == Health::Draining && e.engine.inflight() == 0;
+                if gone {
+                    e.engine.upstream.close_idle();
+                }
+                !gone
+            });
+            changed |= pool.len() != before;
+            for u in &urls {
+                if !pool.iter().any(|e| *e.engine.url == **u) {
+                    tracing::info!(pool = kind.as_str(), engine = %u, "engine found in DNS");
+                    pool.push(new_entry(self.next_id, kind, u, dns.weight, true, connect));
+                    self.next_id += 1;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.metrics.observe_pools(&next);
+                let _ = self.tx.send(Arc::new(next));
+            }
+        }
+    }
+
     fn check_ratio(&mut self, p: &Pools) {
         let Some(target) = self.cfg.pools.target_ratio else {
             return;
@@ -368,6 +489,8 @@ fn health_summary(p: &Pools) -> Vec<(usize, Health)> {
 
 fn apply(cfg: &Config, st: &mut EngineStatus, p: &Probe, now: Instant) {
     st.last_probe = Some(now);
+    // A draining engine finishes what it has; probes never make it routable again.
+    let draining = st.health == Health::Draining;
     if p.ok {
         st.successes += 1;
         st.failures = 0;
@@ -385,6 +508,9 @@ fn apply(cfg: &Config, st: &mut EngineStatus, p: &Probe, now: Instant) {
     }
     if let Some(m) = &p.model {
         st.model = Some(m.clone());
+    }
+    if draining {
+        st.health = Health::Draining;
     }
     if let Some(s) = &p.scrape {
         st.last_scrape = Some(now);
@@ -481,6 +607,96 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    /// A resolver stand-in whose answer the test changes.
+    #[derive(Debug, Default)]
+    struct FakeDns(Mutex<Option<Vec<SocketAddr>>>);
+
+    impl Resolver for FakeDns {
+        fn resolve(
+            &self,
+            _name: &str,
+            _port: u16,
+        ) -> futures::future::BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+            let a = self.0.lock().unwrap().clone();
+            Box::pin(async move { a.ok_or_else(|| std::io::Error::other("SERVFAIL")) })
+        }
+    }
+
+    fn set(dns: &FakeDns, addrs: Option<&[&str]>) {
+        *dns.0.lock().unwrap() = addrs.map(|a| a.iter().map(|s| s.parse().unwrap()).collect());
+    }
+
+    async fn wait_for(
+        rx: &mut watch::Receiver<Arc<Pools>>,
+        f: impl Fn(&Pools) -> bool,
+    ) -> Arc<Pools> {
+        loop {
+            let p = rx.borrow_and_update().clone();
+            if f(&p) {
+                return p;
+            }
+            rx.changed().await.expect("control loop alive");
+        }
+    }
+
+    fn urls(p: &Pools) -> Vec<(String, Health)> {
+        p.decode
+            .iter()
+            .map(|e| (e.engine.url.to_string(), e.status.health))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dns_discovery_adds_drains_and_removes_engines() {
+        let cfg = tandem_config::from_toml_str(
+            "[pools.prefill]\nendpoints = [\"http://127.0.0.1:9\"]\n\
+             [pools.decode]\ndns = { name = \"decode.svc\", port = 8000, interval_secs = 1 }\n",
+        )
+        .unwrap();
+        let dns = Arc::new(FakeDns::default());
+        set(&dns, Some(&["127.0.0.1:9", "127.0.0.2:9"]));
+        let h = start(&cfg, Arc::new(Metrics::new(None)), dns.clone());
+        let mut rx = h.pools.clone();
+        let p = wait_for(&mut rx, |p| p.decode.len() == 2).await;
+        assert!(p.decode.iter().all(|e| e.engine.discovered));
+        let first = p.decode[0].engine.clone();
+        assert_eq!(&*first.url, "http://127.0.0.1:9");
+
+        // 10.0.0.1 leaves while a request is in flight on it: it drains, and stays until idle.
+        let guard = first.track(0);
+        set(&dns, Some(&["127.0.0.2:9", "127.0.0.3:9"]));
+        let p = wait_for(&mut rx, |p| p.decode.len() == 3).await;
+        assert_eq!(
+            urls(&p)[0],
+            ("http://127.0.0.1:9".to_string(), Health::Draining)
+        );
+        assert!(p
+            .snapshot()
+            .decode
+            .iter()
+            .all(|e| e.id != first.id || !e.routable()));
+
+        // A failed lookup changes nothing.
+        set(&dns, None);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(rx.borrow().decode.len(), 3);
+
+        // Once its last request finishes, the drained engine is removed; ids are not reused.
+        drop(guard);
+        set(&dns, Some(&["127.0.0.2:9", "127.0.0.3:9"]));
+        let p = wait_for(&mut rx, |p| p.decode.len() == 2).await;
+        let left: Vec<String> = urls(&p).into_iter().map(|u| u.0).collect();
+        assert_eq!(left, ["http://127.0.0.2:9", "http://127.0.0.3:9"]);
+        assert!(p.decode.iter().all(|e| e.engine.id != first.id));
+
+        // An empty answer (no ready pods) drains everything that is left.
+        set(&dns, Some(&[]));
+        let p = wait_for(&mut rx, |p| p.decode.is_empty()).await;
+        assert!(p.decode.is_empty());
+    }
 
     #[test]
     fn scrape_reads_block_size_capacity_and_usage() {

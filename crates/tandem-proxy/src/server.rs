@@ -1,7 +1,7 @@
 //! The front door's routes. Errors reach HTTP only through `ProxyError`'s `IntoResponse`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State as AxState};

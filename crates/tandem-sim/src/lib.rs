@@ -365,9 +365,16 @@ pub async fn start(
     let http_addr = listener.local_addr()?;
     let app = http::router(state);
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
+        axum::serve(
+            // Token chunks are small writes; Nagle plus the peer's delayed ACK would hold
+            // some back by ~40 ms. (Python's asyncio, under vLLM, sets TCP_NODELAY too.)
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
     });
     Ok(RunningSim {
         http_addr,
