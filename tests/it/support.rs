@@ -7,12 +7,49 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// An HTTP server under test: its base URL and a client with a generous timeout.
+pub struct Peer {
+    pub url: String,
+    pub client: reqwest::Client,
+}
+
+/// Spawn `cmd` (stdout piped), read its JSON ready line, check its `ready` field, and keep
+/// draining stdout so the child never blocks on a full pipe.
+async fn spawn_ready(mut cmd: Command, expect: &str) -> (Child, Value, Peer) {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn tandem");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("ready line within 60 s")
+        .expect("read stdout")
+        .expect("a ready line before exit");
+    let ready: Value = serde_json::from_str(&line).expect("ready line is JSON");
+    assert_eq!(ready["ready"], expect);
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let url = ready["http"].as_str().expect("http address").to_string();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    (child, ready, Peer { url, client })
+}
+
 /// A running `tandem sim` child process, killed on drop.
 pub struct Sim {
     _child: Child,
-    pub url: String,
     pub ready: Value,
-    pub client: reqwest::Client,
+    peer: Peer,
+}
+
+impl std::ops::Deref for Sim {
+    type Target = Peer;
+    fn deref(&self) -> &Peer {
+        &self.peer
+    }
 }
 
 impl Sim {
@@ -29,34 +66,27 @@ impl Sim {
             "50",
         ])
         .args(extra)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawn tandem sim");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("ready line within 60 s")
-            .expect("read stdout")
-            .expect("a ready line before exit");
-        let ready: Value = serde_json::from_str(&line).expect("ready line is JSON");
-        assert_eq!(ready["ready"], "tandem-sim");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let url = ready["http"].as_str().expect("http address").to_string();
+        .env("RUST_LOG", "error");
+        let (child, ready, peer) = spawn_ready(cmd, "tandem-sim").await;
         Sim {
             _child: child,
-            url,
             ready,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .expect("client"),
+            peer,
         }
     }
 
+    pub async fn faults(&self, spec: Value) {
+        let (status, _) = self.post_json("/admin/faults", &spec, None).await;
+        assert_eq!(status, 200);
+    }
+
+    /// POST a completion body and return (status, JSON).
+    pub async fn complete(&self, body: &Value) -> (u16, Value) {
+        self.post_json("/v1/completions", body, None).await
+    }
+}
+
+impl Peer {
     pub async fn post(
         &self,
         path: &str,
@@ -90,11 +120,6 @@ impl Sim {
             .expect("request sent")
     }
 
-    pub async fn faults(&self, spec: Value) {
-        let (status, _) = self.post_json("/admin/faults", &spec, None).await;
-        assert_eq!(status, 200);
-    }
-
     pub async fn metrics(&self) -> String {
         self.get("/metrics")
             .await
@@ -125,11 +150,6 @@ impl Sim {
             v = self.metric(name, labels).await;
         }
         v
-    }
-
-    /// POST a completion body and return (status, JSON).
-    pub async fn complete(&self, body: &Value) -> (u16, Value) {
-        self.post_json("/v1/completions", body, None).await
     }
 
     pub async fn tokens(&self, prompt: &str) -> Vec<u32> {
@@ -239,8 +259,14 @@ pub const PROMPT: &str = "Disaggregated serving splits prefill and decode across
 pub struct Tandem {
     _child: Child,
     config: std::path::PathBuf,
-    pub url: String,
-    pub client: reqwest::Client,
+    peer: Peer,
+}
+
+impl std::ops::Deref for Tandem {
+    type Target = Peer;
+    fn deref(&self) -> &Peer {
+        &self.peer
+    }
 }
 
 impl Drop for Tandem {
@@ -284,36 +310,15 @@ impl Tandem {
         let path = temp_config_path();
         std::fs::write(&path, config).expect("write the tandem config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .env(
-                "RUST_LOG",
-                std::env::var("TANDEM_IT_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawn tandem serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("ready line within 60 s")
-            .expect("read stdout")
-            .expect("a ready line before exit");
-        let ready: Value = serde_json::from_str(&line).expect("ready line is JSON");
-        assert_eq!(ready["ready"], "tandem");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let url = ready["http"].as_str().expect("http address").to_string();
+        cmd.arg("serve").arg("--config").arg(&path).env(
+            "RUST_LOG",
+            std::env::var("TANDEM_IT_LOG").unwrap_or_else(|_| "error".into()),
+        );
+        let (child, _, peer) = spawn_ready(cmd, "tandem").await;
         Tandem {
             _child: child,
             config: path,
-            url,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .expect("client"),
+            peer,
         }
     }
 
@@ -322,52 +327,6 @@ impl Tandem {
         let resp = self.get("/ready").await;
         let status = resp.status().as_u16();
         (status, resp.json().await.expect("/ready answers JSON"))
-    }
-
-    pub async fn post(
-        &self,
-        path: &str,
-        body: &Value,
-        request_id: Option<&str>,
-    ) -> reqwest::Response {
-        let mut req = self.client.post(format!("{}{path}", self.url)).json(body);
-        if let Some(id) = request_id {
-            req = req.header("X-Request-Id", id);
-        }
-        req.send().await.expect("request sent")
-    }
-
-    pub async fn post_json(
-        &self,
-        path: &str,
-        body: &Value,
-        request_id: Option<&str>,
-    ) -> (u16, Value) {
-        let resp = self.post(path, body, request_id).await;
-        let status = resp.status().as_u16();
-        let v = resp.json().await.expect("JSON body");
-        (status, v)
-    }
-
-    pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    pub async fn metrics(&self) -> String {
-        self.get("/metrics")
-            .await
-            .text()
-            .await
-            .expect("metrics text")
-    }
-
-    /// Sum of the samples of `name` whose label set contains every `labels` pair.
-    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        metric_in(&self.metrics().await, name, labels)
     }
 
     /// `GET /admin/requests`.
