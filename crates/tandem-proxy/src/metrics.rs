@@ -328,3 +328,128 @@ fn health_index(h: Health) -> usize {
         Health::Draining => 3,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Every sample name the registry can expose, from its `# TYPE` lines.
+    fn exported(m: &Metrics) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for line in m.encode().lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let mut it = rest.split(' ');
+            let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            for s in suffixes {
+                names.insert(format!("{name}{s}"));
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_name_is_prefixed_and_every_dashboard_query_names_an_exported_metric() {
+        let m = Metrics::new(Some(2.0));
+        // Families appear in the exposition once they have a child: give each one.
+        let e = EngineLabels {
+            pool: "decode",
+            engine: "http://d".into(),
+        };
+        m.requests.get_or_create(&RequestLabels {
+            route: "local",
+            outcome: "ok",
+        });
+        m.ttft.get_or_create(&TtftLabels {
+            route: "local",
+            model: "m".into(),
+        });
+        m.phase.get_or_create(&PhaseLabels { phase: "queue" });
+        m.route_decisions.get_or_create(&RouteLabels {
+            pool: "decode",
+            policy: "p",
+            reason: "r",
+        });
+        m.disagg_decisions.get_or_create(&DisaggLabels {
+            decision: "local",
+            reason: "r",
+        });
+        m.retries.get_or_create(&RetryLabels {
+            leg: "decode",
+            reason: "r",
+        });
+        for g in [
+            &m.engine_up,
+            &m.engine_inflight,
+            &m.engine_prefill_queue,
+            &m.engine_kv_total,
+            &m.engine_kv_free,
+        ] {
+            g.get_or_create(&e);
+        }
+        m.pool_engines.get_or_create(&PoolStateLabels {
+            pool: "decode",
+            state: "healthy",
+        });
+        m.pd_ratio.get_or_create(&RatioLabels { kind: "live" });
+        let names = exported(&m);
+        assert!(names.iter().all(|n| n.starts_with("tandem_")), "{names:?}");
+        for family in [
+            "tandem_requests_total",
+            "tandem_ttft_seconds_bucket",
+            "tandem_phase_seconds_bucket",
+            "tandem_itl_seconds_bucket",
+            "tandem_tpot_seconds_bucket",
+            "tandem_e2e_seconds_bucket",
+            "tandem_route_decisions_total",
+            "tandem_disaggregation_decisions_total",
+            "tandem_engine_up",
+            "tandem_engine_inflight",
+            "tandem_engine_kv_free_blocks",
+            "tandem_engine_prefill_queue_tokens",
+            "tandem_pool_engines",
+            "tandem_pd_ratio",
+        ] {
+            assert!(names.contains(family), "{family} not exported");
+        }
+
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/grafana/tandem.json"
+        );
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard file"))
+                .expect("dashboard is JSON");
+        let panels = dash["panels"].as_array().expect("panels");
+        assert!(panels.len() >= 6);
+        let mut checked = 0;
+        for p in panels {
+            let targets = p["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+            for t in targets {
+                let expr = t["expr"].as_str().expect("expr");
+                let mut found = 0;
+                for (i, _) in expr.match_indices("tandem_") {
+                    let name: String = expr[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(names.contains(&name), "{name} in `{expr}` is not exported");
+                    found += 1;
+                }
+                assert!(found > 0, "`{expr}` names no Tandem metric");
+                checked += found;
+            }
+        }
+        assert!(checked >= 19);
+    }
+}
