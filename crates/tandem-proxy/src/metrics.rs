@@ -365,28 +365,40 @@ mod tests {
             pool: "decode",
             engine: "http://d".into(),
         };
-        m.requests.get_or_create(&RequestLabels {
-            route: "local",
-            outcome: "ok",
-        });
-        m.ttft.get_or_create(&TtftLabels {
-            route: "local",
-            model: "m".into(),
-        });
-        m.phase.get_or_create(&PhaseLabels { phase: "queue" });
-        m.route_decisions.get_or_create(&RouteLabels {
-            pool: "decode",
-            policy: "p",
-            reason: "r",
-        });
-        m.disagg_decisions.get_or_create(&DisaggLabels {
-            decision: "local",
-            reason: "r",
-        });
-        m.retries.get_or_create(&RetryLabels {
-            leg: "decode",
-            reason: "r",
-        });
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: "local",
+                outcome: "ok",
+            })
+            .inc();
+        m.ttft
+            .get_or_create(&TtftLabels {
+                route: "local",
+                model: "m".into(),
+            })
+            .observe(0.1);
+        m.phase
+            .get_or_create(&PhaseLabels { phase: "queue" })
+            .observe(0.1);
+        m.route_decisions
+            .get_or_create(&RouteLabels {
+                pool: "decode",
+                policy: "p",
+                reason: "r",
+            })
+            .inc();
+        m.disagg_decisions
+            .get_or_create(&DisaggLabels {
+                decision: "local",
+                reason: "r",
+            })
+            .inc();
+        m.retries
+            .get_or_create(&RetryLabels {
+                leg: "decode",
+                reason: "r",
+            })
+            .inc();
         for g in [
             &m.engine_up,
             &m.engine_inflight,
@@ -394,13 +406,17 @@ mod tests {
             &m.engine_kv_total,
             &m.engine_kv_free,
         ] {
-            g.get_or_create(&e);
+            g.get_or_create(&e).set(1);
         }
-        m.pool_engines.get_or_create(&PoolStateLabels {
-            pool: "decode",
-            state: "healthy",
-        });
-        m.pd_ratio.get_or_create(&RatioLabels { kind: "live" });
+        m.pool_engines
+            .get_or_create(&PoolStateLabels {
+                pool: "decode",
+                state: "healthy",
+            })
+            .set(1);
+        m.pd_ratio
+            .get_or_create(&RatioLabels { kind: "live" })
+            .set(1.0);
         let names = exported(&m);
         assert!(names.iter().all(|n| n.starts_with("tandem_")), "{names:?}");
         for family in [
