@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::support::{closed_port, raw_post, read_until, IdleClosingProxy, Sim, Tandem, PROMPT};
@@ -960,4 +961,60 @@ async fn decode_connection_warmed_during_a_long_prefill_survives_an_idle_close()
     assert_eq!(t.metric("tandem_retries_total", &[]).await, 0.0);
     let (_, direct) = d.post_json("/v1/completions", &body, None).await;
     assert_eq!(out["choices"][0]["text"], direct["choices"][0]["text"]);
+}
+
+#[tokio::test]
+async fn sigterm_fails_ready_at_once_lets_the_stream_finish_and_exits_in_the_grace_period() {
+    let (p, d) = tokio::join!(Sim::start(&["--seed", "9"]), Sim::start(&["--seed", "9"]));
+    let config = Conf::new(&[&p.url], &[&d.url])
+        .render()
+        .replace("[server]\n", "[server]\nshutdown_grace_secs = 20\n");
+    let mut t = Tandem::start(&config).await;
+    let body = streamed(completion(20_000));
+    let resp = t.post("/v1/completions", &body, Some("drain")).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut chunks = resp.bytes_stream();
+    let first = chunks.next().await.expect("a first chunk").expect("bytes");
+    assert!(first.starts_with(b"data: "));
+
+    t.terminate();
+    // /ready stops succeeding at once (503, or the listener is closed), while the stream is
+    // still running.
+    let mut refused = false;
+    for _ in 0..200 {
+        let ok = t
+            .client
+            .get(format!("{}/ready", t.url))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if !ok {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(refused, "/ready kept answering 200 after SIGTERM");
+
+    let mut rest = Vec::new();
+    while let Some(c) = chunks.next().await {
+        rest.extend_from_slice(&c.expect("the stream is not cut"));
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(
+        rest.ends_with("data: [DONE]\n\n"),
+        "stream cut: {}",
+        &rest[rest.len().saturating_sub(200)..]
+    );
+    let tokens = rest.matches("\"text\":\"").count();
+    assert!(
+        tokens > 1000,
+        "the stream carried on after SIGTERM ({tokens} chunks)"
+    );
+    let status = t
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("exits within the grace period");
+    assert!(status.success(), "{status:?}");
 }

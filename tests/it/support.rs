@@ -322,6 +322,25 @@ impl Tandem {
         }
     }
 
+    /// Send SIGTERM, as Kubernetes does to stop a pod.
+    pub fn terminate(&self) {
+        let pid = self._child.id().expect("still running");
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+    }
+
+    /// Wait for the process to exit, at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self._child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
     /// `GET /ready`: (status, body).
     pub async fn ready(&self) -> (u16, Value) {
         let resp = self.get("/ready").await;

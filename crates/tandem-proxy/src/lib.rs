@@ -14,7 +14,7 @@ mod server;
 mod timing;
 mod upstream;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -72,6 +72,8 @@ pub(crate) struct State {
     pub seq: AtomicU64,
     pub recent: Arc<timing::Recent>,
     pub deadlines: Deadlines,
+    /// Set when shutdown begins: `/ready` fails from then on.
+    pub shutting_down: std::sync::atomic::AtomicBool,
 }
 
 fn policy_kind(p: PolicyName) -> PolicyKind {
@@ -150,6 +152,7 @@ fn build(cfg: Config, resolver: Arc<dyn Resolver>) -> Result<Arc<State>, StartEr
         pools,
         disagg,
         deadlines,
+        shutting_down: std::sync::atomic::AtomicBool::new(false),
         cfg,
     }))
 }
@@ -172,10 +175,25 @@ pub fn start_with_resolver(
     resolver: Arc<dyn Resolver>,
 ) -> Result<Running, StartError> {
     let addr = listener.local_addr()?;
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
     let state = build(cfg, resolver)?;
     let app = server::router(state.clone());
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
+    let st = state.clone();
+    // On the signal: fail `/ready`, stop accepting, let in-flight responses finish; after the
+    // grace period, return anyway (whatever is still streaming is cut when the process exits).
+    let signal = async move {
+        shutdown.await;
+        st.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(
+            grace_s = grace.as_secs(),
+            "shutting down: not ready, not accepting, draining"
+        );
+        let _ = began_tx.send(());
+    };
     let task = tokio::spawn(async move {
-        axum::serve(
+        let serve = axum::serve(
             // Token chunks are small writes; Nagle plus the peer's delayed ACK would hold
             // some back by ~40 ms. (Python's asyncio, under vLLM, sets TCP_NODELAY too.)
             axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -183,8 +201,23 @@ pub fn start_with_resolver(
             }),
             app,
         )
-        .with_graceful_shutdown(shutdown)
-        .await
+        .with_graceful_shutdown(signal)
+        .into_future();
+        tokio::pin!(serve);
+        let deadline = async {
+            if began_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = &mut serve => r,
+            _ = deadline => {
+                tracing::warn!("grace period over with responses still in flight; closing them");
+                Ok(())
+            }
+        }
     });
     Ok(Running { addr, state, task })
 }

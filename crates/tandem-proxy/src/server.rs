@@ -55,7 +55,9 @@ async fn ready(AxState(st): AxState<Arc<State>>) -> Response {
     );
     let d_cfg = &st.cfg.disaggregation;
     let fallback_ok = d_cfg.mode == DisaggregationMode::Never || !d_cfg.enforce;
-    let (ready, reason) = if !pools.probed {
+    let (ready, reason) = if st.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+        (false, "shutting down")
+    } else if !pools.probed {
         (false, "engines not probed yet")
     } else if d == 0 {
         (false, "no healthy decode engine")
