@@ -91,12 +91,7 @@ impl Stream {
     }
 
     fn text(&self) -> String {
-        self.events
-            .iter()
-            .filter_map(|e| e["choices"].as_array())
-            .flatten()
-            .filter_map(|c| c["text"].as_str().or(c["delta"]["content"].as_str()))
-            .collect()
+        crate::support::choice_text(&self.events)
     }
 }
 

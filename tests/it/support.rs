@@ -187,13 +187,18 @@ pub struct Sse {
 
 impl Sse {
     pub fn text(&self) -> String {
-        self.events
-            .iter()
-            .filter_map(|e| e["choices"].as_array())
-            .flatten()
-            .filter_map(|c| c["text"].as_str().or(c["delta"]["content"].as_str()))
-            .collect()
+        choice_text(&self.events)
     }
+}
+
+/// The generated text of completion or chat chunks, in order.
+pub fn choice_text(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter_map(|e| e["choices"].as_array())
+        .flatten()
+        .filter_map(|c| c["text"].as_str().or(c["delta"]["content"].as_str()))
+        .collect()
 }
 
 pub async fn read_sse(resp: reqwest::Response) -> Sse {
