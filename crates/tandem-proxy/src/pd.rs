@@ -262,13 +262,8 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                 prefill_leg(st, &p_engine, req, &fin.request_id),
                 d_engine.upstream.acquire()
             );
-            // The warmed connection sat idle while the prefill ran, like a pooled one: the engine
-            // may have closed it meanwhile (uvicorn's keep-alive timeout is 5 s), so a request it
-            // never got to send goes out once more on a fresh connection.
-            warm = w.ok().map(|mut c| {
-                c.reused = true;
-                c
-            });
+            // If the engine closed it while the prefill ran, `Conn::send` resends on a fresh one.
+            warm = w.ok();
             match res {
                 Ok(done) => {
                     fin.mark_params();

@@ -58,9 +58,6 @@ pub struct Conn {
     /// `None` only after `release`.
     inner: Option<Idle>,
     upstream: Arc<Upstream>,
-    /// Whether it came from the idle pool (a reused connection may have been closed by the peer
-    /// just before use; that failure is retried once on a fresh connection).
-    pub reused: bool,
 }
 
 impl Drop for Conn {
@@ -86,10 +83,6 @@ impl Upstream {
         })
     }
 
-    pub fn authority(&self) -> &str {
-        &self.authority
-    }
-
     /// A ready connection: an idle one if any is still open, else a new one.
     pub async fn acquire(self: &Arc<Self>) -> Result<Conn, UpstreamError> {
         loop {
@@ -103,7 +96,6 @@ impl Upstream {
                 return Ok(Conn {
                     inner: Some(c),
                     upstream: self.clone(),
-                    reused: true,
                 });
             }
             c.task.abort();
@@ -135,7 +127,6 @@ impl Upstream {
         Ok(Conn {
             inner: Some(Idle { sender, task }),
             upstream: self.clone(),
-            reused: false,
         })
     }
 
@@ -172,31 +163,37 @@ impl Conn {
             .expect("static method and path")
     }
 
-    /// Send a request. A reused connection that the engine closed while it sat idle fails before
-    /// the request is written; the request then goes out once more on a fresh connection. A
-    /// request that may have reached the engine is never sent twice.
+    /// Send a request. A connection the engine closed while it sat idle (in the pool, or warmed
+    /// while a prefill ran; uvicorn's keep-alive timeout is 5 s) fails before the request is
+    /// written; the request then goes out once more on a fresh connection. A request that may
+    /// have reached the engine is never sent twice.
     pub async fn send(
         &mut self,
-        req: Request<Full<Bytes>>,
+        mut req: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let sender = &mut self
-            .inner
-            .as_mut()
-            .expect("a checked-out connection holds its sender until released")
-            .sender;
-        match sender.try_send_request(req).await {
-            Ok(r) => Ok(r),
-            Err(mut e) => match e.take_message() {
-                Some(req) if self.reused => {
-                    let fresh = self.upstream.connect().await?;
-                    *self = fresh;
-                    Box::pin(self.send(req)).await
-                }
-                _ => Err(UpstreamError::Send {
-                    addr: self.upstream.authority.clone(),
-                    source: e.into_error(),
-                }),
-            },
+        let mut resent = false;
+        loop {
+            let sender = &mut self
+                .inner
+                .as_mut()
+                .expect("a checked-out connection holds its sender until released")
+                .sender;
+            match sender.try_send_request(req).await {
+                Ok(r) => return Ok(r),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !resent => {
+                        *self = self.upstream.connect().await?;
+                        req = unsent;
+                        resent = true;
+                    }
+                    _ => {
+                        return Err(UpstreamError::Send {
+                            addr: self.upstream.authority.clone(),
+                            source: e.into_error(),
+                        })
+                    }
+                },
+            }
         }
     }
 
