@@ -11,5 +11,5 @@ mod snapshot;
 
 pub use disagg::{decide, DisaggDecision, DisaggMode, DisaggReason, DisaggSettings};
 pub use plan::{plan, plan_decode, Pick, Plan, PlanError, RouteRequest};
-pub use policy::{load, policy_for, Choice, Policy, PolicyKind, RouteFacts, RouteReason};
+pub use policy::{policy_for, Choice, Policy, PolicyKind, RouteFacts, RouteReason};
 pub use snapshot::{EngineView, Health, PoolKind, PoolSnapshot};

@@ -84,16 +84,3 @@ pub struct PoolSnapshot {
     pub prefill: Vec<EngineView>,
     pub decode: Vec<EngineView>,
 }
-
-impl PoolSnapshot {
-    pub fn pool(&self, kind: PoolKind) -> &[EngineView] {
-        match kind {
-            PoolKind::Prefill => &self.prefill,
-            PoolKind::Decode => &self.decode,
-        }
-    }
-
-    pub fn routable(&self, kind: PoolKind) -> usize {
-        self.pool(kind).iter().filter(|e| e.routable()).count()
-    }
-}

@@ -1,7 +1,7 @@
 //! Tandem's data plane: the OpenAI-compatible front door, the P/D request state machine, the
 //! engine clients and the pool control loop.
 //!
-//! `run` is the whole coordinator: give it a validated [`Config`], a bound listener and a shutdown
+//! [`start`] is the whole coordinator: give it a validated [`Config`], a bound listener and a shutdown
 //! signal. Everything it needs is built here and passed down; there is no global state.
 
 mod error;
@@ -96,10 +96,6 @@ impl Running {
     /// The most recent per-request records, oldest first.
     pub fn recent(&self) -> Vec<RequestRecord> {
         self.state.recent.list()
-    }
-
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.state.metrics.clone()
     }
 }
 

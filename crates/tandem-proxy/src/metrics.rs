@@ -107,7 +107,6 @@ pub struct Metrics {
     pub route_decisions: Family<RouteLabels, Counter>,
     pub disagg_decisions: Family<DisaggLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
-    pub predicted_cached_tokens: Counter,
     pub reported_cached_tokens: Counter,
     engine_up: Family<EngineLabels, Gauge>,
     engine_inflight: Family<EngineLabels, Gauge>,
@@ -181,12 +180,6 @@ impl Metrics {
             "Leg retries by leg and reason",
             retries.clone(),
         );
-        let predicted_cached_tokens = Counter::default();
-        r.register(
-            "tandem_predicted_cached_tokens",
-            "Prompt tokens Tandem predicted the chosen prefill engine had cached",
-            predicted_cached_tokens.clone(),
-        );
         let reported_cached_tokens = Counter::default();
         r.register(
             "tandem_reported_cached_tokens",
@@ -250,7 +243,6 @@ impl Metrics {
             route_decisions,
             disagg_decisions,
             retries,
-            predicted_cached_tokens,
             reported_cached_tokens,
             engine_up,
             engine_inflight,
@@ -281,11 +273,9 @@ impl Metrics {
                 self.engine_prefill_queue
                     .get_or_create(&l)
                     .set(e.engine.queued_prefill_tokens() as i64);
-                if let Some(total) = st.num_gpu_blocks {
+                if let (Some(total), Some(free)) = (st.num_gpu_blocks, st.kv_free_blocks()) {
                     self.engine_kv_total.get_or_create(&l).set(total as i64);
-                    let used = st.kv_usage.unwrap_or(0.0).clamp(0.0, 1.0);
-                    let free = (total as f64 * (1.0 - used)).round() as i64;
-                    self.engine_kv_free.get_or_create(&l).set(free);
+                    self.engine_kv_free.get_or_create(&l).set(free as i64);
                 }
                 counts[health_index(st.health)] += 1;
             }

@@ -91,6 +91,15 @@ pub struct EngineStatus {
     failures: u32,
 }
 
+impl EngineStatus {
+    /// Free KV blocks at the last scrape: `num_gpu_blocks × (1 − kv_cache_usage_perc)`.
+    pub fn kv_free_blocks(&self) -> Option<u64> {
+        let total = self.num_gpu_blocks?;
+        let used = self.kv_usage.unwrap_or(0.0).clamp(0.0, 1.0);
+        Some((total as f64 * (1.0 - used)).round() as u64)
+    }
+}
+
 impl Default for EngineStatus {
     fn default() -> Self {
         EngineStatus {
@@ -164,7 +173,7 @@ impl Pools {
             .count()
     }
 
-    /// The served model name: the first one a healthy decode engine reported.
+    /// The served model name: the first one any engine reported (decode engines first).
     pub fn served_model(&self) -> Option<Arc<str>> {
         self.decode
             .iter()

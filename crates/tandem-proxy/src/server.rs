@@ -148,9 +148,6 @@ async fn engines(AxState(st): AxState<Arc<State>>) -> Response {
         .chain(pools.decode.iter())
         .map(|e| {
             let s = &e.status;
-            let free = s.num_gpu_blocks.map(|t| {
-                (t as f64 * (1.0 - s.kv_usage.unwrap_or(0.0).clamp(0.0, 1.0))).round() as u64
-            });
             json!({
                 "id": e.engine.id,
                 "pool": e.engine.pool.as_str(),
@@ -162,7 +159,7 @@ async fn engines(AxState(st): AxState<Arc<State>>) -> Response {
                 "inflight": e.engine.inflight(),
                 "prefill_queue_tokens": e.engine.queued_prefill_tokens(),
                 "kv_total_blocks": s.num_gpu_blocks,
-                "kv_free_blocks": free,
+                "kv_free_blocks": s.kv_free_blocks(),
                 "last_scrape_age_s": s.last_scrape.map(|t| now.duration_since(t).as_secs_f64()),
                 "last_error": s.last_error,
             })
