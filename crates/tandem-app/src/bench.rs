@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use futures::StreamExt;
 use serde_json::json;
-use tandem_config::{Config, DisaggregationMode, Endpoint, PoolConfig, PoolsConfig};
+use tandem_config::DisaggregationMode;
 use tandem_sim::profile::GpuKind;
-use tandem_sim::{RunningSim, SimConfig};
+
+use crate::harness::{self, start_coordinator, start_sim};
 
 #[derive(Debug, Args)]
 pub struct OverheadArgs {
@@ -65,56 +66,6 @@ struct Run {
     itl: Vec<f64>,
     e2e: Vec<f64>,
     errors: usize,
-}
-
-async fn sim(
-    model: &str,
-    scale: f64,
-    hash_seed: u64,
-) -> Result<RunningSim, Box<dyn std::error::Error>> {
-    let mut cfg = SimConfig::new(model, GpuKind::H100);
-    cfg.time_scale = scale;
-    cfg.seed = 1;
-    cfg.hash_seed = Some(hash_seed.to_string());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    Ok(tandem_sim::start(cfg, l, std::future::pending()).await?)
-}
-
-async fn coordinator(
-    prefill: &[&RunningSim],
-    decode: &RunningSim,
-    mode: DisaggregationMode,
-) -> Result<(tandem_proxy::Running, tokio::sync::oneshot::Sender<()>), Box<dyn std::error::Error>> {
-    let pool = |v: &[&RunningSim]| PoolConfig {
-        endpoints: v
-            .iter()
-            .map(|s| Endpoint::new(format!("http://{}", s.http_addr)))
-            .collect(),
-        ..PoolConfig::default()
-    };
-    let mut cfg = Config::new(PoolsConfig::new(pool(prefill), pool(&[decode])));
-    cfg.disaggregation.mode = mode;
-    cfg.health.interval_ms = 200;
-    cfg.server.recent_requests = 100_000;
-    cfg.validate()?;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let running = tandem_proxy::start(cfg, l, async {
-        let _ = rx.await;
-    })?;
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
-        let ok = client
-            .get(format!("http://{}/ready", running.addr))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ok {
-            return Ok((running, tx));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err("the coordinator did not become ready".into())
 }
 
 /// Runs `a.streams` streams; stream `i` sends to `bases[i % bases.len()]`. Returns one `Run`
@@ -216,11 +167,7 @@ fn has_text(ev: &[u8]) -> bool {
 }
 
 fn pct(v: &mut [f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * q).round() as usize]
+    harness::pct(v, q).unwrap_or(f64::NAN)
 }
 
 async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -228,10 +175,10 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
         "tandem bench overhead: {} concurrent streams (half direct, half through Tandem) x {} requests, {} output tokens, {}-token prompts, {} H100 sim at x{}",
         a.streams, a.requests, a.max_tokens, a.prompt_chars + 1, a.model, a.time_scale
     );
-    let d = sim(&a.model, a.time_scale, 1).await?;
+    let d = start_sim(&a.model, GpuKind::H100, a.time_scale, 1, 1).await?;
     let direct_base = format!("http://{}", d.http_addr);
-    let (t, stop) = coordinator(&[], &d, DisaggregationMode::Never).await?;
-    let via = format!("http://{}", t.addr);
+    let t = start_coordinator(&[], &[&d], DisaggregationMode::Never, 100_000).await?;
+    let via = t.base.clone();
     // Warm both paths (connections, allocator) before measuring.
     let warm = OverheadArgs {
         requests: 1,
@@ -241,31 +188,31 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
         ..a
     };
     load(&[&direct_base, &via], &warm).await;
-    let skip = t.recent().len();
+    let skip = t.running.recent().len();
     let mut runs = load(&[&direct_base, &via], &a).await.into_iter();
     let (mut direct, mut tandem) = (
         runs.next().unwrap_or_default(),
         runs.next().unwrap_or_default(),
     );
-    let mut queue: Vec<f64> = t.recent()[skip..]
+    let mut queue: Vec<f64> = t.running.recent()[skip..]
         .iter()
         .filter_map(|r| r.queue_s)
         .collect();
-    let _ = stop.send(());
+    drop(t);
 
     // P/D: the handoff gap.
-    let p = sim(&a.model, a.time_scale, 2).await?;
-    let d2 = sim(&a.model, a.time_scale, 3).await?;
-    let (t2, stop2) = coordinator(&[&p], &d2, DisaggregationMode::Always).await?;
-    let pd_base = format!("http://{}", t2.addr);
+    let p = start_sim(&a.model, GpuKind::H100, a.time_scale, 1, 2).await?;
+    let d2 = start_sim(&a.model, GpuKind::H100, a.time_scale, 1, 3).await?;
+    let t2 = start_coordinator(&[&p], &[&d2], DisaggregationMode::Always, 100_000).await?;
+    let pd_base = t2.base.clone();
     load(&[&pd_base], &warm).await;
-    let skip = t2.recent().len();
+    let skip = t2.running.recent().len();
     let pd = load(&[&pd_base], &a).await.pop().unwrap_or_default();
-    let mut gap: Vec<f64> = t2.recent()[skip..]
+    let mut gap: Vec<f64> = t2.running.recent()[skip..]
         .iter()
         .filter_map(|r| r.dispatch_gap_s)
         .collect();
-    let _ = stop2.send(());
+    drop(t2);
 
     let us = |v: f64| v * 1e6;
     let (dt50, dt99) = (pct(&mut direct.ttft, 0.5), pct(&mut direct.ttft, 0.99));

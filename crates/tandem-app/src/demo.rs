@@ -18,10 +18,12 @@ use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-use tandem_config::{Config, DisaggregationMode, Endpoint, PoolConfig, PoolsConfig};
+use tandem_config::{DisaggregationMode, ServerConfig};
 use tandem_proxy::RequestRecord;
 use tandem_sim::profile::GpuKind;
-use tandem_sim::{RunningSim, SimConfig};
+use tandem_sim::RunningSim;
+
+use crate::harness::{pct, start_coordinator, start_sim};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -97,26 +99,14 @@ pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
 
     let mut sims = Vec::new();
     for i in 0..args.prefill + args.decode {
-        sims.push(start_sim(&args, gpu, 100 + i as u64).await?);
+        let hash_seed = 100 + i as u64;
+        sims.push(start_sim(&args.model, gpu, args.time_scale, args.seed, hash_seed).await?);
     }
-    let (p, d) = sims.split_at(args.prefill);
-    let url = |s: &RunningSim| format!("http://{}", s.http_addr);
-    let pool = |v: &[RunningSim]| PoolConfig {
-        endpoints: v.iter().map(|s| Endpoint::new(url(s))).collect(),
-        ..PoolConfig::default()
-    };
-    let mut cfg = Config::new(PoolsConfig::new(pool(p), pool(d)));
-    cfg.disaggregation.mode = mode;
-    cfg.health.interval_ms = 200;
-    cfg.validate()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let tandem = tandem_proxy::start(cfg, listener, async {
-        let _ = stop_rx.await;
-    })?;
-    let base = format!("http://{}", tandem.addr);
+    let refs: Vec<&RunningSim> = sims.iter().collect();
+    let (p, d) = refs.split_at(args.prefill);
+    let tandem = start_coordinator(p, d, mode, ServerConfig::default().recent_requests).await?;
+    let base = tandem.base.clone();
     let client = reqwest::Client::new();
-    wait_ready(&client, &base).await?;
 
     let systems = system_prompts(&args);
     let total = args.conversations * args.turns;
@@ -137,6 +127,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
     eprintln!();
 
     let records: HashMap<String, RequestRecord> = tandem
+        .running
         .recent()
         .into_iter()
         .map(|r| (r.request_id.clone(), r))
@@ -153,38 +144,11 @@ pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         println!("  curl {base}/metrics   curl {base}/admin/engines   curl {base}/admin/requests");
         tokio::signal::ctrl_c().await?;
     }
-    let _ = stop_tx.send(());
+    drop(tandem);
     if failed > 0 {
         return Err(format!("{failed} of {total} requests failed").into());
     }
     Ok(())
-}
-
-async fn start_sim(
-    args: &DemoArgs,
-    gpu: GpuKind,
-    hash_seed: u64,
-) -> Result<RunningSim, Box<dyn std::error::Error>> {
-    let mut cfg = SimConfig::new(&args.model, gpu);
-    cfg.time_scale = args.time_scale;
-    // One sampling seed everywhere, so a turn's text does not depend on the engine it ran on;
-    // distinct prefix-hash seeds, as separate vLLM processes have.
-    cfg.seed = args.seed;
-    cfg.hash_seed = Some(hash_seed.to_string());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    Ok(tandem_sim::start(cfg, listener, std::future::pending()).await?)
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) -> Result<(), String> {
-    for _ in 0..200 {
-        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err("the coordinator did not become ready within 10 s".into())
 }
 
 fn system_prompts(args: &DemoArgs) -> Vec<String> {
@@ -364,14 +328,6 @@ async fn chat(
     seen
 }
 
-fn pct(v: &mut [f64], q: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[((v.len() - 1) as f64 * q).round() as usize])
-}
-
 fn ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |s| format!("{:.1}", s * 1000.0))
 }
@@ -381,8 +337,8 @@ async fn report(
     client: &reqwest::Client,
     seen: &HashMap<String, Seen>,
     records: &HashMap<String, RequestRecord>,
-    prefill: &[RunningSim],
-    decode: &[RunningSim],
+    prefill: &[&RunningSim],
+    decode: &[&RunningSim],
     wall: f64,
 ) {
     let ok: Vec<&Seen> = seen.values().filter(|s| s.ok).collect();
@@ -498,7 +454,7 @@ async fn report(
     }
 }
 
-async fn sum(client: &reqwest::Client, sims: &[RunningSim], metric: &str) -> f64 {
+async fn sum(client: &reqwest::Client, sims: &[&RunningSim], metric: &str) -> f64 {
     let mut t = 0.0;
     for s in sims {
         let Ok(resp) = client

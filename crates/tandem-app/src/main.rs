@@ -7,6 +7,7 @@
 
 mod bench;
 mod demo;
+mod harness;
 mod serve;
 mod sim_args;
 

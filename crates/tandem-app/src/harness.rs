@@ -1,0 +1,89 @@
+//! What `tandem demo` and `tandem bench` both need: simulated engines and a coordinator in this
+//! process on loopback, and percentiles.
+
+use std::time::Duration;
+
+use tandem_config::{Config, DisaggregationMode, Endpoint, PoolConfig, PoolsConfig};
+use tandem_sim::profile::GpuKind;
+use tandem_sim::{RunningSim, SimConfig};
+
+pub type BoxError = Box<dyn std::error::Error>;
+
+/// Start one simulated engine on a free loopback port. One sampling `seed` everywhere keeps a
+/// request's text independent of the engine it ran on; distinct `hash_seed`s give each engine
+/// its own prefix-hash space, as separate vLLM processes have.
+pub async fn start_sim(
+    model: &str,
+    gpu: GpuKind,
+    time_scale: f64,
+    seed: u64,
+    hash_seed: u64,
+) -> Result<RunningSim, BoxError> {
+    let mut cfg = SimConfig::new(model, gpu);
+    cfg.time_scale = time_scale;
+    cfg.seed = seed;
+    cfg.hash_seed = Some(hash_seed.to_string());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(tandem_sim::start(cfg, listener, std::future::pending()).await?)
+}
+
+/// A coordinator running in this process; stopped when dropped.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub running: tandem_proxy::Running,
+    pub base: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Start a coordinator over these engines and wait until `/ready`.
+pub async fn start_coordinator(
+    prefill: &[&RunningSim],
+    decode: &[&RunningSim],
+    mode: DisaggregationMode,
+    recent_requests: usize,
+) -> Result<Coordinator, BoxError> {
+    let pool = |v: &[&RunningSim]| PoolConfig {
+        endpoints: v
+            .iter()
+            .map(|s| Endpoint::new(format!("http://{}", s.http_addr)))
+            .collect(),
+        ..PoolConfig::default()
+    };
+    let mut cfg = Config::new(PoolsConfig::new(pool(prefill), pool(decode)));
+    cfg.disaggregation.mode = mode;
+    cfg.health.interval_ms = 200;
+    cfg.server.recent_requests = recent_requests;
+    cfg.validate()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let running = tandem_proxy::start(cfg, listener, async {
+        let _ = stopped.await;
+    })?;
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        let ok = client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            return Ok(Coordinator {
+                running,
+                base,
+                _stop: stop,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("the coordinator did not become ready within 10 s".into())
+}
+
+/// The `q` quantile (nearest rank) of `v`, sorting it in place; `None` when empty.
+pub fn pct(v: &mut [f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[((v.len() - 1) as f64 * q).round() as usize])
+}
