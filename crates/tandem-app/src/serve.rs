@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use tandem_config::{Config, LogFormat};
+use tandem_config::{Config, LogFormat, PolicyName};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -49,6 +49,34 @@ pub fn check(cmd: ConfigCommand) -> Result<(), String> {
     let cfg = tandem_config::load(Some(&file), None, &set)
         .map_err(|e| format!("{}: {e}", file.display()))?;
     print!("{}", tandem_config::render(&cfg));
+    // The routing formulas in force, as comments so the output stays a loadable file.
+    println!();
+    for (pool, p) in [
+        ("prefill", &cfg.pools.prefill),
+        ("decode", &cfg.pools.decode),
+    ] {
+        let default = if pool == "prefill" {
+            PolicyName::default_prefill()
+        } else {
+            PolicyName::default_decode()
+        };
+        let name = p.policy_or(default);
+        let what = match name {
+            PolicyName::Prefix => tandem_proxy::prefix_params(&cfg.routing).describe(),
+            PolicyName::KvCapacity => format!(
+                "free(e) = num_gpu_blocks(e) − used at last scrape − reserved since; pick the most \
+                 weight(e)·(free(e) − need)/num_gpu_blocks(e) among engines with free ≥ need, need = \
+                 ceil((prompt_tokens + min(max_tokens, {})) / block_size); none: wait in admission \
+                 (max {} requests, {} ms), then 503 Retry-After {} s",
+                cfg.routing.expected_output_tokens,
+                cfg.admission.max_queued,
+                cfg.admission.max_wait_ms,
+                cfg.admission.retry_after_secs
+            ),
+            other => other.as_str().to_string(),
+        };
+        println!("# {pool} policy {}: {what}", name.as_str());
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@
 //!
 //! `tandem.example.toml` next to this crate lists every key with its default.
 
+mod routing;
 mod schema;
 mod validate;
 
@@ -29,10 +30,13 @@ use std::path::Path;
 use config::builder::DefaultState;
 use config::{ConfigBuilder, Environment, File, FileFormat};
 
+pub use routing::{
+    AdmissionConfig, KvEventsConfig, PolicyName, PrefixFeed, PrefixIndexConfig, RoutingConfig,
+};
 pub use schema::{
     Config, DisaggregationConfig, DisaggregationMode, DnsConfig, Endpoint, EndpointSpec,
-    HealthConfig, LogFormat, LoggingConfig, ModelConfig, PolicyName, PoolConfig, PoolsConfig,
-    Protocol, Ratio, RetryConfig, ServerConfig, TimeoutsConfig,
+    HealthConfig, LogFormat, LoggingConfig, ModelConfig, PoolConfig, PoolsConfig, Protocol, Ratio,
+    RetryConfig, ServerConfig, TimeoutsConfig,
 };
 
 /// Why a configuration could not be used.
@@ -163,6 +167,14 @@ fn require_pools(raw: &config::Config) -> Result<(), ConfigError> {
 /// are dropped. Invalid URLs are left exactly as written so that the
 /// validation error quotes what the operator typed.
 fn normalize(cfg: &mut Config) {
+    cfg.pools
+        .prefill
+        .policy
+        .get_or_insert(PolicyName::default_prefill());
+    cfg.pools
+        .decode
+        .policy
+        .get_or_insert(PolicyName::default_decode());
     for pool in [&mut cfg.pools.prefill, &mut cfg.pools.decode] {
         for ep in &mut pool.endpoints {
             let trimmed = ep.url.trim();

@@ -15,6 +15,10 @@ use std::str::FromStr;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+use crate::routing::{
+    AdmissionConfig, KvEventsConfig, PolicyName, PrefixIndexConfig, RoutingConfig,
+};
+
 /// The whole configuration file.
 ///
 /// There is no `Default` for `Config` because the pools have no sensible
@@ -34,6 +38,10 @@ pub struct Config {
     #[serde(default)]
     pub disaggregation: DisaggregationConfig,
     #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+    #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
@@ -49,6 +57,8 @@ impl Config {
             timeouts: TimeoutsConfig::default(),
             retries: RetryConfig::default(),
             disaggregation: DisaggregationConfig::default(),
+            routing: RoutingConfig::default(),
+            admission: AdmissionConfig::default(),
             health: HealthConfig::default(),
             logging: LoggingConfig::default(),
         }
@@ -127,8 +137,10 @@ fn default_ratio_tolerance() -> f64 {
 }
 
 impl PoolsConfig {
-    /// Both pools, no target ratio, default tolerance.
-    pub fn new(prefill: PoolConfig, decode: PoolConfig) -> Self {
+    /// Both pools, no target ratio, default tolerance; unset policies get each pool's default.
+    pub fn new(mut prefill: PoolConfig, mut decode: PoolConfig) -> Self {
+        prefill.policy.get_or_insert(PolicyName::default_prefill());
+        decode.policy.get_or_insert(PolicyName::default_decode());
         Self {
             prefill,
             decode,
@@ -147,7 +159,22 @@ pub struct PoolConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsConfig>,
     pub protocol: Protocol,
-    pub policy: PolicyName,
+    /// Unset: `prefix` for the prefill pool, `kv-capacity` for the decode pool (filled in at
+    /// load, so the rendered configuration always names it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyName>,
+    pub prefix_index: PrefixIndexConfig,
+    /// Where the engines publish KV events (for `prefix_index.feed = "precise"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_events: Option<KvEventsConfig>,
+}
+
+impl PoolConfig {
+    /// The pool's policy; `policy` is always set after loading, the fallback only matters for
+    /// configurations built in code.
+    pub fn policy_or(&self, default: PolicyName) -> PolicyName {
+        self.policy.unwrap_or(default)
+    }
 }
 
 /// One engine endpoint. Written either as a plain URL string or as a table
@@ -158,6 +185,11 @@ pub struct PoolConfig {
 pub struct Endpoint {
     pub url: String,
     pub weight: f64,
+    /// This engine's KV-event PUB endpoint, e.g. `tcp://10.0.0.5:5557` (overrides the pool's
+    /// `kv_events` port).
+    pub kv_events: Option<String>,
+    /// Its replay (ROUTER) endpoint.
+    pub kv_events_replay: Option<String>,
 }
 
 impl Endpoint {
@@ -166,6 +198,8 @@ impl Endpoint {
         Self {
             url: url.into(),
             weight: default_weight(),
+            kv_events: None,
+            kv_events_replay: None,
         }
     }
 }
@@ -179,26 +213,46 @@ fn default_weight() -> f64 {
 #[serde(untagged)]
 pub enum EndpointSpec {
     Url(String),
-    Detailed { url: String, weight: f64 },
+    Detailed {
+        url: String,
+        weight: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        kv_events: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        kv_events_replay: Option<String>,
+    },
 }
 
 impl From<EndpointSpec> for Endpoint {
     fn from(spec: EndpointSpec) -> Self {
         match spec {
             EndpointSpec::Url(url) => Endpoint::new(url),
-            EndpointSpec::Detailed { url, weight } => Endpoint { url, weight },
+            EndpointSpec::Detailed {
+                url,
+                weight,
+                kv_events,
+                kv_events_replay,
+            } => Endpoint {
+                url,
+                weight,
+                kv_events,
+                kv_events_replay,
+            },
         }
     }
 }
 
 impl From<Endpoint> for EndpointSpec {
     fn from(ep: Endpoint) -> Self {
-        if ep.weight == default_weight() {
+        if ep.weight == default_weight() && ep.kv_events.is_none() && ep.kv_events_replay.is_none()
+        {
             EndpointSpec::Url(ep.url)
         } else {
             EndpointSpec::Detailed {
                 url: ep.url,
                 weight: ep.weight,
+                kv_events: ep.kv_events,
+                kv_events_replay: ep.kv_events_replay,
             }
         }
     }
@@ -212,6 +266,10 @@ struct EndpointTable {
     url: String,
     #[serde(default = "default_weight")]
     weight: f64,
+    #[serde(default)]
+    kv_events: Option<String>,
+    #[serde(default)]
+    kv_events_replay: Option<String>,
 }
 
 // Hand-written rather than `#[serde(untagged)]` because the derived untagged
@@ -241,6 +299,8 @@ impl<'de> Deserialize<'de> for EndpointSpec {
                 Ok(EndpointSpec::Detailed {
                     url: t.url,
                     weight: t.weight,
+                    kv_events: t.kv_events,
+                    kv_events_replay: t.kv_events_replay,
                 })
             }
         }
@@ -279,16 +339,6 @@ pub enum Protocol {
     #[default]
     Http,
     Grpc,
-}
-
-/// Engine selection policy within a pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum PolicyName {
-    #[default]
-    LeastLoaded,
-    RoundRobin,
-    Random,
 }
 
 /// A prefill:decode engine ratio, written `"P:D"` (both > 0).

@@ -37,6 +37,21 @@ pub(crate) fn pool(urls: &[&str]) -> PoolConfig {
     }
 }
 
+/// A prefill pool as loading leaves it: the default policy filled in.
+pub(crate) fn prefill_pool(urls: &[&str]) -> PoolConfig {
+    PoolConfig {
+        policy: Some(PolicyName::Prefix),
+        ..pool(urls)
+    }
+}
+
+pub(crate) fn decode_pool(urls: &[&str]) -> PoolConfig {
+    PoolConfig {
+        policy: Some(PolicyName::KvCapacity),
+        ..pool(urls)
+    }
+}
+
 fn smallest_config() -> Config {
     Config::new(PoolsConfig::new(
         pool(&["http://127.0.0.1:8101", "http://127.0.0.1:8102"]),
@@ -106,7 +121,8 @@ fn smallest_file_loads_with_all_defaults() {
     assert_eq!(cfg.pools.ratio_tolerance, 0.25);
     assert_eq!(cfg.pools.target_ratio, None);
     assert_eq!(cfg.pools.decode.protocol, Protocol::Http);
-    assert_eq!(cfg.pools.decode.policy, PolicyName::LeastLoaded);
+    assert_eq!(cfg.pools.decode.policy, Some(PolicyName::KvCapacity));
+    assert_eq!(cfg.pools.prefill.policy, Some(PolicyName::Prefix));
     assert_eq!(cfg.timeouts.prefill_lease_ms, 450_000);
     assert_eq!(cfg.retries.prefill_attempts, 3);
     assert_eq!(cfg.disaggregation.mode, DisaggregationMode::Conditional);
@@ -263,8 +279,8 @@ fn env_overrides_are_typed_and_lists_split() {
     assert_eq!(cfg.server.listen.to_string(), "0.0.0.0:9000");
     assert_eq!(cfg.disaggregation.mode, DisaggregationMode::Never);
     assert!(cfg.disaggregation.enforce);
-    assert_eq!(cfg.pools.prefill, pool(&["http://p:1"]));
-    assert_eq!(cfg.pools.decode, pool(&["http://a:1", "http://b:2"]));
+    assert_eq!(cfg.pools.prefill, prefill_pool(&["http://p:1"]));
+    assert_eq!(cfg.pools.decode, decode_pool(&["http://a:1", "http://b:2"]));
     assert_eq!(cfg.pools.ratio_tolerance, 0.5);
     assert_eq!(
         cfg.pools.target_ratio.map(|r| r.to_string()).as_deref(),
@@ -332,8 +348,11 @@ fn env_list_replaces_the_file_list_and_items_are_trimmed() {
         &[],
     )
     .unwrap();
-    assert_eq!(cfg.pools.prefill, pool(&["http://x:1", "http://y:2"]));
-    assert_eq!(cfg.pools.decode, pool(&["http://127.0.0.1:8201"]));
+    assert_eq!(
+        cfg.pools.prefill,
+        prefill_pool(&["http://x:1", "http://y:2"])
+    );
+    assert_eq!(cfg.pools.decode, decode_pool(&["http://127.0.0.1:8201"]));
 }
 
 /// Pins a `config` crate behaviour that the docs warn about: with
@@ -412,12 +431,12 @@ fn cli_overrides_parse_strings_into_typed_values() {
         ("model.tokenizer", "/m/tokenizer.json"),
     ]);
     let cfg = load(None, env(&[]), &cli).unwrap();
-    assert_eq!(cfg.pools.prefill, pool(&["http://p:1"]));
+    assert_eq!(cfg.pools.prefill, prefill_pool(&["http://p:1"]));
     assert_eq!(
         cfg.pools.decode.endpoints,
         pool(&["http://a:1", "http://b:2"]).endpoints
     );
-    assert_eq!(cfg.pools.decode.policy, PolicyName::RoundRobin);
+    assert_eq!(cfg.pools.decode.policy, Some(PolicyName::RoundRobin));
     assert_eq!(cfg.timeouts.prefill_ms, 5);
     assert!(cfg.disaggregation.enforce);
     assert_eq!(cfg.disaggregation.mode, DisaggregationMode::Always);
@@ -497,8 +516,8 @@ fn endpoint_spec_renders_weight_one_as_a_plain_string() {
     let plain = serde_json::to_value(Endpoint::new("http://a:1")).unwrap();
     assert_eq!(plain, serde_json::json!("http://a:1"));
     let weighted = serde_json::to_value(Endpoint {
-        url: "http://a:1".into(),
         weight: 2.0,
+        ..Endpoint::new("http://a:1")
     })
     .unwrap();
     assert_eq!(
@@ -580,10 +599,14 @@ fn render_round_trips_a_config_with_every_option_set() {
     });
     cfg.pools.ratio_tolerance = 0.1;
     cfg.pools.prefill.endpoints[1].weight = 2.5;
-    cfg.pools.prefill.policy = PolicyName::Random;
+    cfg.pools.prefill.policy = Some(PolicyName::Random);
+    cfg.pools.prefill.endpoints[0].kv_events = Some("tcp://10.0.0.1:5557".into());
+    cfg.pools.prefill.prefix_index.ttl_secs = 60;
+    cfg.routing.release_ratio = 2.5;
+    cfg.admission.max_queued = 7;
     cfg.pools.decode.endpoints = vec![Endpoint {
-        url: "https://[fe80::1]:8443".into(),
         weight: 0.5,
+        ..Endpoint::new("https://[fe80::1]:8443")
     }];
     cfg.pools.decode.dns = Some(DnsConfig {
         name: "vllm-decode.ns.svc.cluster.local".into(),
@@ -592,7 +615,8 @@ fn render_round_trips_a_config_with_every_option_set() {
         interval_secs: 10,
         weight: 2.0,
     });
-    cfg.pools.decode.policy = PolicyName::RoundRobin;
+    cfg.pools.decode.policy = Some(PolicyName::RoundRobin);
+    cfg.pools.decode.kv_events = Some(KvEventsConfig::default());
     cfg.timeouts.idle_ms = i64::MAX as u64;
     cfg.retries.decode_attempts = 1;
     cfg.disaggregation.mode = DisaggregationMode::Always;

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::net::Ipv6Addr;
 
+use crate::routing::PrefixFeed;
 use crate::schema::{Config, DisaggregationMode, DnsConfig, PoolConfig, Protocol};
 use crate::ConfigError;
 
@@ -112,6 +113,16 @@ impl Config {
         positive("health.unhealthy_after", u64::from(h.unhealthy_after))?;
         positive("health.healthy_after", u64::from(h.healthy_after))?;
 
+        let r = &self.routing;
+        if !(r.release_ratio >= 1.0 && r.release_ratio.is_finite()) {
+            return Err(invalid(
+                "routing.release_ratio",
+                format!("must be a finite number >= 1; got {}", r.release_ratio),
+            ));
+        }
+        positive("routing.expected_output_tokens", r.expected_output_tokens)?;
+        positive("admission.max_wait_ms", self.admission.max_wait_ms)?;
+
         if self.logging.level.trim().is_empty() {
             return Err(invalid("logging.level", "must not be empty, e.g. \"info\""));
         }
@@ -143,6 +154,39 @@ impl Config {
             ("health.interval_ms", self.health.interval_ms),
             ("health.timeout_ms", self.health.timeout_ms),
             ("health.scrape_interval_ms", self.health.scrape_interval_ms),
+            (
+                "routing.request_cost_tokens",
+                self.routing.request_cost_tokens,
+            ),
+            (
+                "routing.release_slack_tokens",
+                self.routing.release_slack_tokens,
+            ),
+            (
+                "routing.expected_output_tokens",
+                self.routing.expected_output_tokens,
+            ),
+            ("admission.max_wait_ms", self.admission.max_wait_ms),
+            (
+                "admission.retry_after_secs",
+                self.admission.retry_after_secs,
+            ),
+            (
+                "pools.prefill.prefix_index.max_blocks",
+                self.pools.prefill.prefix_index.max_blocks,
+            ),
+            (
+                "pools.prefill.prefix_index.ttl_secs",
+                self.pools.prefill.prefix_index.ttl_secs,
+            ),
+            (
+                "pools.decode.prefix_index.max_blocks",
+                self.pools.decode.prefix_index.max_blocks,
+            ),
+            (
+                "pools.decode.prefix_index.ttl_secs",
+                self.pools.decode.prefix_index.ttl_secs,
+            ),
         ];
         let dns = [
             ("prefill", &self.pools.prefill),
@@ -173,6 +217,27 @@ fn validate_pool(prefix: &str, pool: &PoolConfig, required: bool) -> Result<(), 
             "the gRPC engine protocol is not supported yet; use \"http\"",
         ));
     }
+    positive(
+        &format!("{prefix}.prefix_index.max_blocks"),
+        pool.prefix_index.max_blocks,
+    )?;
+    positive(
+        &format!("{prefix}.prefix_index.ttl_secs"),
+        pool.prefix_index.ttl_secs,
+    )?;
+    if pool.prefix_index.feed == PrefixFeed::Precise
+        && pool.kv_events.is_none()
+        && pool.endpoints.iter().any(|e| e.kv_events.is_none())
+    {
+        return Err(invalid(
+            format!("{prefix}.prefix_index.feed"),
+            "\"precise\" needs the engines' KV-event endpoints: a `kv_events` table for the pool \
+             (port, replay_port, topic) or `kv_events = \"tcp://host:port\"` on every endpoint",
+        ));
+    }
+    if let Some(k) = &pool.kv_events {
+        positive(&format!("{prefix}.kv_events.port"), u64::from(k.port))?;
+    }
     if required && pool.endpoints.is_empty() && pool.dns.is_none() {
         let why = if prefix == "pools.prefill" {
             " (only disaggregation.mode = \"never\" may leave the prefill pool empty)"
@@ -191,6 +256,14 @@ fn validate_pool(prefix: &str, pool: &PoolConfig, required: bool) -> Result<(), 
         let key = format!("{prefix}.endpoints[{i}]");
         check_url(&ep.url).map_err(|reason| invalid(&key, reason))?;
         positive_weight(&format!("{key}.weight"), ep.weight)?;
+        for (k, v) in [
+            ("kv_events", &ep.kv_events),
+            ("kv_events_replay", &ep.kv_events_replay),
+        ] {
+            if let Some(v) = v {
+                check_zmq(v).map_err(|reason| invalid(format!("{key}.{k}"), reason))?;
+            }
+        }
         let norm = normalize_url(&ep.url).to_ascii_lowercase();
         if !seen.insert(norm) {
             return Err(invalid(
@@ -298,5 +371,18 @@ pub(crate) fn check_url(url: &str) -> Result<(), String> {
         _ => Err(format!(
             "has an invalid port {port:?} (1-65535); got {url:?}"
         )),
+    }
+}
+
+/// A ZMQ TCP endpoint Tandem can connect to: `tcp://host:port` with a port.
+fn check_zmq(s: &str) -> Result<(), String> {
+    let rest = s
+        .strip_prefix("tcp://")
+        .ok_or_else(|| format!("expected tcp://host:port; got {s:?}"))?;
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(())
+        }
+        _ => Err(format!("expected tcp://host:port with a port; got {s:?}")),
     }
 }

@@ -107,18 +107,11 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::Health;
 
     fn p(queued: u64) -> EngineView {
         EngineView {
-            id: 0,
-            url: "http://p".into(),
-            health: Health::Healthy,
-            weight: 1.0,
-            inflight: 0,
             queued_prefill_tokens: queued,
-            model: None,
-            block_size: None,
+            ..EngineView::healthy(0, "http://p")
         }
     }
 

@@ -4,12 +4,19 @@
 //! routing facts and an injected RNG. Nothing does IO, reads a clock or keeps hidden state, so a
 //! decision can be replayed from its inputs and tested exhaustively.
 
+mod capacity;
 mod disagg;
 mod plan;
 mod policy;
+mod prefix;
 mod snapshot;
 
+pub use capacity::KvCapacity;
 pub use disagg::{decide, DisaggDecision, DisaggMode, DisaggReason, DisaggSettings};
 pub use plan::{plan, plan_decode, Pick, Plan, PlanError, RouteRequest};
-pub use policy::{policy_for, Choice, Policy, PolicyKind, RouteFacts, RouteReason};
+pub use policy::{
+    load, policy_for, Choice, LeastLoaded, LeastRequests, Policy, PolicyKind, PowerOfTwo,
+    RandomPolicy, RoundRobin, RouteFacts, RouteReason,
+};
+pub use prefix::{PrefixParams, PrefixPolicy};
 pub use snapshot::{EngineView, Health, PoolKind, PoolSnapshot};

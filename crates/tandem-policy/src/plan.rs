@@ -19,6 +19,12 @@ pub struct RouteRequest<'a> {
     pub exclude_decode: &'a [usize],
     /// A local-prefill fallback already decided (e.g. null params); skips the prefill choice.
     pub force_local: Option<DisaggReason>,
+    /// Predicted cached prompt tokens per prefill engine id (the prefill pool's prefix index).
+    pub prefill_cached: &'a [(usize, u64)],
+    /// The same for decode engines, which prefill locally when the request runs whole.
+    pub decode_cached: &'a [(usize, u64)],
+    /// KV blocks the request will occupy on its decode engine.
+    pub kv_blocks_needed: u64,
 }
 
 /// One engine pick: the engine id and the policy's reason.
@@ -43,6 +49,15 @@ pub enum PlanError {
     NoDecodeEngine,
     /// Disaggregation is enforced and no prefill engine is available.
     NoPrefillEngine,
+    /// Healthy decode engines exist but none has KV room for the request now.
+    NoDecodeCapacity,
+}
+
+impl PlanError {
+    /// Whether waiting (rather than failing) can help: capacity frees up as requests finish.
+    pub fn is_capacity(self) -> bool {
+        self == PlanError::NoDecodeCapacity
+    }
 }
 
 impl std::fmt::Display for PlanError {
@@ -52,6 +67,7 @@ impl std::fmt::Display for PlanError {
             PlanError::NoPrefillEngine => {
                 "no healthy prefill engine is available and disaggregation is enforced"
             }
+            PlanError::NoDecodeCapacity => "no decode engine has KV cache room for the request",
         })
     }
 }
@@ -64,12 +80,17 @@ fn candidates<'a>(pool: &'a [EngineView], exclude: &[usize]) -> Vec<&'a EngineVi
         .collect()
 }
 
-fn pick(policy: &dyn Policy, c: &[&EngineView], facts: RouteFacts, rng: &mut dyn RngCore) -> Pick {
-    let Choice { index, reason } = policy.choose(c, facts, rng);
-    Pick {
+fn pick(
+    policy: &dyn Policy,
+    c: &[&EngineView],
+    facts: RouteFacts<'_>,
+    rng: &mut dyn RngCore,
+) -> Option<Pick> {
+    let Choice { index, reason } = policy.choose(c, facts, rng)?;
+    Some(Pick {
         id: c[index].id,
         reason,
-    }
+    })
 }
 
 /// Plan one request against one snapshot.
@@ -81,9 +102,15 @@ pub fn plan(
     decode_policy: &dyn Policy,
     rng: &mut dyn RngCore,
 ) -> Result<Plan, PlanError> {
-    let facts = RouteFacts {
+    let p_facts = RouteFacts {
         seq: req.seq,
         prompt_tokens: req.prompt_tokens,
+        cached: req.prefill_cached,
+        kv_blocks_needed: req.kv_blocks_needed,
+    };
+    let d_facts = RouteFacts {
+        cached: req.decode_cached,
+        ..p_facts
     };
     let prefill_c = candidates(&snap.prefill, req.exclude_prefill);
     let (decision, reason) = match req.force_local {
@@ -103,7 +130,8 @@ pub fn plan(
                 decision,
                 decision_reason: reason,
                 prefill: None,
-                decode: pick(decode_policy, &decode_all, facts, rng),
+                decode: pick(decode_policy, &decode_all, d_facts, rng)
+                    .ok_or(PlanError::NoDecodeCapacity)?,
             })
         }
         DisaggDecision::Disaggregate => {
@@ -119,7 +147,9 @@ pub fn plan(
             if prefill_ok.is_empty() {
                 return Err(PlanError::NoDecodeEngine);
             }
-            let p = pick(prefill_policy, &prefill_ok, facts, rng);
+            // Prefill policies always answer; only capacity-aware decode policies may decline.
+            let p = pick(prefill_policy, &prefill_ok, p_facts, rng)
+                .expect("prefill policies always choose");
             let pe = prefill_ok
                 .iter()
                 .find(|e| e.id == p.id)
@@ -133,7 +163,8 @@ pub fn plan(
                 decision,
                 decision_reason: reason,
                 prefill: Some(p),
-                decode: pick(decode_policy, &decode_c, facts, rng),
+                decode: pick(decode_policy, &decode_c, d_facts, rng)
+                    .ok_or(PlanError::NoDecodeCapacity)?,
             })
         }
     }
@@ -143,8 +174,7 @@ pub fn plan(
 /// `prefill_id` (a decode retry with the same handoff params).
 pub fn plan_decode(
     snap: &PoolSnapshot,
-    seq: u64,
-    prompt_tokens: u64,
+    facts: RouteFacts<'_>,
     exclude: &[usize],
     prefill_id: Option<usize>,
     policy: &dyn Policy,
@@ -158,8 +188,7 @@ pub fn plan_decode(
     if c.is_empty() {
         return Err(PlanError::NoDecodeEngine);
     }
-    let facts = RouteFacts { seq, prompt_tokens };
-    Ok(pick(policy, &c, facts, rng))
+    pick(policy, &c, facts, rng).ok_or(PlanError::NoDecodeCapacity)
 }
 
 #[cfg(test)]
@@ -173,14 +202,11 @@ mod tests {
 
     fn e(id: usize, health: Health, model: &str, inflight: u32) -> EngineView {
         EngineView {
-            id,
-            url: format!("http://e{id}").into(),
             health,
-            weight: 1.0,
             inflight,
-            queued_prefill_tokens: 0,
             model: Some(model.into()),
             block_size: Some(16),
+            ..EngineView::healthy(id, format!("http://e{id}"))
         }
     }
 
@@ -199,6 +225,9 @@ mod tests {
             exclude_prefill: ex_p,
             exclude_decode: ex_d,
             force_local: None,
+            prefill_cached: &[],
+            decode_cached: &[],
+            kv_blocks_needed: 0,
         }
     }
 

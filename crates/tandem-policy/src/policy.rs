@@ -1,8 +1,14 @@
 //! Engine-selection policies: pure functions of a candidate list, the request's routing facts and
 //! an injected RNG.
+//!
+//! The baselines (least-loaded, least-requests, power-of-two, round-robin, random) live here; the
+//! cache-aware prefill policy is in [`crate::prefix`] and the decode policy that counts free KV
+//! blocks in [`crate::capacity`].
 
 use rand::{Rng, RngCore};
 
+use crate::capacity::KvCapacity;
+use crate::prefix::{PrefixParams, PrefixPolicy};
 use crate::snapshot::EngineView;
 
 /// Why an engine was chosen. A bounded set: these are metric label values.
@@ -14,8 +20,26 @@ pub enum RouteReason {
     LeastLoaded,
     /// Lowest weighted load, tied with others; the RNG broke the tie.
     LeastLoadedTie,
+    /// Fewest in-flight requests per unit of weight (nginx `least_conn`).
+    LeastRequests,
+    /// The less loaded of two engines drawn at random.
+    PowerOfTwo,
     RoundRobin,
     Random,
+    /// `prefix`: the lowest expected prefill cost, and that engine holds part of the prompt.
+    PrefixHit,
+    /// `prefix`: no engine holds any of the prompt; the least loaded one.
+    PrefixMiss,
+    /// `prefix`: the cache-preferred engine was too far above the least loaded one; released.
+    LoadRelease,
+    /// `kv-capacity`: the most free KV relative to capacity, after reservations.
+    KvHeadroom,
+    /// `kv-capacity`: no candidate's capacity is known yet; least loaded.
+    KvUnknown,
+    /// `kv-capacity`: the request needs more blocks than any engine has in total; the engine
+    /// with the most free blocks (it will queue or reject there, visibly, rather than wait here
+    /// forever).
+    KvOversize,
 }
 
 impl RouteReason {
@@ -24,8 +48,16 @@ impl RouteReason {
             RouteReason::OnlyCandidate => "only_candidate",
             RouteReason::LeastLoaded => "least_loaded",
             RouteReason::LeastLoadedTie => "least_loaded_tie",
+            RouteReason::LeastRequests => "least_requests",
+            RouteReason::PowerOfTwo => "power_of_two",
             RouteReason::RoundRobin => "round_robin",
             RouteReason::Random => "random",
+            RouteReason::PrefixHit => "prefix_hit",
+            RouteReason::PrefixMiss => "prefix_miss",
+            RouteReason::LoadRelease => "load_release",
+            RouteReason::KvHeadroom => "kv_headroom",
+            RouteReason::KvUnknown => "kv_unknown",
+            RouteReason::KvOversize => "kv_oversize",
         }
     }
 }
@@ -37,39 +69,81 @@ pub struct Choice {
     pub reason: RouteReason,
 }
 
+impl Choice {
+    pub(crate) fn new(index: usize, reason: RouteReason) -> Option<Choice> {
+        Some(Choice { index, reason })
+    }
+}
+
 /// The facts about a request that policies may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteFacts {
+#[derive(Debug, Clone, Copy)]
+pub struct RouteFacts<'a> {
     /// A per-coordinator request sequence number (drives round-robin without hidden state).
     pub seq: u64,
     pub prompt_tokens: u64,
+    /// Prompt tokens each engine is predicted to hold already (from the pool's prefix index), as
+    /// `(engine id, tokens)`; engines not listed hold none.
+    pub cached: &'a [(usize, u64)],
+    /// KV blocks the request will occupy on a decode engine: its prompt plus the output it is
+    /// expected to write.
+    pub kv_blocks_needed: u64,
+}
+
+impl RouteFacts<'_> {
+    /// Facts with only a sequence number and a prompt length (no cache prediction, no KV need).
+    pub fn basic(seq: u64, prompt_tokens: u64) -> RouteFacts<'static> {
+        RouteFacts {
+            seq,
+            prompt_tokens,
+            cached: &[],
+            kv_blocks_needed: 0,
+        }
+    }
+
+    /// Predicted cached prompt tokens on engine `id`.
+    pub fn cached_on(&self, id: usize) -> u64 {
+        self.cached
+            .iter()
+            .find(|(e, _)| *e == id)
+            .map_or(0, |&(_, t)| t.min(self.prompt_tokens))
+    }
 }
 
 /// Chooses one engine among routable candidates.
 pub trait Policy: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
-    /// `candidates` are all routable and compatible; the slice is never empty.
+    /// `candidates` are all routable and compatible; the slice is never empty. `None` means no
+    /// candidate can take the request now (only capacity-aware policies say so); the caller
+    /// holds the request until one can.
     fn choose(
         &self,
         candidates: &[&EngineView],
-        facts: RouteFacts,
+        facts: RouteFacts<'_>,
         rng: &mut dyn RngCore,
-    ) -> Choice;
+    ) -> Option<Choice>;
 }
 
 /// The policies Tandem ships.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PolicyKind {
     LeastLoaded,
+    LeastRequests,
+    PowerOfTwo,
     RoundRobin,
     Random,
+    Prefix(PrefixParams),
+    KvCapacity,
 }
 
 pub fn policy_for(kind: PolicyKind) -> Box<dyn Policy> {
     match kind {
         PolicyKind::LeastLoaded => Box::new(LeastLoaded),
+        PolicyKind::LeastRequests => Box::new(LeastRequests),
+        PolicyKind::PowerOfTwo => Box::new(PowerOfTwo),
         PolicyKind::RoundRobin => Box::new(RoundRobin),
         PolicyKind::Random => Box::new(RandomPolicy),
+        PolicyKind::Prefix(p) => Box::new(PrefixPolicy::new(p)),
+        PolicyKind::KvCapacity => Box::new(KvCapacity),
     }
 }
 
@@ -84,6 +158,23 @@ pub fn load(e: &EngineView) -> f64 {
     (f64::from(e.inflight) + e.queued_prefill_tokens as f64 / TOKENS_PER_REQUEST_LOAD) / e.weight
 }
 
+/// The index of the minimum of `score` over `c`, ties broken uniformly by the RNG; also whether
+/// there was a tie.
+pub(crate) fn argmin_by(
+    c: &[&EngineView],
+    rng: &mut dyn RngCore,
+    score: impl Fn(&EngineView) -> f64,
+) -> (usize, bool) {
+    let scores: Vec<f64> = c.iter().map(|e| score(e)).collect();
+    let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
+    let tied: Vec<usize> = (0..c.len()).filter(|&i| scores[i] <= min).collect();
+    match tied.len() {
+        0 => (0, false), // all NaN: cannot happen with finite inputs, pick the first
+        1 => (tied[0], false),
+        n => (tied[rng.random_range(0..n)], true),
+    }
+}
+
 /// Lowest weighted load; ties broken uniformly by the RNG so equal engines share traffic.
 #[derive(Debug, Clone, Copy)]
 pub struct LeastLoaded;
@@ -93,27 +184,62 @@ impl Policy for LeastLoaded {
         "least-loaded"
     }
 
-    fn choose(&self, c: &[&EngineView], _f: RouteFacts, rng: &mut dyn RngCore) -> Choice {
+    fn choose(&self, c: &[&EngineView], _f: RouteFacts, rng: &mut dyn RngCore) -> Option<Choice> {
         if c.len() == 1 {
-            return Choice {
-                index: 0,
-                reason: RouteReason::OnlyCandidate,
-            };
+            return Choice::new(0, RouteReason::OnlyCandidate);
         }
-        let loads: Vec<f64> = c.iter().map(|e| load(e)).collect();
-        let min = loads.iter().copied().fold(f64::INFINITY, f64::min);
-        let tied: Vec<usize> = (0..c.len()).filter(|&i| loads[i] <= min).collect();
-        if tied.len() == 1 {
-            Choice {
-                index: tied[0],
-                reason: RouteReason::LeastLoaded,
-            }
-        } else {
-            Choice {
-                index: tied[rng.random_range(0..tied.len())],
-                reason: RouteReason::LeastLoadedTie,
-            }
+        let (i, tie) = argmin_by(c, rng, load);
+        Choice::new(
+            i,
+            if tie {
+                RouteReason::LeastLoadedTie
+            } else {
+                RouteReason::LeastLoaded
+            },
+        )
+    }
+}
+
+/// Fewest in-flight requests per unit of weight, whatever their size: nginx's `least_conn`, the
+/// usual Kubernetes-gateway baseline.
+#[derive(Debug, Clone, Copy)]
+pub struct LeastRequests;
+
+impl Policy for LeastRequests {
+    fn name(&self) -> &'static str {
+        "least-requests"
+    }
+
+    fn choose(&self, c: &[&EngineView], _f: RouteFacts, rng: &mut dyn RngCore) -> Option<Choice> {
+        if c.len() == 1 {
+            return Choice::new(0, RouteReason::OnlyCandidate);
         }
+        let (i, _) = argmin_by(c, rng, |e| f64::from(e.inflight) / e.weight);
+        Choice::new(i, RouteReason::LeastRequests)
+    }
+}
+
+/// Two distinct candidates drawn uniformly, the less loaded of the two (Mitzenmacher's
+/// power of two choices: nearly least-loaded balance without herding on one stale minimum).
+#[derive(Debug, Clone, Copy)]
+pub struct PowerOfTwo;
+
+impl Policy for PowerOfTwo {
+    fn name(&self) -> &'static str {
+        "power-of-two"
+    }
+
+    fn choose(&self, c: &[&EngineView], _f: RouteFacts, rng: &mut dyn RngCore) -> Option<Choice> {
+        if c.len() == 1 {
+            return Choice::new(0, RouteReason::OnlyCandidate);
+        }
+        let a = rng.random_range(0..c.len());
+        let mut b = rng.random_range(0..c.len() - 1);
+        if b >= a {
+            b += 1;
+        }
+        let i = if load(c[b]) < load(c[a]) { b } else { a };
+        Choice::new(i, RouteReason::PowerOfTwo)
     }
 }
 
@@ -126,15 +252,15 @@ impl Policy for RoundRobin {
         "round-robin"
     }
 
-    fn choose(&self, c: &[&EngineView], f: RouteFacts, _rng: &mut dyn RngCore) -> Choice {
-        Choice {
-            index: (f.seq % c.len() as u64) as usize,
-            reason: if c.len() == 1 {
+    fn choose(&self, c: &[&EngineView], f: RouteFacts, _rng: &mut dyn RngCore) -> Option<Choice> {
+        Choice::new(
+            (f.seq % c.len() as u64) as usize,
+            if c.len() == 1 {
                 RouteReason::OnlyCandidate
             } else {
                 RouteReason::RoundRobin
             },
-        }
+        )
     }
 }
 
@@ -147,54 +273,42 @@ impl Policy for RandomPolicy {
         "random"
     }
 
-    fn choose(&self, c: &[&EngineView], _f: RouteFacts, rng: &mut dyn RngCore) -> Choice {
+    fn choose(&self, c: &[&EngineView], _f: RouteFacts, rng: &mut dyn RngCore) -> Option<Choice> {
         if c.len() == 1 {
-            return Choice {
-                index: 0,
-                reason: RouteReason::OnlyCandidate,
-            };
+            return Choice::new(0, RouteReason::OnlyCandidate);
         }
         let total: f64 = c.iter().map(|e| e.weight).sum();
         let mut x = rng.random::<f64>() * total;
         for (i, e) in c.iter().enumerate() {
             if x < e.weight {
-                return Choice {
-                    index: i,
-                    reason: RouteReason::Random,
-                };
+                return Choice::new(i, RouteReason::Random);
             }
             x -= e.weight;
         }
-        Choice {
-            index: c.len() - 1,
-            reason: RouteReason::Random,
-        }
+        Choice::new(c.len() - 1, RouteReason::Random)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::Health;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
     fn engine(id: usize, inflight: u32, queued: u64, weight: f64) -> EngineView {
         EngineView {
-            id,
-            url: format!("http://e{id}").into(),
-            health: Health::Healthy,
             weight,
             inflight,
             queued_prefill_tokens: queued,
-            model: None,
-            block_size: None,
+            ..EngineView::healthy(id, format!("http://e{id}"))
         }
     }
 
-    const F: RouteFacts = RouteFacts {
+    const F: RouteFacts<'static> = RouteFacts {
         seq: 0,
         prompt_tokens: 100,
+        cached: &[],
+        kv_blocks_needed: 0,
     };
 
     #[test]
@@ -202,12 +316,12 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let a = engine(0, 1, 8192, 1.0);
         let b = engine(1, 1, 1024, 1.0);
-        let c = LeastLoaded.choose(&[&a, &b], F, &mut rng);
+        let c = LeastLoaded.choose(&[&a, &b], F, &mut rng).unwrap();
         assert_eq!((c.index, c.reason), (1, RouteReason::LeastLoaded));
         // A twice-as-capable engine with twice the load ties; with a bit less it wins.
         let big = engine(2, 2, 0, 2.0);
         let small = engine(3, 1, 100, 1.0);
-        let c = LeastLoaded.choose(&[&big, &small], F, &mut rng);
+        let c = LeastLoaded.choose(&[&big, &small], F, &mut rng).unwrap();
         assert_eq!(c.index, 0);
     }
 
@@ -218,7 +332,7 @@ mod tests {
         let picks = |seed| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             (0..32)
-                .map(|_| LeastLoaded.choose(&refs, F, &mut rng).index)
+                .map(|_| LeastLoaded.choose(&refs, F, &mut rng).unwrap().index)
                 .collect::<Vec<_>>()
         };
         assert_eq!(picks(7), picks(7));
@@ -235,6 +349,7 @@ mod tests {
             .map(|seq| {
                 RoundRobin
                     .choose(&refs, RouteFacts { seq, ..F }, &mut rng)
+                    .unwrap()
                     .index
             })
             .collect();
@@ -248,9 +363,34 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let n = 4000;
         let a_hits = (0..n)
-            .filter(|_| RandomPolicy.choose(&[&a, &b], F, &mut rng).index == 0)
+            .filter(|_| RandomPolicy.choose(&[&a, &b], F, &mut rng).unwrap().index == 0)
             .count();
         let share = a_hits as f64 / n as f64;
         assert!((0.70..0.80).contains(&share), "share {share}");
+    }
+
+    #[test]
+    fn least_requests_counts_requests_not_tokens() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let a = engine(0, 1, 100_000, 1.0);
+        let b = engine(1, 2, 0, 1.0);
+        let c = LeastRequests.choose(&[&a, &b], F, &mut rng).unwrap();
+        assert_eq!((c.index, c.reason), (0, RouteReason::LeastRequests));
+    }
+
+    #[test]
+    fn power_of_two_never_picks_the_most_loaded_of_two_and_spreads() {
+        let a = engine(0, 5, 0, 1.0);
+        let b = engine(1, 0, 0, 1.0);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for _ in 0..64 {
+            assert_eq!(PowerOfTwo.choose(&[&a, &b], F, &mut rng).unwrap().index, 1);
+        }
+        let es: Vec<EngineView> = (0..8).map(|i| engine(i, 0, 0, 1.0)).collect();
+        let refs: Vec<&EngineView> = es.iter().collect();
+        let picks: Vec<usize> = (0..256)
+            .map(|_| PowerOfTwo.choose(&refs, F, &mut rng).unwrap().index)
+            .collect();
+        assert!((0..8).all(|i| picks.contains(&i)), "{picks:?}");
     }
 }

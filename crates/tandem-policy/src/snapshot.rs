@@ -58,11 +58,46 @@ pub struct EngineView {
     pub model: Option<Arc<str>>,
     /// KV block size from the engine's `vllm:cache_config_info`, once known.
     pub block_size: Option<u32>,
+    /// vLLM's `num_gpu_blocks` from `vllm:cache_config_info`, once known.
+    pub kv_total_blocks: Option<u64>,
+    /// Blocks in use at the last scrape (`kv_cache_usage_perc × num_gpu_blocks`), once known.
+    pub kv_used_blocks: Option<u64>,
+    /// Blocks the coordinator has promised to requests the last scrape cannot have seen yet.
+    pub kv_reserved_blocks: u64,
 }
 
 impl EngineView {
+    /// A healthy engine with weight 1 and nothing else known (tests and benches start here).
+    pub fn healthy(id: usize, url: impl Into<Arc<str>>) -> Self {
+        EngineView {
+            id,
+            url: url.into(),
+            health: Health::Healthy,
+            weight: 1.0,
+            inflight: 0,
+            queued_prefill_tokens: 0,
+            model: None,
+            block_size: None,
+            kv_total_blocks: None,
+            kv_used_blocks: None,
+            kv_reserved_blocks: 0,
+        }
+    }
+
     pub fn routable(&self) -> bool {
         self.health == Health::Healthy
+    }
+
+    /// Free KV blocks as the coordinator knows them: total − used at the last scrape − its own
+    /// reservations since. `None` until a scrape has told us the capacity.
+    pub fn kv_free_blocks(&self) -> Option<u64> {
+        let total = self.kv_total_blocks?;
+        let used = self.kv_used_blocks.unwrap_or(0);
+        Some(
+            total
+                .saturating_sub(used)
+                .saturating_sub(self.kv_reserved_blocks),
+        )
     }
 
     /// Whether a prefill on `self` can hand its KV to `decode`: same model and block size where

@@ -23,6 +23,13 @@ pub enum ProxyError {
     /// The prefill returned no KV handoff and local fallback is forbidden (`enforce`).
     #[error("the prefill engine returned no kv_transfer_params and disaggregation is enforced")]
     NullParamsEnforced,
+    /// No decode engine has KV room and the admission queue is full, or the request waited its
+    /// longest; `retry_after` seconds go in the Retry-After header.
+    #[error("{reason}")]
+    Overloaded {
+        reason: &'static str,
+        retry_after: u64,
+    },
     /// Every decode attempt failed before the first byte.
     #[error("decode failed on every attempt: {0}")]
     DecodeFailed(String),
@@ -41,7 +48,10 @@ impl ProxyError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            ProxyError::NoEngine(_) | ProxyError::PrefillFailed(_) | ProxyError::DecodeFailed(_)
+            ProxyError::NoEngine(_)
+                | ProxyError::PrefillFailed(_)
+                | ProxyError::DecodeFailed(_)
+                | ProxyError::Overloaded { .. }
         )
     }
 
@@ -52,6 +62,7 @@ impl ProxyError {
             ProxyError::Engine { status, .. } if status.is_client_error() => "client_error",
             ProxyError::Engine { .. } => "engine_error",
             ProxyError::NoEngine(_) => "no_engine",
+            ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::PrefillFailed(_) | ProxyError::NullParamsEnforced => "prefill_failed",
             ProxyError::DecodeFailed(_) => "decode_failed",
         }
@@ -61,7 +72,9 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ModelNotFound(_) => StatusCode::NOT_FOUND,
-            ProxyError::NoEngine(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEngine(_) | ProxyError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::PrefillFailed(_) | ProxyError::DecodeFailed(_) => StatusCode::BAD_GATEWAY,
             ProxyError::NullParamsEnforced => StatusCode::BAD_GATEWAY,
             ProxyError::Engine { status, .. } => *status,
@@ -110,7 +123,10 @@ impl IntoResponse for ProxyError {
         }
         let status = self.status();
         let mut r = (status, axum::Json(self.body())).into_response();
-        if self.retryable() {
+        if let ProxyError::Overloaded { retry_after, .. } = self {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        } else if self.retryable() {
             // Engines come back within a health interval or two.
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -31,6 +31,8 @@ pub struct Parsed {
     /// Several prompts in one completions request (vLLM's KV handoff takes one prompt).
     pub batch: bool,
     pub prompt_tokens: u64,
+    /// The prompt's token ids (empty for a batch), for the prefix index.
+    pub prompt_ids: Vec<u32>,
     /// `max_tokens` (or chat's `max_completion_tokens`), when given.
     pub max_tokens: Option<u64>,
     /// The prefill leg's body (vllm-pd-protocol.md §1.2).
@@ -90,9 +92,13 @@ pub fn parse(kind: Kind, raw: &[u8], tok: &Tokenizer) -> Result<Parsed, ProxyErr
     let max_tokens = ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_u64));
-    let (prompt_tokens, batch) = match kind {
+    let (prompt_ids, prompt_tokens, batch) = match kind {
         Kind::Completions => completion_tokens(&body, tok)?,
-        Kind::Chat => (chat_tokens(&body, tok)?, false),
+        Kind::Chat => {
+            let ids = chat_tokens(&body, tok)?;
+            let n = ids.len() as u64;
+            (ids, n, false)
+        }
     };
 
     let mut decode = serde_json::to_vec(&body).expect("a JSON map serialises");
@@ -128,6 +134,7 @@ pub fn parse(kind: Kind, raw: &[u8], tok: &Tokenizer) -> Result<Parsed, ProxyErr
         model,
         batch,
         prompt_tokens,
+        prompt_ids,
         max_tokens,
         prefill_body,
         decode_prefix: decode,
@@ -135,49 +142,67 @@ pub fn parse(kind: Kind, raw: &[u8], tok: &Tokenizer) -> Result<Parsed, ProxyErr
     })
 }
 
-fn encode_len(tok: &Tokenizer, text: &str, special: bool) -> Result<u64, ProxyError> {
-    tok.encode(text, special)
-        .map(|ids| ids.len() as u64)
-        .map_err(|e| bad(e.to_string()))
+fn encode(tok: &Tokenizer, text: &str, special: bool) -> Result<Vec<u32>, ProxyError> {
+    tok.encode(text, special).map_err(|e| bad(e.to_string()))
 }
 
+const BAD_PROMPT: &str =
+    "`prompt` must be a string, a list of strings, a list of token ids or a list of token id lists";
+
+/// Token ids from a JSON list of integers; `None` if any item is not a u32.
+fn ids(items: &[Value]) -> Option<Vec<u32>> {
+    items
+        .iter()
+        .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+        .collect()
+}
+
+/// The prompt's ids (one prompt) or none (a batch), its total token count, and whether it is a
+/// batch.
 fn completion_tokens(
     body: &Map<String, Value>,
     tok: &Tokenizer,
-) -> Result<(u64, bool), ProxyError> {
+) -> Result<(Vec<u32>, u64, bool), ProxyError> {
     let special = body
         .get("add_special_tokens")
         .and_then(Value::as_bool)
         .unwrap_or(true);
     match body.get("prompt") {
-        Some(Value::String(s)) => Ok((encode_len(tok, s, special)?, false)),
+        Some(Value::String(s)) => {
+            let ids = encode(tok, s, special)?;
+            let n = ids.len() as u64;
+            Ok((ids, n, false))
+        }
         Some(Value::Array(items)) if items.is_empty() => Err(bad("`prompt` must not be empty")),
         Some(Value::Array(items)) => {
             if items.iter().all(Value::is_u64) {
-                return Ok((items.len() as u64, false));
+                let ids = ids(items).ok_or_else(|| bad("token ids must fit in 32 bits"))?;
+                let n = ids.len() as u64;
+                return Ok((ids, n, false));
             }
-            let mut total = 0;
+            let mut all = Vec::with_capacity(items.len());
             for it in items {
-                total += match it {
-                    Value::String(s) => encode_len(tok, s, special)?,
-                    Value::Array(ids) if ids.iter().all(Value::is_u64) => ids.len() as u64,
-                    _ => {
-                        return Err(bad(
-                            "`prompt` must be a string, a list of strings, a list of token ids or a list of token id lists",
-                        ))
+                all.push(match it {
+                    Value::String(s) => encode(tok, s, special)?,
+                    Value::Array(list) if list.iter().all(Value::is_u64) => {
+                        ids(list).ok_or_else(|| bad("token ids must fit in 32 bits"))?
                     }
-                };
+                    _ => return Err(bad(BAD_PROMPT)),
+                });
             }
-            Ok((total, items.len() > 1))
+            let total = all.iter().map(|v| v.len() as u64).sum();
+            if all.len() == 1 {
+                let one = all.pop().expect("one prompt");
+                return Ok((one, total, false));
+            }
+            Ok((Vec::new(), total, true))
         }
-        Some(_) => Err(bad(
-            "`prompt` must be a string, a list of strings, a list of token ids or a list of token id lists",
-        )),
+        Some(_) => Err(bad(BAD_PROMPT)),
         None => Err(bad("`prompt` is required")),
     }
 }
 
-fn chat_tokens(body: &Map<String, Value>, tok: &Tokenizer) -> Result<u64, ProxyError> {
+fn chat_tokens(body: &Map<String, Value>, tok: &Tokenizer) -> Result<Vec<u32>, ProxyError> {
     let Some(Value::Array(messages)) = body.get("messages") else {
         return Err(bad("`messages` must be a list"));
     };
@@ -193,7 +218,7 @@ fn chat_tokens(body: &Map<String, Value>, tok: &Tokenizer) -> Result<u64, ProxyE
         .get("add_special_tokens")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    encode_len(tok, &text, special)
+    encode(tok, &text, special)
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@ mod front;
 mod metrics;
 mod pd;
 mod pool;
+mod prefix;
 mod relay;
+mod route;
 mod server;
 mod timing;
 mod upstream;
@@ -22,9 +24,9 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tandem_config::{Config, DisaggregationMode, PolicyName};
+use tandem_config::{Config, DisaggregationMode, PolicyName, RoutingConfig};
 use tandem_model::Tokenizer;
-use tandem_policy::{DisaggMode, DisaggSettings, Policy, PolicyKind};
+use tandem_policy::{DisaggMode, DisaggSettings, Policy, PolicyKind, PrefixParams};
 use tokio::net::TcpListener;
 
 pub use error::ProxyError;
@@ -67,6 +69,10 @@ pub(crate) struct State {
     pub decode_policy: Box<dyn Policy>,
     pub prefill_policy_name: &'static str,
     pub decode_policy_name: &'static str,
+    pub prefill_index: Arc<prefix::PoolIndex>,
+    pub decode_index: Arc<prefix::PoolIndex>,
+    /// Requests in the admission queue now.
+    pub admission_waiting: std::sync::atomic::AtomicU32,
     /// Tie-breaking and random policies; seeded so a run can be replayed.
     pub rng: Mutex<ChaCha8Rng>,
     pub seq: AtomicU64,
@@ -76,11 +82,25 @@ pub(crate) struct State {
     pub shutting_down: std::sync::atomic::AtomicBool,
 }
 
-fn policy_kind(p: PolicyName) -> PolicyKind {
+/// The policy a configuration names, with its parameters.
+pub fn policy_kind(p: PolicyName, routing: &RoutingConfig) -> PolicyKind {
     match p {
+        PolicyName::Prefix => PolicyKind::Prefix(prefix_params(routing)),
+        PolicyName::KvCapacity => PolicyKind::KvCapacity,
         PolicyName::LeastLoaded => PolicyKind::LeastLoaded,
+        PolicyName::LeastRequests => PolicyKind::LeastRequests,
+        PolicyName::PowerOfTwo => PolicyKind::PowerOfTwo,
         PolicyName::RoundRobin => PolicyKind::RoundRobin,
         PolicyName::Random => PolicyKind::Random,
+    }
+}
+
+/// The `prefix` policy's parameters from `[routing]`.
+pub fn prefix_params(r: &RoutingConfig) -> PrefixParams {
+    PrefixParams {
+        request_cost_tokens: r.request_cost_tokens,
+        release_ratio: r.release_ratio,
+        release_slack_tokens: r.release_slack_tokens,
     }
 }
 
@@ -133,13 +153,25 @@ fn build(cfg: Config, resolver: Arc<dyn Resolver>) -> Result<Arc<State>, StartEr
         idle: Duration::from_millis(t.idle_ms),
         lease: Duration::from_millis(t.prefill_lease_ms),
     };
-    let prefill_policy = tandem_policy::policy_for(policy_kind(cfg.pools.prefill.policy));
-    let decode_policy = tandem_policy::policy_for(policy_kind(cfg.pools.decode.policy));
+    let prefill_policy = tandem_policy::policy_for(policy_kind(
+        cfg.pools.prefill.policy_or(PolicyName::default_prefill()),
+        &cfg.routing,
+    ));
+    let decode_policy = tandem_policy::policy_for(policy_kind(
+        cfg.pools.decode.policy_or(PolicyName::default_decode()),
+        &cfg.routing,
+    ));
+    let bs = cfg.model.block_size;
+    let prefill_index = Arc::new(prefix::PoolIndex::new(&cfg.pools.prefill.prefix_index, bs));
+    let decode_index = Arc::new(prefix::PoolIndex::new(&cfg.pools.decode.prefix_index, bs));
     Ok(Arc::new(State {
         prefill_policy_name: prefill_policy.name(),
         decode_policy_name: decode_policy.name(),
         prefill_policy,
         decode_policy,
+        prefill_index,
+        decode_index,
+        admission_waiting: std::sync::atomic::AtomicU32::new(0),
         recent: Arc::new(timing::Recent::new(cfg.server.recent_requests)),
         rng: Mutex::new(ChaCha8Rng::seed_from_u64(0x7a4d_e35e)),
         seq: AtomicU64::new(0),

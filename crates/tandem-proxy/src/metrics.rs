@@ -108,6 +108,12 @@ pub struct Metrics {
     pub disagg_decisions: Family<DisaggLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub reported_cached_tokens: Counter,
+    pub predicted_cached_tokens: Counter,
+    pub admission_queued: Counter,
+    pub admission_rejected: Counter,
+    pub admission_waiting: Gauge,
+    engine_kv_reserved: Family<EngineLabels, Gauge>,
+    engine_prefix_blocks: Family<EngineLabels, Gauge>,
     engine_up: Family<EngineLabels, Gauge>,
     engine_inflight: Family<EngineLabels, Gauge>,
     engine_prefill_queue: Family<EngineLabels, Gauge>,
@@ -186,7 +192,42 @@ impl Metrics {
             "Prompt tokens the prefill engines reported as cached (usage.prompt_tokens_details)",
             reported_cached_tokens.clone(),
         );
+        let predicted_cached_tokens = Counter::default();
+        r.register(
+            "tandem_predicted_cached_tokens",
+            "Prompt tokens the prefix index predicted cached on the chosen prefill engine, for requests whose engine reported cached tokens (compare with tandem_reported_cached_tokens)",
+            predicted_cached_tokens.clone(),
+        );
+        let admission_queued = Counter::default();
+        r.register(
+            "tandem_admission_queued",
+            "Requests that waited because no decode engine had KV room",
+            admission_queued.clone(),
+        );
+        let admission_rejected = Counter::default();
+        r.register(
+            "tandem_admission_rejected",
+            "Requests answered 503 because no decode engine had KV room (queue full or wait too long)",
+            admission_rejected.clone(),
+        );
+        let admission_waiting = Gauge::default();
+        r.register(
+            "tandem_admission_waiting",
+            "Requests waiting now for decode KV room",
+            admission_waiting.clone(),
+        );
         let g = || Family::<EngineLabels, Gauge>::default();
+        let (engine_kv_reserved, engine_prefix_blocks) = (g(), g());
+        r.register(
+            "tandem_engine_kv_reserved_blocks",
+            "KV blocks Tandem has promised to requests on the engine that no scrape shows yet",
+            engine_kv_reserved.clone(),
+        );
+        r.register(
+            "tandem_engine_prefix_blocks_indexed",
+            "Blocks the pool's prefix index says the engine holds",
+            engine_prefix_blocks.clone(),
+        );
         let (engine_up, engine_inflight, engine_prefill_queue, engine_kv_total, engine_kv_free) =
             (g(), g(), g(), g(), g());
         r.register(
@@ -244,6 +285,12 @@ impl Metrics {
             disagg_decisions,
             retries,
             reported_cached_tokens,
+            predicted_cached_tokens,
+            admission_queued,
+            admission_rejected,
+            admission_waiting,
+            engine_kv_reserved,
+            engine_prefix_blocks,
             engine_up,
             engine_inflight,
             engine_prefill_queue,
@@ -298,6 +345,31 @@ impl Metrics {
             self.pd_ratio
                 .get_or_create(&RatioLabels { kind: "live" })
                 .set(np as f64 / nd as f64);
+        }
+    }
+
+    /// Refresh the gauges that change between control-loop rounds (reservations, index sizes);
+    /// called at scrape time. `indexed` gives each engine's indexed blocks.
+    pub fn observe_live(&self, p: &Pools, indexed: impl Fn(PoolKind, usize) -> usize) {
+        for kind in [PoolKind::Prefill, PoolKind::Decode] {
+            for e in p.pool(kind) {
+                let l = EngineLabels {
+                    pool: kind.as_str(),
+                    engine: e.engine.url.to_string(),
+                };
+                self.engine_inflight
+                    .get_or_create(&l)
+                    .set(i64::from(e.engine.inflight()));
+                self.engine_prefill_queue
+                    .get_or_create(&l)
+                    .set(e.engine.queued_prefill_tokens() as i64);
+                self.engine_kv_reserved
+                    .get_or_create(&l)
+                    .set(e.engine.reserved_blocks() as i64);
+                self.engine_prefix_blocks
+                    .get_or_create(&l)
+                    .set(indexed(kind, e.engine.id) as i64);
+            }
         }
     }
 

@@ -28,13 +28,14 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tandem_policy::{DisaggReason, PlanError, PoolKind, RouteRequest};
+use tandem_policy::{DisaggReason, PlanError, PoolKind};
 
 use crate::error::{sse_error, ProxyError};
 use crate::front::{self, Kind, Parsed};
 use crate::metrics::{RetryLabels, RouteLabels};
-use crate::pool::{Engine, LoadGuard, Suspect};
+use crate::pool::{Engine, LoadGuard, Reservation, Suspect};
 use crate::relay::{rewrite_body, Event, EventReader, RelayError};
+use crate::route::{self, RouteError};
 use crate::timing::Finisher;
 use crate::upstream::Conn;
 use crate::State;
@@ -206,34 +207,31 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
     let mut ex_d: Vec<usize> = Vec::new();
     let mut force_local = req.batch.then_some(DisaggReason::BatchPrompt);
     let mut last_err = String::new();
+    let pred = route::predict(st, req);
     // Each pass spends at least one attempt, so this bounds re-planning.
     for _ in 0..(retries.prefill_attempts + retries.decode_attempts) {
-        let pools = st.pools.pools.borrow().clone();
-        let snap = pools.snapshot();
-        let rr = RouteRequest {
+        let attempt = route::Attempt {
             seq,
-            prompt_tokens: req.prompt_tokens,
-            uncached_tokens: req.prompt_tokens,
             exclude_prefill: &ex_p,
             exclude_decode: &ex_d,
             force_local,
         };
-        let plan = {
-            let mut rng = st.rng.lock().expect("rng lock");
-            tandem_policy::plan(
-                &snap,
-                &rr,
-                &st.disagg,
-                st.prefill_policy.as_ref(),
-                st.decode_policy.as_ref(),
-                &mut *rng,
-            )
-        };
-        let plan = plan.map_err(|e| match e {
-            _ if last_err.is_empty() => ProxyError::NoEngine(e),
-            PlanError::NoPrefillEngine => ProxyError::PrefillFailed(last_err.clone()),
-            PlanError::NoDecodeEngine => ProxyError::DecodeFailed(last_err.clone()),
-        })?;
+        let routed = route::plan_admitted(st, req, &pred, &attempt)
+            .await
+            .map_err(|e| match e {
+                RouteError::Refused(e) => e,
+                RouteError::Plan(e) if last_err.is_empty() => ProxyError::NoEngine(e),
+                RouteError::Plan(PlanError::NoPrefillEngine) => {
+                    ProxyError::PrefillFailed(last_err.clone())
+                }
+                RouteError::Plan(_) => ProxyError::DecodeFailed(last_err.clone()),
+            })?;
+        let route::Routed {
+            pools,
+            plan,
+            reservation,
+        } = routed;
+        let mut reservation = Some(reservation);
         fin.decision = Some((plan.decision.as_str(), plan.decision_reason.as_str()));
         count_route(st, PoolKind::Decode, plan.decode.reason.as_str());
         let mut d_engine = pools
@@ -242,6 +240,8 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
             .engine
             .clone();
         fin.decode_engine = Some(d_engine.url.to_string());
+        // Approximate feed: the decode engine caches the prompt's blocks too (pulled or local).
+        st.decode_index.routed(d_engine.id, &pred.keys);
 
         let mut params: Option<Box<RawValue>> = None;
         let mut cached: Option<u64> = None;
@@ -256,10 +256,14 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                 .clone();
             fin.prefill_engine = Some(p_engine.url.to_string());
             fin.prefill_attempts += 1;
+            let predicted = pred.cached_on(PoolKind::Prefill, pp.id);
+            fin.predicted_cached_tokens = Some(predicted);
+            st.prefill_index.routed(pp.id, &pred.keys);
             fin.mark_dispatch();
             // Warm the decode connection while the prefill runs, so the handoff is one write.
+            let work = req.prompt_tokens.saturating_sub(predicted);
             let (res, w) = tokio::join!(
-                prefill_leg(st, &p_engine, req, &fin.request_id),
+                prefill_leg(st, &p_engine, req, &fin.request_id, work),
                 d_engine.upstream.acquire()
             );
             // If the engine closed it while the prefill ran, `Conn::send` resends on a fresh one.
@@ -322,7 +326,10 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
         loop {
             fin.decode_attempts += 1;
             let conn = warm.take();
-            match decode_leg(st, &d_engine, conn, body.clone(), req, fin, cached).await {
+            let res = reservation
+                .take()
+                .unwrap_or_else(|| d_engine.reserve(route::blocks_needed(st, req)));
+            match decode_leg(st, &d_engine, conn, res, body.clone(), req, fin, cached).await {
                 Ok(done) => return Ok(done),
                 Err(LegError::Relay(e)) => return Err(e),
                 Err(LegError::Retry {
@@ -345,28 +352,19 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                     {
                         break; // re-plan: a local request anywhere, or a fresh prefill
                     }
-                    let pools = st.pools.pools.borrow().clone();
-                    let pick = {
-                        let mut rng = st.rng.lock().expect("rng lock");
-                        tandem_policy::plan_decode(
-                            &pools.snapshot(),
-                            seq,
-                            req.prompt_tokens,
-                            &ex_d,
-                            prefill_id,
-                            st.decode_policy.as_ref(),
-                            &mut *rng,
-                        )
-                    };
-                    let Ok(pick) = pick else {
+                    let Ok((pools, pick, res)) =
+                        route::replan_decode(st, req, &pred, seq, &ex_d, prefill_id)
+                    else {
                         return Err(ProxyError::DecodeFailed(message));
                     };
+                    reservation = Some(res);
                     count_route(st, PoolKind::Decode, pick.reason.as_str());
                     d_engine = pools
                         .find(PoolKind::Decode, pick.id)
                         .expect("the pick came from this snapshot")
                         .engine
                         .clone();
+                    st.decode_index.routed(d_engine.id, &pred.keys);
                     fin.decode_engine = Some(d_engine.url.to_string());
                 }
             }
@@ -439,8 +437,10 @@ async fn prefill_leg(
     engine: &Arc<Engine>,
     req: &Parsed,
     request_id: &str,
+    work_tokens: u64,
 ) -> Result<PrefillDone, LegError> {
-    let _load = engine.track(req.prompt_tokens);
+    // Queued work is what the engine must compute: the prompt less what it is predicted to hold.
+    let _load = engine.track(work_tokens);
     let leg = async {
         let mut conn = engine
             .upstream
@@ -518,12 +518,13 @@ async fn decode_leg(
     st: &State,
     engine: &Arc<Engine>,
     warm: Option<Conn>,
+    reservation: Reservation,
     body: Bytes,
     req: &Parsed,
     fin: &mut Finisher,
     cached: Option<u64>,
 ) -> Result<Done, LegError> {
-    let guard = engine.track(0);
+    let guard = engine.track(0).with_reservation(reservation);
     let mut conn = match warm {
         Some(c) => c,
         None => engine
@@ -593,7 +594,11 @@ async fn decode_leg(
                     false,
                 ))
             }
-            Ok(Some(ev)) => ev,
+            Ok(Some(ev)) => {
+                // The engine is running the request: its blocks are allocated now.
+                guard.began();
+                ev
+            }
             Ok(None) => return Err(retry("stream_broken", "empty decode stream", true)),
             Err(RelayError::Idle(_)) => {
                 return Err(retry(

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use tandem_config::Config;
 use tandem_policy::{EngineView, Health, PoolKind, PoolSnapshot};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -35,6 +35,22 @@ pub struct Engine {
     pub discovered: bool,
     inflight: AtomicU32,
     queued_prefill_tokens: AtomicU64,
+    /// KV blocks promised to requests a scrape cannot have seen yet (see [`Reservation`]).
+    reservations: Mutex<Reservations>,
+    reserved_blocks: AtomicU64,
+    /// Metrics scrapes sent to this engine so far: a scrape numbered `n` sees every request the
+    /// engine had started before scrape `n` was sent.
+    scrapes_sent: AtomicU64,
+    /// Wakes requests waiting for KV room when a reservation is released.
+    freed: Arc<Notify>,
+}
+
+/// Reservations by id: blocks, and the scrape count when the engine began the request (`None`
+/// until it has).
+#[derive(Debug, Default)]
+struct Reservations {
+    next: u64,
+    open: HashMap<u64, (u64, Option<u64>)>,
 }
 
 impl Engine {
@@ -46,6 +62,45 @@ impl Engine {
         self.queued_prefill_tokens.load(Ordering::Relaxed)
     }
 
+    pub fn reserved_blocks(&self) -> u64 {
+        self.reserved_blocks.load(Ordering::Relaxed)
+    }
+
+    /// Promise `blocks` KV blocks to a request routed here. They count against the engine's free
+    /// blocks until the request ends or a scrape sent after it began shows them as used.
+    pub fn reserve(self: &Arc<Self>, blocks: u64) -> Reservation {
+        let mut r = self.reservations.lock().expect("reservations lock");
+        let id = r.next;
+        r.next += 1;
+        r.open.insert(id, (blocks, None));
+        self.reserved_blocks.fetch_add(blocks, Ordering::Relaxed);
+        Reservation {
+            engine: self.clone(),
+            id,
+        }
+    }
+
+    /// Number the next metrics scrape (called just before sending it).
+    pub fn scrape_sent(&self) -> u64 {
+        self.scrapes_sent.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A scrape numbered `n` has been published: requests begun before it was sent are in its
+    /// `kv_cache_usage_perc`, so their reservations stop counting (the scrape counts them now).
+    pub fn scrape_published(&self, n: u64) {
+        let mut r = self.reservations.lock().expect("reservations lock");
+        let mut visible = 0;
+        for (blocks, began) in r.open.values_mut() {
+            if began.is_some_and(|b| b < n) && *blocks > 0 {
+                visible += *blocks;
+                *blocks = 0;
+            }
+        }
+        if visible > 0 {
+            self.reserved_blocks.fetch_sub(visible, Ordering::Relaxed);
+        }
+    }
+
     /// Count a request on this engine until the guard drops; `prefill_tokens` are counted as
     /// queued prefill work for the same span.
     pub fn track(self: &Arc<Self>, prefill_tokens: u64) -> LoadGuard {
@@ -55,7 +110,41 @@ impl Engine {
         LoadGuard {
             engine: self.clone(),
             prefill_tokens,
+            reservation: None,
         }
+    }
+}
+
+/// KV blocks promised to one request on one decode engine; released when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    engine: Arc<Engine>,
+    id: u64,
+}
+
+impl Reservation {
+    /// The engine has begun the request (its first token arrived, so its blocks are allocated):
+    /// the next scrape sent will see them.
+    pub fn began(&self) {
+        let n = self.engine.scrapes_sent.load(Ordering::Relaxed);
+        let mut r = self.engine.reservations.lock().expect("reservations lock");
+        if let Some((_, began)) = r.open.get_mut(&self.id) {
+            began.get_or_insert(n);
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let e = &self.engine;
+        let blocks = {
+            let mut r = e.reservations.lock().expect("reservations lock");
+            r.open.remove(&self.id).map_or(0, |(b, _)| b)
+        };
+        if blocks > 0 {
+            e.reserved_blocks.fetch_sub(blocks, Ordering::Relaxed);
+        }
+        e.freed.notify_waiters();
     }
 }
 
@@ -64,6 +153,22 @@ impl Engine {
 pub struct LoadGuard {
     engine: Arc<Engine>,
     prefill_tokens: u64,
+    /// A decode leg's KV reservation, released with the leg.
+    reservation: Option<Reservation>,
+}
+
+impl LoadGuard {
+    pub fn with_reservation(mut self, r: Reservation) -> Self {
+        self.reservation = Some(r);
+        self
+    }
+
+    /// See [`Reservation::began`].
+    pub fn began(&self) {
+        if let Some(r) = &self.reservation {
+            r.began();
+        }
+    }
 }
 
 impl Drop for LoadGuard {
@@ -92,11 +197,16 @@ pub struct EngineStatus {
 }
 
 impl EngineStatus {
-    /// Free KV blocks at the last scrape: `num_gpu_blocks × (1 − kv_cache_usage_perc)`.
-    pub fn kv_free_blocks(&self) -> Option<u64> {
+    /// Used KV blocks at the last scrape: `num_gpu_blocks × kv_cache_usage_perc`.
+    pub fn kv_used_blocks(&self) -> Option<u64> {
         let total = self.num_gpu_blocks?;
         let used = self.kv_usage.unwrap_or(0.0).clamp(0.0, 1.0);
-        Some((total as f64 * (1.0 - used)).round() as u64)
+        Some((total as f64 * used).round() as u64)
+    }
+
+    /// Free KV blocks at the last scrape.
+    pub fn kv_free_blocks(&self) -> Option<u64> {
+        Some(self.num_gpu_blocks? - self.kv_used_blocks()?)
     }
 }
 
@@ -157,6 +267,9 @@ impl Pools {
                     queued_prefill_tokens: e.engine.queued_prefill_tokens(),
                     model: e.status.model.clone(),
                     block_size: e.status.block_size,
+                    kv_total_blocks: e.status.num_gpu_blocks,
+                    kv_used_blocks: e.status.kv_used_blocks(),
+                    kv_reserved_blocks: e.engine.reserved_blocks(),
                 })
                 .collect()
         }
@@ -194,6 +307,8 @@ pub struct Suspect {
 pub struct PoolHandle {
     pub pools: watch::Receiver<Arc<Pools>>,
     pub suspects: mpsc::Sender<Suspect>,
+    /// Notified whenever a KV reservation is released (admission waits on it).
+    pub freed: Arc<Notify>,
 }
 
 /// Resolves a pool's DNS name (a Kubernetes headless Service) to engine addresses.
@@ -223,6 +338,7 @@ impl Resolver for SystemResolver {
 /// Build the engine table from static endpoints and start the control loop.
 pub fn start(cfg: &Config, metrics: Arc<Metrics>, resolver: Arc<dyn Resolver>) -> PoolHandle {
     let mut ctl_ids = 0usize;
+    let freed = Arc::new(Notify::new());
     let connect = Duration::from_millis(cfg.timeouts.connect_ms);
     let mut entries = |kind: PoolKind| -> Vec<EngineEntry> {
         let pool = match kind {
@@ -233,7 +349,7 @@ pub fn start(cfg: &Config, metrics: Arc<Metrics>, resolver: Arc<dyn Resolver>) -
             .iter()
             .map(|e| {
                 ctl_ids += 1;
-                new_entry(ctl_ids - 1, kind, &e.url, e.weight, false, connect)
+                new_entry(ctl_ids - 1, kind, &e.url, e.weight, false, connect, &freed)
             })
             .collect()
     };
@@ -253,11 +369,13 @@ pub fn start(cfg: &Config, metrics: Arc<Metrics>, resolver: Arc<dyn Resolver>) -
         resolver,
         next_id: ctl_ids,
         dns_due: [Instant::now(), Instant::now()],
+        freed: freed.clone(),
     };
     tokio::spawn(ctl.run());
     PoolHandle {
         pools: rx,
         suspects: stx,
+        freed,
     }
 }
 
@@ -268,6 +386,7 @@ fn new_entry(
     weight: f64,
     discovered: bool,
     connect: Duration,
+    freed: &Arc<Notify>,
 ) -> EngineEntry {
     EngineEntry {
         engine: Arc::new(Engine {
@@ -279,6 +398,10 @@ fn new_entry(
             discovered,
             inflight: AtomicU32::new(0),
             queued_prefill_tokens: AtomicU64::new(0),
+            reservations: Mutex::new(Reservations::default()),
+            reserved_blocks: AtomicU64::new(0),
+            scrapes_sent: AtomicU64::new(0),
+            freed: freed.clone(),
         }),
         status: EngineStatus::default(),
     }
@@ -296,6 +419,7 @@ struct Control {
     next_id: usize,
     /// When each pool's DNS name is next re-resolved (prefill, decode).
     dns_due: [Instant; 2],
+    freed: Arc<Notify>,
 }
 
 /// One probe's findings.
@@ -309,6 +433,8 @@ struct Probe {
 
 #[derive(Debug, Default, PartialEq)]
 struct Scrape {
+    /// The engine's scrape number (see [`Engine::scrape_sent`]).
+    seq: u64,
     block_size: Option<u32>,
     num_gpu_blocks: Option<u64>,
     kv_usage: Option<f64>,
@@ -390,6 +516,17 @@ impl Control {
             }
         }
         let _ = self.tx.send(Arc::new(next));
+        // Only now that the usage is published may the reservations it covers stop counting
+        // (the other order would briefly count those blocks as free twice over).
+        for (kind, e) in &targets {
+            if let Some(s) = results
+                .get(&(*kind, e.engine.id))
+                .and_then(|p| p.scrape.as_ref())
+            {
+                e.engine.scrape_published(s.seq);
+            }
+        }
+        self.freed.notify_waiters();
     }
 
     /// Re-resolve each pool's DNS name when due: new addresses become engines (probed before
@@ -454,7 +591,15 @@ impl Control {
             for u in &urls {
                 if !pool.iter().any(|e| *e.engine.url == **u) {
                     tracing::info!(pool = kind.as_str(), engine = %u, "engine found in DNS");
-                    pool.push(new_entry(self.next_id, kind, u, dns.weight, true, connect));
+                    pool.push(new_entry(
+                        self.next_id,
+                        kind,
+                        u,
+                        dns.weight,
+                        true,
+                        connect,
+                        &self.freed,
+                    ));
                     self.next_id += 1;
                     changed = true;
                 }
@@ -573,8 +718,12 @@ async fn probe(engine: Arc<Engine>, want_model: bool, want_scrape: bool, t: Dura
         }
     }
     if want_scrape {
+        let seq = engine.scrape_sent();
         if let Ok(b) = get(&engine, "/metrics", t).await {
-            out.scrape = Some(parse_scrape(&String::from_utf8_lossy(&b)));
+            out.scrape = Some(Scrape {
+                seq,
+                ..parse_scrape(&String::from_utf8_lossy(&b))
+            });
         }
     }
     out
@@ -614,116 +763,4 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::SocketAddr;
-    use std::sync::Mutex;
-
-    /// A resolver stand-in whose answer the test changes.
-    #[derive(Debug, Default)]
-    struct FakeDns(Mutex<Option<Vec<SocketAddr>>>);
-
-    impl Resolver for FakeDns {
-        fn resolve(
-            &self,
-            _name: &str,
-            _port: u16,
-        ) -> futures::future::BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
-            let a = self.0.lock().unwrap().clone();
-            Box::pin(async move { a.ok_or_else(|| std::io::Error::other("SERVFAIL")) })
-        }
-    }
-
-    fn set(dns: &FakeDns, addrs: Option<&[&str]>) {
-        *dns.0.lock().unwrap() = addrs.map(|a| a.iter().map(|s| s.parse().unwrap()).collect());
-    }
-
-    async fn wait_for(
-        rx: &mut watch::Receiver<Arc<Pools>>,
-        f: impl Fn(&Pools) -> bool,
-    ) -> Arc<Pools> {
-        loop {
-            let p = rx.borrow_and_update().clone();
-            if f(&p) {
-                return p;
-            }
-            rx.changed().await.expect("control loop alive");
-        }
-    }
-
-    fn urls(p: &Pools) -> Vec<(String, Health)> {
-        p.decode
-            .iter()
-            .map(|e| (e.engine.url.to_string(), e.status.health))
-            .collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn dns_discovery_adds_drains_and_removes_engines() {
-        let cfg = tandem_config::from_toml_str(
-            "[pools.prefill]\nendpoints = [\"http://127.0.0.1:9\"]\n\
-             [pools.decode]\ndns = { name = \"decode.svc\", port = 8000, interval_secs = 1 }\n",
-        )
-        .unwrap();
-        let dns = Arc::new(FakeDns::default());
-        set(&dns, Some(&["127.0.0.1:9", "127.0.0.2:9"]));
-        let h = start(&cfg, Arc::new(Metrics::new(None)), dns.clone());
-        let mut rx = h.pools.clone();
-        let p = wait_for(&mut rx, |p| p.decode.len() == 2).await;
-        assert!(p.decode.iter().all(|e| e.engine.discovered));
-        let first = p.decode[0].engine.clone();
-        assert_eq!(&*first.url, "http://127.0.0.1:9");
-
-        // 10.0.0.1 leaves while a request is in flight on it: it drains, and stays until idle.
-        let guard = first.track(0);
-        set(&dns, Some(&["127.0.0.2:9", "127.0.0.3:9"]));
-        let p = wait_for(&mut rx, |p| p.decode.len() == 3).await;
-        assert_eq!(
-            urls(&p)[0],
-            ("http://127.0.0.1:9".to_string(), Health::Draining)
-        );
-        assert!(p
-            .snapshot()
-            .decode
-            .iter()
-            .all(|e| e.id != first.id || !e.routable()));
-
-        // A failed lookup changes nothing.
-        set(&dns, None);
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(rx.borrow().decode.len(), 3);
-
-        // Once its last request finishes, the drained engine is removed; ids are not reused.
-        drop(guard);
-        set(&dns, Some(&["127.0.0.2:9", "127.0.0.3:9"]));
-        let p = wait_for(&mut rx, |p| p.decode.len() == 2).await;
-        let left: Vec<String> = urls(&p).into_iter().map(|u| u.0).collect();
-        assert_eq!(left, ["http://127.0.0.2:9", "http://127.0.0.3:9"]);
-        assert!(p.decode.iter().all(|e| e.engine.id != first.id));
-
-        // An empty answer (no ready pods) drains everything that is left.
-        set(&dns, Some(&[]));
-        let p = wait_for(&mut rx, |p| p.decode.is_empty()).await;
-        assert!(p.decode.is_empty());
-    }
-
-    #[test]
-    fn scrape_reads_block_size_capacity_and_usage() {
-        let text = "# HELP vllm:cache_config_info x\n\
-            vllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",num_gpu_blocks=\"24000\"} 1.0\n\
-            vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.25\n";
-        assert_eq!(
-            parse_scrape(text),
-            Scrape {
-                block_size: Some(16),
-                num_gpu_blocks: Some(24000),
-                kv_usage: Some(0.25)
-            }
-        );
-        assert_eq!(label("xblock_size=\"3\"", "block_size"), None);
-        assert_eq!(
-            label("mamba_block_size=\"3\",block_size=\"16\"", "block_size"),
-            Some("16")
-        );
-    }
-}
+mod tests;

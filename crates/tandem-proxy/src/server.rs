@@ -94,6 +94,10 @@ async fn ready(AxState(st): AxState<Arc<State>>) -> Response {
 async fn metrics(AxState(st): AxState<Arc<State>>) -> Response {
     let pools = st.pools.pools.borrow().clone();
     st.metrics.observe_pools(&pools);
+    st.metrics.observe_live(&pools, |kind, id| match kind {
+        PoolKind::Prefill => st.prefill_index.engine_blocks(id),
+        PoolKind::Decode => st.decode_index.engine_blocks(id),
+    });
     (
         [(
             header::CONTENT_TYPE,

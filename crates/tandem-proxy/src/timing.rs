@@ -27,6 +27,8 @@ pub struct RequestRecord {
     pub decode_attempts: u32,
     pub prompt_tokens: u64,
     pub cached_tokens: Option<u64>,
+    /// What the prefill pool's prefix index predicted the chosen prefill engine held.
+    pub predicted_cached_tokens: Option<u64>,
     pub content_chunks: u64,
     pub itl_observations: u64,
     pub queue_s: Option<f64>,
@@ -101,6 +103,7 @@ pub struct Finisher {
     pub decode_attempts: u32,
     pub prompt_tokens: u64,
     pub cached_tokens: Option<u64>,
+    pub predicted_cached_tokens: Option<u64>,
     outcome: Option<&'static str>,
 }
 
@@ -132,6 +135,7 @@ impl Finisher {
             decode_attempts: 0,
             prompt_tokens: 0,
             cached_tokens: None,
+            predicted_cached_tokens: None,
             outcome: None,
         }
     }
@@ -210,6 +214,7 @@ impl Finisher {
             decode_attempts: self.decode_attempts,
             prompt_tokens: self.prompt_tokens,
             cached_tokens: self.cached_tokens,
+            predicted_cached_tokens: self.predicted_cached_tokens,
             content_chunks: self.content_chunks,
             itl_observations: self.itl_observations,
             queue_s: phases.map(|p| p.0),
@@ -271,6 +276,10 @@ impl Drop for Finisher {
         m.e2e.observe(rec.e2e_s);
         if let Some(c) = self.cached_tokens {
             m.reported_cached_tokens.inc_by(c);
+            // Only where the engine reported: the two counters then compare like with like.
+            if let Some(p) = self.predicted_cached_tokens {
+                m.predicted_cached_tokens.inc_by(p);
+            }
         }
         tracing::debug!(
             request_id = %rec.request_id,
