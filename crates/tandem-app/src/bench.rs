@@ -52,11 +52,15 @@ pub struct OverheadArgs {
 pub enum BenchCommand {
     /// Latency Tandem adds over calling the decode engine directly, and the handoff gap.
     Overhead(OverheadArgs),
+    /// Replay a trace (Mooncake, Azure, synthetic chat) through Tandem over simulated pools,
+    /// comparing routing policies.
+    Trace(crate::trace_bench::TraceArgs),
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
         BenchCommand::Overhead(a) => overhead(a).await,
+        BenchCommand::Trace(a) => crate::trace_bench::run(a).await,
     }
 }
 

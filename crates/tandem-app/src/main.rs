@@ -10,6 +10,7 @@ mod demo;
 mod harness;
 mod serve;
 mod sim_args;
+mod trace_bench;
 
 use clap::{Parser, Subcommand};
 

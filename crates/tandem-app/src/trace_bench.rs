@@ -1,0 +1,456 @@
+//! `tandem bench trace`: replay a trace through Tandem over simulated pools, per routing policy.
+//!
+//! Each policy gets fresh engines (cold caches) and the same requests at the same moments. Sims
+//! run `--time-scale` times faster than real time and arrivals are compressed by the same factor
+//! (times `--rate-scale`, which raises the load itself); every latency the client measures is
+//! multiplied back, so figures are in simulated seconds. Real overheads (HTTP, the coordinator,
+//! this process) are multiplied too, which makes the figures slightly pessimistic.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures::StreamExt;
+use serde_json::json;
+use tandem_config::{
+    Config, DisaggregationMode, Endpoint, PolicyName, PoolConfig, PoolsConfig, PrefixFeed,
+};
+use tandem_sim::kv_events::KvEventsConfig;
+use tandem_sim::profile::GpuKind;
+use tandem_sim::{RunningSim, SimConfig};
+use tandem_workload::{
+    infinite_cache_hits, lru_cache_hits, parse_azure, parse_mooncake, side_by_side, synthetic_chat,
+    Assignment, ChatParams, Outcome, Slo, Summary, Synthesizer, Trace,
+};
+
+use crate::harness::BoxError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// JSONL with timestamp, input_length, output_length, hash_ids (512-token blocks).
+    Mooncake,
+    /// CSV TIMESTAMP,ContextTokens,GeneratedTokens.
+    Azure,
+    /// Built-in multi-turn chat (no file).
+    Chat,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The trace file (not needed for `--format chat`).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "mooncake")]
+    format: Format,
+    /// Replay only the first N requests.
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Divide inter-arrival times by this (2 = twice the trace's request rate).
+    #[arg(long, default_value_t = 1.0)]
+    rate_scale: f64,
+    /// Simulated seconds per real second, for engines and arrivals alike.
+    #[arg(long, default_value_t = 4.0)]
+    time_scale: f64,
+    #[arg(long, default_value_t = 8)]
+    prefill: usize,
+    #[arg(long, default_value_t = 8)]
+    decode: usize,
+    #[arg(long, default_value = "llama-3.1-8b")]
+    model: String,
+    #[arg(long, default_value = "h100")]
+    gpu: String,
+    /// Policies to compare, each `PREFILL[:DECODE]` (decode default kv-capacity), comma-separated.
+    #[arg(long, default_value = "prefix", value_delimiter = ',')]
+    compare: Vec<String>,
+    /// Prefix index feed for the prefill pool.
+    #[arg(long, default_value = "precise")]
+    feed: String,
+    /// TTFT objective for goodput, ms.
+    #[arg(long, default_value_t = 2000.0)]
+    slo_ttft_ms: f64,
+    /// TPOT objective for goodput, ms.
+    #[arg(long, default_value_t = 100.0)]
+    slo_tpot_ms: f64,
+    /// Prompts longer than this are left out (the model's context is 131,072 tokens).
+    #[arg(long, default_value_t = 120_000)]
+    max_prompt_tokens: u32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write every summary as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn load_trace(a: &TraceArgs) -> Result<Trace, BoxError> {
+    let open = || -> Result<std::io::BufReader<std::fs::File>, BoxError> {
+        let p = a
+            .file
+            .as_ref()
+            .ok_or("--file is required for this format")?;
+        Ok(std::io::BufReader::new(
+            std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        ))
+    };
+    let t = match a.format {
+        Format::Mooncake => parse_mooncake(open()?)?,
+        Format::Azure => parse_azure(open()?)?,
+        Format::Chat => synthetic_chat(&ChatParams::default(), a.seed)?,
+    };
+    let t = match a.requests {
+        Some(n) => t.head(n),
+        None => t,
+    };
+    let kept: Vec<_> = t
+        .requests
+        .iter()
+        .filter(|r| r.input.len() <= a.max_prompt_tokens)
+        .cloned()
+        .collect();
+    Ok(Trace::new(t.name.clone(), kept, t.block_tokens).scaled(a.rate_scale)?)
+}
+
+/// Fresh engines for one run: kv events on when the precise feed needs them.
+async fn start_pool(
+    a: &TraceArgs,
+    gpu: GpuKind,
+    n: usize,
+    events: bool,
+    base_seed: u64,
+) -> Result<Vec<(RunningSim, tokio::sync::oneshot::Sender<()>)>, BoxError> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut cfg = SimConfig::new(&a.model, gpu);
+        cfg.time_scale = a.time_scale;
+        cfg.seed = a.seed;
+        cfg.hash_seed = Some((base_seed + i as u64).to_string());
+        cfg.enable_prompt_tokens_details = true;
+        if events {
+            cfg.kv_events = Some(KvEventsConfig {
+                endpoint: "tcp://127.0.0.1:0".into(),
+                replay_endpoint: Some("tcp://127.0.0.1:0".into()),
+                ..KvEventsConfig::default()
+            });
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sim = tandem_sim::start(cfg, listener, async {
+            let _ = stopped.await;
+        })
+        .await?;
+        out.push((sim, stop));
+    }
+    Ok(out)
+}
+
+fn endpoint(s: &RunningSim) -> Endpoint {
+    Endpoint {
+        kv_events: s.kv_events_endpoint.clone(),
+        kv_events_replay: s.kv_events_replay_endpoint.clone(),
+        ..Endpoint::new(format!("http://{}", s.http_addr))
+    }
+}
+
+fn parse_policy(s: &str) -> Result<PolicyName, BoxError> {
+    let v = serde_json::Value::String(s.trim().to_string());
+    serde_json::from_value(v).map_err(|_| format!("unknown policy `{s}`").into())
+}
+
+/// One policy's run: returns its summary.
+async fn run_one(
+    a: &TraceArgs,
+    trace: &Trace,
+    synth: &Synthesizer,
+    spec: &str,
+    bound: f64,
+) -> Result<Summary, BoxError> {
+    let (p_name, d_name) = match spec.split_once(':') {
+        Some((p, d)) => (parse_policy(p)?, parse_policy(d)?),
+        None => (parse_policy(spec)?, PolicyName::KvCapacity),
+    };
+    let gpu = GpuKind::parse(&a.gpu).ok_or_else(|| format!("unknown GPU `{}`", a.gpu))?;
+    let feed = match a.feed.as_str() {
+        "precise" => PrefixFeed::Precise,
+        "approximate" => PrefixFeed::Approximate,
+        other => return Err(format!("unknown feed `{other}` (precise, approximate)").into()),
+    };
+    let events = feed == PrefixFeed::Precise && p_name == PolicyName::Prefix;
+    let prefill = start_pool(a, gpu, a.prefill, events, 1000).await?;
+    let decode = start_pool(a, gpu, a.decode, false, 2000).await?;
+    let mut pp = PoolConfig {
+        endpoints: prefill.iter().map(|(s, _)| endpoint(s)).collect(),
+        policy: Some(p_name),
+        ..PoolConfig::default()
+    };
+    if events {
+        pp.prefix_index.feed = PrefixFeed::Precise;
+    }
+    let dp = PoolConfig {
+        endpoints: decode.iter().map(|(s, _)| endpoint(s)).collect(),
+        policy: Some(d_name),
+        ..PoolConfig::default()
+    };
+    let mut cfg = Config::new(PoolsConfig::new(pp, dp));
+    cfg.disaggregation.mode = DisaggregationMode::Always;
+    cfg.health.interval_ms = 100;
+    cfg.health.scrape_interval_ms = 100;
+    cfg.server.recent_requests = trace.requests.len().max(1);
+    // Overload is what the comparison is about: let requests wait rather than time out.
+    for t in [
+        &mut cfg.timeouts.prefill_ms,
+        &mut cfg.timeouts.first_token_ms,
+        &mut cfg.timeouts.handoff_ms,
+        &mut cfg.timeouts.idle_ms,
+    ] {
+        *t = 3_600_000;
+    }
+    cfg.admission.max_wait_ms = 3_600_000;
+    cfg.validate()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let running = tandem_proxy::start(cfg, listener, async {
+        let _ = stopped.await;
+    })?;
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()?;
+    wait_ready(&client, &base).await?;
+
+    let k = a.time_scale;
+    let n = trace.requests.len();
+    let done = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    let mut shown = Instant::now();
+    for (i, r) in trace.requests.iter().enumerate() {
+        let at = start + Duration::from_secs_f64(r.at_ms / 1000.0 / k);
+        let ids = synth.tokens(r);
+        let body = json!({
+            "prompt": ids,
+            "max_tokens": r.output_tokens.max(1),
+            "ignore_eos": true,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        let body = bytes::Bytes::from(serde_json::to_vec(&body)?);
+        let (client, url, finished) = (
+            client.clone(),
+            format!("{base}/v1/completions"),
+            done.clone(),
+        );
+        let prompt = r.input.len();
+        tokio::time::sleep_until(at.into()).await;
+        tasks.push(tokio::spawn(async move {
+            let o = one(&client, &url, body, format!("bench-{i}"), prompt, k).await;
+            finished.fetch_add(1, Ordering::Relaxed);
+            o
+        }));
+        if shown.elapsed() > Duration::from_millis(250) {
+            progress(spec, done.load(Ordering::Relaxed), i + 1, n);
+            shown = Instant::now();
+        }
+    }
+    let mut outcomes = Vec::with_capacity(n);
+    let mut last = Instant::now();
+    for t in tasks {
+        outcomes.push(t.await?);
+        if last.elapsed() > Duration::from_millis(250) {
+            progress(spec, done.load(Ordering::Relaxed), n, n);
+            last = Instant::now();
+        }
+    }
+    progress(spec, n, n, n);
+    eprintln!();
+    let duration_s = start.elapsed().as_secs_f64() * k;
+    // Which engines served each request: the coordinator's own records.
+    let recs: std::collections::HashMap<String, tandem_proxy::RequestRecord> = running
+        .recent()
+        .into_iter()
+        .map(|r| (r.request_id.clone(), r))
+        .collect();
+    for (i, o) in outcomes.iter_mut().enumerate() {
+        if let Some(r) = recs.get(&format!("bench-{i}")) {
+            o.prefill_engine = r.prefill_engine.clone();
+            o.decode_engine = r.decode_engine.clone();
+        }
+    }
+    let urls = |v: &[(RunningSim, _)]| -> Vec<String> {
+        v.iter()
+            .map(|(s, _)| format!("http://{}", s.http_addr))
+            .collect()
+    };
+    let summary = Summary::from_outcomes(
+        &outcomes,
+        Slo {
+            ttft_ms: a.slo_ttft_ms,
+            tpot_ms: a.slo_tpot_ms,
+        },
+        duration_s,
+    )
+    .with_hit_bound(bound)
+    .with_engines(&urls(&prefill), &urls(&decode));
+    drop(stop);
+    for (_, s) in prefill.into_iter().chain(decode) {
+        let _ = s.send(());
+    }
+    Ok(summary)
+}
+
+async fn wait_ready(client: &reqwest::Client, base: &str) -> Result<(), BoxError> {
+    for _ in 0..400 {
+        let ok = client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("the coordinator did not become ready within 20 s".into())
+}
+
+fn progress(spec: &str, done: usize, sent: usize, n: usize) {
+    use std::io::Write;
+    let width = 30;
+    let filled = done * width / n.max(1);
+    eprint!(
+        "\r{spec:>24} [{}{}] {done}/{n} done, {sent} sent",
+        "#".repeat(filled),
+        " ".repeat(width - filled)
+    );
+    let _ = std::io::stderr().flush();
+}
+
+/// One streamed request; times in simulated ms (real × `k`).
+async fn one(
+    client: &reqwest::Client,
+    url: &str,
+    body: bytes::Bytes,
+    id: String,
+    prompt: u32,
+    k: f64,
+) -> Outcome {
+    let mut o = Outcome {
+        ok: false,
+        ttft_ms: 0.0,
+        itl_ms: Vec::new(),
+        e2e_ms: 0.0,
+        output_tokens: 0,
+        prompt_tokens: prompt,
+        cached_tokens: 0,
+        prefill_engine: None,
+        decode_engine: None,
+    };
+    let t0 = Instant::now();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0 * k;
+    let resp = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-request-id", id)
+        .body(body)
+        .send()
+        .await;
+    let Ok(resp) = resp else { return o };
+    if !resp.status().is_success() {
+        return o;
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut last: Option<Instant> = None;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { return o };
+        let now = Instant::now();
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+            let ev: Vec<u8> = buf.drain(..pos + 2).collect();
+            let Some(data) = ev.strip_prefix(b"data: ") else {
+                continue;
+            };
+            let data = &data[..data.len() - 2];
+            if data == b"[DONE]" {
+                o.ok = true;
+                o.e2e_ms = ms(now - t0);
+                return o;
+            }
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+                continue;
+            };
+            if v.get("error").is_some() {
+                return o;
+            }
+            let text = v["choices"][0]["text"].as_str().unwrap_or("");
+            if !text.is_empty() || v["choices"][0]["finish_reason"].is_string() {
+                if v["choices"][0]["text"].is_string() {
+                    o.output_tokens += 1;
+                    match last {
+                        None => o.ttft_ms = ms(now - t0),
+                        Some(l) => o.itl_ms.push(ms(now - l)),
+                    }
+                    last = Some(now);
+                }
+            }
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                o.cached_tokens = u["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0) as u32;
+                if let Some(c) = u["completion_tokens"].as_u64() {
+                    o.output_tokens = c as u32;
+                }
+            }
+        }
+    }
+    o
+}
+
+pub async fn run(a: TraceArgs) -> Result<(), BoxError> {
+    let trace = load_trace(&a)?;
+    let stats = trace.stats();
+    eprintln!(
+        "trace {}: {} requests over {:.0} s (after rate scale {}), {:.0} input tok/s",
+        trace.name,
+        stats.requests,
+        stats.span_ms / 1000.0,
+        a.rate_scale,
+        stats.input_tokens_per_s.unwrap_or(0.0)
+    );
+    // The engines' 16-token blocks decide what is shareable; the trace's own 512-token ids give
+    // the same bound for Mooncake, and the only one for traces without ids.
+    let bt = trace.block_tokens.or(Some(16));
+    let inf = infinite_cache_hits(&trace, bt)?;
+    let rr = lru_cache_hits(&trace, bt, a.prefill, None, Assignment::RoundRobin)?;
+    eprintln!(
+        "prefix-hit upper bound (one infinite cache): {:.1} % of prompt tokens; round-robin over {} infinite caches: {:.1} %",
+        inf.token_fraction() * 100.0,
+        a.prefill,
+        rr.total.token_fraction() * 100.0
+    );
+    let synth = Synthesizer::new(a.seed, 0..256)?;
+    let mut results: Vec<(String, Summary)> = Vec::new();
+    for spec in &a.compare {
+        let s = run_one(&a, &trace, &synth, spec, inf.token_fraction()).await?;
+        results.push((spec.clone(), s));
+    }
+    let cols: Vec<(&str, &Summary)> = results.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    println!("{}", side_by_side(&cols));
+    if let Some(p) = &a.json {
+        let v = json!({
+            "trace": trace.name,
+            "requests": stats.requests,
+            "rate_scale": a.rate_scale,
+            "time_scale": a.time_scale,
+            "prefill_engines": a.prefill,
+            "decode_engines": a.decode,
+            "model": a.model,
+            "gpu": a.gpu,
+            "feed": a.feed,
+            "upper_bound_token_hit": inf.token_fraction(),
+            "runs": results.iter().map(|(n, s)| json!({"policy": n, "summary": s})).collect::<Vec<_>>(),
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
