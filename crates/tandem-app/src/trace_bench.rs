@@ -263,6 +263,18 @@ async fn run_one(
     }
     progress(spec, n, n, n);
     eprintln!();
+    // Why engines were chosen, and what the index predicted against what engines reported.
+    if let Ok(r) = client.get(format!("{base}/metrics")).send().await {
+        let text = r.text().await.unwrap_or_default();
+        for line in text.lines().filter(|l| {
+            l.starts_with("tandem_route_decisions_total")
+                || l.starts_with("tandem_predicted_cached_tokens_total")
+                || l.starts_with("tandem_reported_cached_tokens_total")
+                || l.starts_with("tandem_admission_")
+        }) {
+            eprintln!("  {line}");
+        }
+    }
     let duration_s = start.elapsed().as_secs_f64() * k;
     // Which engines served each request: the coordinator's own records.
     let recs: std::collections::HashMap<String, tandem_proxy::RequestRecord> = running
@@ -383,15 +395,15 @@ async fn one(
                 return o;
             }
             let text = v["choices"][0]["text"].as_str().unwrap_or("");
-            if !text.is_empty() || v["choices"][0]["finish_reason"].is_string() {
-                if v["choices"][0]["text"].is_string() {
-                    o.output_tokens += 1;
-                    match last {
-                        None => o.ttft_ms = ms(now - t0),
-                        Some(l) => o.itl_ms.push(ms(now - l)),
-                    }
-                    last = Some(now);
+            let content = v["choices"][0]["text"].is_string()
+                && (!text.is_empty() || v["choices"][0]["finish_reason"].is_string());
+            if content {
+                o.output_tokens += 1;
+                match last {
+                    None => o.ttft_ms = ms(now - t0),
+                    Some(l) => o.itl_ms.push(ms(now - l)),
                 }
+                last = Some(now);
             }
             if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                 o.cached_tokens = u["prompt_tokens_details"]["cached_tokens"]

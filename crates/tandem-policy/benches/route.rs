@@ -51,17 +51,23 @@ fn setup(engines: u16) -> Setup {
     Setup { w, prefill, decode }
 }
 
+/// The candidates and the prefill policy.
+struct Sides<'a> {
+    p: &'a [&'a EngineView],
+    d: &'a [&'a EngineView],
+    prefix: &'a PrefixPolicy,
+}
+
 /// One decision; returns the two picks so nothing is optimized away.
 fn decide(
     index: &PrefixIndex,
     keys: &[u64],
     m: &mut PrefixMatch,
     cached: &mut Vec<(usize, u64)>,
-    p: &[&EngineView],
-    d: &[&EngineView],
-    prefix: &PrefixPolicy,
+    sides: &Sides<'_>,
     rng: &mut ChaCha8Rng,
 ) -> (usize, usize) {
+    let Sides { p, d, prefix } = *sides;
     index.match_prefix(keys, m);
     cached.clear();
     cached.extend(
@@ -98,9 +104,11 @@ fn percentiles(engines: u16, s: &Setup) {
                 black_box(&s.w.queries[q]),
                 &mut m,
                 &mut cached,
-                &p,
-                &d,
-                &prefix,
+                &Sides {
+                    p: &p,
+                    d: &d,
+                    prefix: &prefix,
+                },
                 &mut rng,
             ));
             ns.push(t.elapsed().as_nanos() as u64);
@@ -139,9 +147,11 @@ fn route(c: &mut Criterion) {
                     black_box(&s.w.queries[i]),
                     &mut m,
                     &mut cached,
-                    &p,
-                    &d,
-                    &prefix,
+                    &Sides {
+                        p: &p,
+                        d: &d,
+                        prefix: &prefix,
+                    },
                     &mut rng,
                 )
             })

@@ -40,6 +40,9 @@ pub enum RouteReason {
     /// with the most free blocks (it will queue or reject there, visibly, rather than wait here
     /// forever).
     KvOversize,
+    /// `kv-capacity`: no decode engine has room yet, but the request goes to prefill first; this
+    /// engine (the least loaded) is provisional and room is checked again at the handoff.
+    KvDeferred,
 }
 
 impl RouteReason {
@@ -58,6 +61,7 @@ impl RouteReason {
             RouteReason::KvHeadroom => "kv_headroom",
             RouteReason::KvUnknown => "kv_unknown",
             RouteReason::KvOversize => "kv_oversize",
+            RouteReason::KvDeferred => "kv_deferred",
         }
     }
 }

@@ -6,6 +6,7 @@
 
 mod error;
 mod front;
+mod kvfeed;
 mod metrics;
 mod pd;
 mod pool;
@@ -71,6 +72,8 @@ pub(crate) struct State {
     pub decode_policy_name: &'static str,
     pub prefill_index: Arc<prefix::PoolIndex>,
     pub decode_index: Arc<prefix::PoolIndex>,
+    /// The precise prefix feeds (empty when every pool is fed approximately).
+    pub feeds: Arc<kvfeed::Feeds>,
     /// Requests in the admission queue now.
     pub admission_waiting: std::sync::atomic::AtomicU32,
     /// Tie-breaking and random policies; seeded so a run can be replayed.
@@ -164,6 +167,15 @@ fn build(cfg: Config, resolver: Arc<dyn Resolver>) -> Result<Arc<State>, StartEr
     let bs = cfg.model.block_size;
     let prefill_index = Arc::new(prefix::PoolIndex::new(&cfg.pools.prefill.prefix_index, bs));
     let decode_index = Arc::new(prefix::PoolIndex::new(&cfg.pools.decode.prefix_index, bs));
+    let feeds = kvfeed::start(
+        &cfg,
+        pools.clone(),
+        [
+            (tandem_policy::PoolKind::Prefill, prefill_index.clone()),
+            (tandem_policy::PoolKind::Decode, decode_index.clone()),
+        ],
+        metrics.clone(),
+    );
     Ok(Arc::new(State {
         prefill_policy_name: prefill_policy.name(),
         decode_policy_name: decode_policy.name(),
@@ -171,6 +183,7 @@ fn build(cfg: Config, resolver: Arc<dyn Resolver>) -> Result<Arc<State>, StartEr
         decode_policy,
         prefill_index,
         decode_index,
+        feeds,
         admission_waiting: std::sync::atomic::AtomicU32::new(0),
         recent: Arc::new(timing::Recent::new(cfg.server.recent_requests)),
         rng: Mutex::new(ChaCha8Rng::seed_from_u64(0x7a4d_e35e)),

@@ -112,6 +112,8 @@ pub struct Metrics {
     pub admission_queued: Counter,
     pub admission_rejected: Counter,
     pub admission_waiting: Gauge,
+    pub kv_feed_batches: Counter,
+    kv_feed_up: Family<EngineLabels, Gauge>,
     engine_kv_reserved: Family<EngineLabels, Gauge>,
     engine_prefix_blocks: Family<EngineLabels, Gauge>,
     engine_up: Family<EngineLabels, Gauge>,
@@ -216,6 +218,18 @@ impl Metrics {
             "Requests waiting now for decode KV room",
             admission_waiting.clone(),
         );
+        let kv_feed_batches = Counter::default();
+        r.register(
+            "tandem_kv_feed_batches",
+            "KV event batches applied to the prefix indexes (precise feed)",
+            kv_feed_batches.clone(),
+        );
+        let kv_feed_up = Family::<EngineLabels, Gauge>::default();
+        r.register(
+            "tandem_kv_feed_up",
+            "1 while the engine's KV event feed is connected (precise feed only)",
+            kv_feed_up.clone(),
+        );
         let g = || Family::<EngineLabels, Gauge>::default();
         let (engine_kv_reserved, engine_prefix_blocks) = (g(), g());
         r.register(
@@ -289,6 +303,8 @@ impl Metrics {
             admission_queued,
             admission_rejected,
             admission_waiting,
+            kv_feed_batches,
+            kv_feed_up,
             engine_kv_reserved,
             engine_prefix_blocks,
             engine_up,
@@ -346,6 +362,15 @@ impl Metrics {
                 .get_or_create(&RatioLabels { kind: "live" })
                 .set(np as f64 / nd as f64);
         }
+    }
+
+    pub fn kv_feed_up(&self, pool: PoolKind, engine: &str, up: bool) {
+        self.kv_feed_up
+            .get_or_create(&EngineLabels {
+                pool: pool.as_str(),
+                engine: engine.to_string(),
+            })
+            .set(i64::from(up));
     }
 
     /// Refresh the gauges that change between control-loop rounds (reservations, index sizes);

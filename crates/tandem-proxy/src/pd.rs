@@ -28,7 +28,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tandem_policy::{DisaggReason, PlanError, PoolKind};
+use tandem_policy::{DisaggReason, PlanError, PoolKind, RouteReason};
 
 use crate::error::{sse_error, ProxyError};
 use crate::front::{self, Kind, Parsed};
@@ -218,20 +218,13 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
         };
         let routed = route::plan_admitted(st, req, &pred, &attempt)
             .await
-            .map_err(|e| match e {
-                RouteError::Refused(e) => e,
-                RouteError::Plan(e) if last_err.is_empty() => ProxyError::NoEngine(e),
-                RouteError::Plan(PlanError::NoPrefillEngine) => {
-                    ProxyError::PrefillFailed(last_err.clone())
-                }
-                RouteError::Plan(_) => ProxyError::DecodeFailed(last_err.clone()),
-            })?;
+            .map_err(|e| route_error(e, &last_err))?;
         let route::Routed {
             pools,
             plan,
             reservation,
         } = routed;
-        let mut reservation = Some(reservation);
+        let mut reservation = reservation;
         fin.decision = Some((plan.decision.as_str(), plan.decision_reason.as_str()));
         count_route(st, PoolKind::Decode, plan.decode.reason.as_str());
         let mut d_engine = pools
@@ -325,11 +318,43 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
         let params_at = Instant::now();
         loop {
             fin.decode_attempts += 1;
+            let res = match reservation.take() {
+                Some(r) => r,
+                None => {
+                    // Confirm the provisional decode engine now that the request needs its KV
+                    // room, or move to one that has room, or wait for room.
+                    let (pools, reason, id, r) = route::admit_decode(
+                        st,
+                        req,
+                        &pred,
+                        seq,
+                        &ex_d,
+                        prefill_id,
+                        Some(d_engine.id),
+                    )
+                    .await
+                    .map_err(|e| route_error(e, &last_err))?;
+                    if let Some(reason) = reason {
+                        count_route(st, PoolKind::Decode, reason.as_str());
+                        d_engine = pools
+                            .find(PoolKind::Decode, id)
+                            .expect("the pick came from this snapshot")
+                            .engine
+                            .clone();
+                        warm = None;
+                        st.decode_index.routed(d_engine.id, &pred.keys);
+                        fin.decode_engine = Some(d_engine.url.to_string());
+                    }
+                    r
+                }
+            };
             let conn = warm.take();
-            let res = reservation
-                .take()
-                .unwrap_or_else(|| d_engine.reserve(route::blocks_needed(st, req)));
-            match decode_leg(st, &d_engine, conn, res, body.clone(), req, fin, cached).await {
+            let target = DecodeTarget {
+                engine: &d_engine,
+                warm: conn,
+                reservation: res,
+            };
+            match decode_leg(st, target, body.clone(), req, fin, cached).await {
                 Ok(done) => return Ok(done),
                 Err(LegError::Relay(e)) => return Err(e),
                 Err(LegError::Retry {
@@ -352,15 +377,18 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                     {
                         break; // re-plan: a local request anywhere, or a fresh prefill
                     }
-                    let Ok((pools, pick, res)) =
-                        route::replan_decode(st, req, &pred, seq, &ex_d, prefill_id)
-                    else {
-                        return Err(ProxyError::DecodeFailed(message));
-                    };
-                    reservation = Some(res);
-                    count_route(st, PoolKind::Decode, pick.reason.as_str());
+                    let (pools, reason, id, r) =
+                        route::admit_decode(st, req, &pred, seq, &ex_d, prefill_id, None)
+                            .await
+                            .map_err(|e| route_error(e, &message))?;
+                    reservation = Some(r);
+                    count_route(
+                        st,
+                        PoolKind::Decode,
+                        reason.map_or("kept", RouteReason::as_str),
+                    );
                     d_engine = pools
-                        .find(PoolKind::Decode, pick.id)
+                        .find(PoolKind::Decode, id)
                         .expect("the pick came from this snapshot")
                         .engine
                         .clone();
@@ -371,6 +399,18 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
         }
     }
     Err(ProxyError::DecodeFailed(last_err))
+}
+
+/// A routing failure as the client sees it, worded with the last leg failure if there was one.
+fn route_error(e: RouteError, last_err: &str) -> ProxyError {
+    match e {
+        RouteError::Refused(e) => e,
+        RouteError::Plan(e) if last_err.is_empty() => ProxyError::NoEngine(e),
+        RouteError::Plan(PlanError::NoPrefillEngine) => {
+            ProxyError::PrefillFailed(last_err.to_string())
+        }
+        RouteError::Plan(_) => ProxyError::DecodeFailed(last_err.to_string()),
+    }
 }
 
 fn count_route(st: &State, pool: PoolKind, reason: &'static str) {
@@ -514,16 +554,26 @@ fn full_deadline(st: &State, req: &Parsed) -> Duration {
     st.deadlines.first_token + st.deadlines.idle.saturating_mul(tokens)
 }
 
-async fn decode_leg(
-    st: &State,
-    engine: &Arc<Engine>,
+/// Where a decode leg goes: the engine, a connection already open to it, and its KV reservation.
+struct DecodeTarget<'a> {
+    engine: &'a Arc<Engine>,
     warm: Option<Conn>,
     reservation: Reservation,
+}
+
+async fn decode_leg(
+    st: &State,
+    target: DecodeTarget<'_>,
     body: Bytes,
     req: &Parsed,
     fin: &mut Finisher,
     cached: Option<u64>,
 ) -> Result<Done, LegError> {
+    let DecodeTarget {
+        engine,
+        warm,
+        reservation,
+    } = target;
     let guard = engine.track(0).with_reservation(reservation);
     let mut conn = match warm {
         Some(c) => c,

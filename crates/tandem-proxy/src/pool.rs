@@ -35,6 +35,8 @@ pub struct Engine {
     pub discovered: bool,
     inflight: AtomicU32,
     queued_prefill_tokens: AtomicU64,
+    /// Legs ever sent to this engine.
+    served: AtomicU64,
     /// KV blocks promised to requests a scrape cannot have seen yet (see [`Reservation`]).
     reservations: Mutex<Reservations>,
     reserved_blocks: AtomicU64,
@@ -60,6 +62,10 @@ impl Engine {
 
     pub fn queued_prefill_tokens(&self) -> u64 {
         self.queued_prefill_tokens.load(Ordering::Relaxed)
+    }
+
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 
     pub fn reserved_blocks(&self) -> u64 {
@@ -105,6 +111,7 @@ impl Engine {
     /// queued prefill work for the same span.
     pub fn track(self: &Arc<Self>, prefill_tokens: u64) -> LoadGuard {
         self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.served.fetch_add(1, Ordering::Relaxed);
         self.queued_prefill_tokens
             .fetch_add(prefill_tokens, Ordering::Relaxed);
         LoadGuard {
@@ -398,6 +405,7 @@ fn new_entry(
             discovered,
             inflight: AtomicU32::new(0),
             queued_prefill_tokens: AtomicU64::new(0),
+            served: AtomicU64::new(0),
             reservations: Mutex::new(Reservations::default()),
             reserved_blocks: AtomicU64::new(0),
             scrapes_sent: AtomicU64::new(0),

@@ -4,7 +4,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tandem_policy::{DisaggReason, Plan, PlanError, PoolKind, RouteFacts, RouteRequest};
+use tandem_policy::{
+    DisaggDecision, DisaggReason, Plan, PlanError, PoolKind, RouteFacts, RouteReason, RouteRequest,
+};
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
@@ -60,11 +62,14 @@ pub struct Attempt<'a> {
     pub force_local: Option<DisaggReason>,
 }
 
-/// A plan with the pool table it was made from and the decode engine's KV reservation.
+/// A plan with the pool table it was made from and, for a request that runs whole on its decode
+/// engine, that engine's KV reservation. A disaggregated request's decode pick is provisional
+/// (it warms a connection during the prefill); [`admit_decode`] confirms it, with a reservation,
+/// when the KV is ready to move, since only then does the request need room there.
 pub struct Routed {
     pub pools: Arc<Pools>,
     pub plan: Plan,
-    pub reservation: Reservation,
+    pub reservation: Option<Reservation>,
 }
 
 /// Why no plan came back.
@@ -76,64 +81,22 @@ pub enum RouteError {
     Refused(ProxyError),
 }
 
-/// Plan against the current snapshot; when no decode engine has KV room, wait in the admission
-/// queue (bounded in length and time) for a release or a fresh scrape, then plan again.
-pub async fn plan_admitted(
+/// Wait in the admission queue until `attempt` finds room (it is retried after every release and
+/// every published scrape), the queue is full, or `admission.max_wait_ms` passes.
+async fn wait_for_room<T>(
     st: &State,
-    req: &Parsed,
-    pred: &Prediction,
-    a: &Attempt<'_>,
-) -> Result<Routed, RouteError> {
-    let need = blocks_needed(st, req);
+    mut attempt: impl FnMut(&Arc<Pools>) -> Result<Option<T>, PlanError>,
+) -> Result<T, RouteError> {
     let mut rx = st.pools.pools.clone();
     let mut queued: Option<(QueueSlot<'_>, Instant)> = None;
     loop {
-        // Registered before planning, so a release between the plan and the wait still wakes us.
+        // Registered before trying, so a release between the try and the wait still wakes us.
         let freed = st.pools.freed.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
         let pools = rx.borrow_and_update().clone();
-        let snap = pools.snapshot();
-        let uncached = req
-            .prompt_tokens
-            .saturating_sub(pred.decode.iter().map(|&(_, t)| t).max().unwrap_or(0));
-        let rr = RouteRequest {
-            seq: a.seq,
-            prompt_tokens: req.prompt_tokens,
-            uncached_tokens: uncached,
-            exclude_prefill: a.exclude_prefill,
-            exclude_decode: a.exclude_decode,
-            force_local: a.force_local,
-            prefill_cached: &pred.prefill,
-            decode_cached: &pred.decode,
-            kv_blocks_needed: need,
-        };
-        let planned = {
-            let mut rng = st.rng.lock().expect("rng lock");
-            tandem_policy::plan(
-                &snap,
-                &rr,
-                &st.disagg,
-                st.prefill_policy.as_ref(),
-                st.decode_policy.as_ref(),
-                &mut *rng,
-            )
-        };
-        match planned {
-            Ok(plan) => {
-                let engine = &pools
-                    .find(PoolKind::Decode, plan.decode.id)
-                    .expect("the plan came from this snapshot")
-                    .engine;
-                let reservation = engine.reserve(need);
-                return Ok(Routed {
-                    reservation,
-                    pools,
-                    plan,
-                });
-            }
-            Err(e) if e.is_capacity() => {}
-            Err(e) => return Err(RouteError::Plan(e)),
+        if let Some(t) = attempt(&pools).map_err(RouteError::Plan)? {
+            return Ok(t);
         }
         let deadline = match &queued {
             Some((_, d)) => *d,
@@ -165,40 +128,117 @@ pub async fn plan_admitted(
     }
 }
 
-/// Another decode engine for a request whose KV sits on prefill engine `prefill_id`.
-pub fn replan_decode(
+/// Plan the request. A local request needs decode KV room now, so it may wait for it; a
+/// disaggregated one only needs a prefill engine now, and takes the decode engine the policy
+/// would pick (or, when none has room yet, the least loaded one) as provisional.
+pub async fn plan_admitted(
+    st: &State,
+    req: &Parsed,
+    pred: &Prediction,
+    a: &Attempt<'_>,
+) -> Result<Routed, RouteError> {
+    let need = blocks_needed(st, req);
+    let uncached = req
+        .prompt_tokens
+        .saturating_sub(pred.decode.iter().map(|&(_, t)| t).max().unwrap_or(0));
+    let rr = RouteRequest {
+        seq: a.seq,
+        prompt_tokens: req.prompt_tokens,
+        uncached_tokens: uncached,
+        exclude_prefill: a.exclude_prefill,
+        exclude_decode: a.exclude_decode,
+        force_local: a.force_local,
+        prefill_cached: &pred.prefill,
+        decode_cached: &pred.decode,
+        kv_blocks_needed: need,
+    };
+    wait_for_room(st, |pools| {
+        let snap = pools.snapshot();
+        let mut rng = st.rng.lock().expect("rng lock");
+        let plan = |d: &dyn tandem_policy::Policy, rng: &mut rand_chacha::ChaCha8Rng| {
+            tandem_policy::plan(&snap, &rr, &st.disagg, st.prefill_policy.as_ref(), d, rng)
+        };
+        let plan = match plan(st.decode_policy.as_ref(), &mut rng) {
+            Ok(p) => p,
+            Err(e) if e.is_capacity() => match plan(&tandem_policy::LeastLoaded, &mut rng) {
+                Ok(mut p) if p.decision == DisaggDecision::Disaggregate => {
+                    p.decode.reason = RouteReason::KvDeferred;
+                    p
+                }
+                Ok(_) => return Ok(None),
+                Err(e) => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        let reservation = (plan.decision == DisaggDecision::Local).then(|| {
+            pools
+                .find(PoolKind::Decode, plan.decode.id)
+                .expect("the plan came from this snapshot")
+                .engine
+                .reserve(need)
+        });
+        Ok(Some(Routed {
+            pools: pools.clone(),
+            plan,
+            reservation,
+        }))
+    })
+    .await
+}
+
+/// The decode engine for a request whose KV is ready on prefill engine `prefill_id`: the
+/// provisional one if it still has room for it, else the policy's pick among the others, else
+/// wait in the admission queue. Returns the engine's pool table, its id and a reservation.
+pub async fn admit_decode(
     st: &State,
     req: &Parsed,
     pred: &Prediction,
     seq: u64,
     exclude: &[usize],
     prefill_id: Option<usize>,
-) -> Result<(Arc<Pools>, tandem_policy::Pick, Reservation), PlanError> {
+    current: Option<usize>,
+) -> Result<(Arc<Pools>, Option<RouteReason>, usize, Reservation), RouteError> {
     let need = blocks_needed(st, req);
-    let pools = st.pools.pools.borrow().clone();
     let facts = RouteFacts {
         seq,
         prompt_tokens: req.prompt_tokens,
         cached: &pred.decode,
         kv_blocks_needed: need,
     };
-    let pick = {
-        let mut rng = st.rng.lock().expect("rng lock");
-        tandem_policy::plan_decode(
-            &pools.snapshot(),
-            facts,
-            exclude,
-            prefill_id,
-            st.decode_policy.as_ref(),
-            &mut *rng,
-        )?
-    };
-    let reservation = pools
-        .find(PoolKind::Decode, pick.id)
-        .expect("the pick came from this snapshot")
-        .engine
-        .reserve(need);
-    Ok((pools, pick, reservation))
+    wait_for_room(st, |pools| {
+        let snap = pools.snapshot();
+        let fits = |id: usize| {
+            snap.decode
+                .iter()
+                .find(|e| e.id == id && e.routable())
+                .is_some_and(|e| e.kv_free_blocks().is_none_or(|f| f >= need))
+        };
+        let pick = match current.filter(|&id| !exclude.contains(&id) && fits(id)) {
+            Some(id) => (None, id),
+            None => {
+                let mut rng = st.rng.lock().expect("rng lock");
+                match tandem_policy::plan_decode(
+                    &snap,
+                    facts,
+                    exclude,
+                    prefill_id,
+                    st.decode_policy.as_ref(),
+                    &mut *rng,
+                ) {
+                    Ok(p) => (Some(p.reason), p.id),
+                    Err(e) if e.is_capacity() => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let reservation = pools
+            .find(PoolKind::Decode, pick.1)
+            .expect("the pick came from this snapshot")
+            .engine
+            .reserve(need);
+        Ok(Some((pools.clone(), pick.0, pick.1, reservation)))
+    })
+    .await
 }
 
 fn overloaded(st: &State, reason: &'static str) -> ProxyError {

@@ -79,6 +79,14 @@ async fn ready(AxState(st): AxState<Arc<State>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Degraded routing is not unreadiness (requests are still served), but it must show.
+    let warnings: Vec<String> = feed_reports(&st, &pools)
+        .into_iter()
+        .filter_map(|r| {
+            r.problem
+                .map(|p| format!("{} engine {}: {p}", r.pool, r.engine))
+        })
+        .collect();
     (
         status,
         Json(json!({
@@ -86,9 +94,20 @@ async fn ready(AxState(st): AxState<Arc<State>>) -> Response {
             "reason": reason,
             "prefill_healthy": p,
             "decode_healthy": d,
+            "warnings": warnings,
         })),
     )
         .into_response()
+}
+
+fn feed_reports(st: &State, pools: &crate::pool::Pools) -> Vec<crate::kvfeed::FeedReport> {
+    st.feeds.reports(
+        |kind, id| match kind {
+            PoolKind::Prefill => st.prefill_index.engine_blocks(id),
+            PoolKind::Decode => st.decode_index.engine_blocks(id),
+        },
+        |kind, id| pools.find(kind, id).map_or(0, |e| e.engine.served()),
+    )
 }
 
 async fn metrics(AxState(st): AxState<Arc<State>>) -> Response {
@@ -164,10 +183,16 @@ async fn engines(AxState(st): AxState<Arc<State>>) -> Response {
                 "prefill_queue_tokens": e.engine.queued_prefill_tokens(),
                 "kv_total_blocks": s.num_gpu_blocks,
                 "kv_free_blocks": s.kv_free_blocks(),
+                "kv_reserved_blocks": e.engine.reserved_blocks(),
+                "prefix_blocks_indexed": match e.engine.pool {
+                    PoolKind::Prefill => st.prefill_index.engine_blocks(e.engine.id),
+                    PoolKind::Decode => st.decode_index.engine_blocks(e.engine.id),
+                },
                 "last_scrape_age_s": s.last_scrape.map(|t| now.duration_since(t).as_secs_f64()),
                 "last_error": s.last_error,
             })
         })
         .collect();
-    Json(json!({ "engines": list })).into_response()
+    let feeds = feed_reports(&st, &pools);
+    Json(json!({ "engines": list, "kv_feeds": feeds })).into_response()
 }
