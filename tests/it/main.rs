@@ -8,4 +8,5 @@ mod engine_surface;
 mod faults;
 mod kv_events;
 mod pd;
+mod routing;
 mod support;

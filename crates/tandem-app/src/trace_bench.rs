@@ -76,6 +76,10 @@ pub struct TraceArgs {
     /// Prompts longer than this are left out (the model's context is 131,072 tokens).
     #[arg(long, default_value_t = 120_000)]
     max_prompt_tokens: u32,
+    /// KV blocks per prefill engine instead of what the GPU's memory gives (vLLM's
+    /// --num-gpu-blocks-override): rehearses a larger cache, e.g. one with a host-memory tier.
+    #[arg(long)]
+    prefill_kv_blocks: Option<u32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write every summary as JSON here.
@@ -118,6 +122,7 @@ async fn start_pool(
     n: usize,
     events: bool,
     base_seed: u64,
+    kv_blocks: Option<u32>,
 ) -> Result<Vec<(RunningSim, tokio::sync::oneshot::Sender<()>)>, BoxError> {
     let mut out = Vec::new();
     for i in 0..n {
@@ -126,6 +131,7 @@ async fn start_pool(
         cfg.seed = a.seed;
         cfg.hash_seed = Some((base_seed + i as u64).to_string());
         cfg.enable_prompt_tokens_details = true;
+        cfg.num_gpu_blocks_override = kv_blocks;
         if events {
             cfg.kv_events = Some(KvEventsConfig {
                 endpoint: "tcp://127.0.0.1:0".into(),
@@ -164,7 +170,7 @@ async fn run_one(
     synth: &Synthesizer,
     spec: &str,
     bound: f64,
-) -> Result<Summary, BoxError> {
+) -> Result<(Summary, u64), BoxError> {
     let (p_name, d_name) = match spec.split_once(':') {
         Some((p, d)) => (parse_policy(p)?, parse_policy(d)?),
         None => (parse_policy(spec)?, PolicyName::KvCapacity),
@@ -176,8 +182,11 @@ async fn run_one(
         other => return Err(format!("unknown feed `{other}` (precise, approximate)").into()),
     };
     let events = feed == PrefixFeed::Precise && p_name == PolicyName::Prefix;
-    let prefill = start_pool(a, gpu, a.prefill, events, 1000).await?;
-    let decode = start_pool(a, gpu, a.decode, false, 2000).await?;
+    let prefill = start_pool(a, gpu, a.prefill, events, 1000, a.prefill_kv_blocks).await?;
+    let decode = start_pool(a, gpu, a.decode, false, 2000, None).await?;
+    let capacity = prefill
+        .first()
+        .map_or(0, |(s, _)| u64::from(s.num_gpu_blocks) * 16);
     let mut pp = PoolConfig {
         endpoints: prefill.iter().map(|(s, _)| endpoint(s)).collect(),
         policy: Some(p_name),
@@ -307,7 +316,7 @@ async fn run_one(
     for (_, s) in prefill.into_iter().chain(decode) {
         let _ = s.send(());
     }
-    Ok(summary)
+    Ok((summary, capacity))
 }
 
 async fn wait_ready(client: &reqwest::Client, base: &str) -> Result<(), BoxError> {
@@ -442,10 +451,36 @@ pub async fn run(a: TraceArgs) -> Result<(), BoxError> {
     );
     let synth = Synthesizer::new(a.seed, 0..256)?;
     let mut results: Vec<(String, Summary)> = Vec::new();
+    let mut capacity = 0;
     for spec in &a.compare {
-        let s = run_one(&a, &trace, &synth, spec, inf.token_fraction()).await?;
+        let (s, cap) = run_one(&a, &trace, &synth, spec, inf.token_fraction()).await?;
+        capacity = cap;
         results.push((spec.clone(), s));
     }
+    // What caches of the engines' real size allow: the infinite bound cannot be reached when
+    // each engine holds a few hundred thousand tokens. An offline LRU simulation with the
+    // engines' KV capacity, longest-prefix routing (no load term) and round-robin, for scale.
+    let lp = lru_cache_hits(
+        &trace,
+        bt,
+        a.prefill,
+        Some(capacity),
+        Assignment::LongestPrefix,
+    )?;
+    let lrr = lru_cache_hits(
+        &trace,
+        bt,
+        a.prefill,
+        Some(capacity),
+        Assignment::RoundRobin,
+    )?;
+    eprintln!(
+        "with {} LRU caches of {} tokens (the prefill engines' KV): longest-prefix {:.1} %, round-robin {:.1} % of prompt tokens",
+        a.prefill,
+        capacity,
+        lp.total.token_fraction() * 100.0,
+        lrr.total.token_fraction() * 100.0
+    );
     let cols: Vec<(&str, &Summary)> = results.iter().map(|(n, s)| (n.as_str(), s)).collect();
     println!("{}", side_by_side(&cols));
     if let Some(p) = &a.json {
@@ -460,6 +495,9 @@ pub async fn run(a: TraceArgs) -> Result<(), BoxError> {
             "gpu": a.gpu,
             "feed": a.feed,
             "upper_bound_token_hit": inf.token_fraction(),
+            "prefill_kv_tokens": capacity,
+            "lru_longest_prefix_token_hit": lp.total.token_fraction(),
+            "lru_round_robin_token_hit": lrr.total.token_fraction(),
             "runs": results.iter().map(|(n, s)| json!({"policy": n, "summary": s})).collect::<Vec<_>>(),
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;

@@ -188,4 +188,30 @@ mod tests {
         assert_eq!(f.cached_on(3), 10_000);
         assert_eq!(f.cached_on(4), 0);
     }
+
+    proptest::proptest! {
+        /// The same inputs and seed give the same choice, and a release never picks an engine
+        /// more loaded than the least loaded one.
+        #[test]
+        fn deterministic_and_releases_to_the_least_loaded(
+            queued in proptest::collection::vec(0u64..200_000, 2..16),
+            hits in proptest::collection::vec((0usize..16, 0u64..20_000), 0..8),
+            prompt in 1u64..20_000,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let es: Vec<EngineView> = queued.iter().enumerate().map(|(i, &q)| e(i, q)).collect();
+            let refs: Vec<&EngineView> = es.iter().collect();
+            let f = RouteFacts { seq: 0, prompt_tokens: prompt, cached: &hits, kv_blocks_needed: 0 };
+            let p = PrefixPolicy::new(PrefixParams::default());
+            let a = p.choose(&refs, f, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+            let b = p.choose(&refs, f, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+            proptest::prop_assert_eq!(a, b);
+            if a.reason == RouteReason::LoadRelease {
+                let min = queued.iter().min().copied().unwrap();
+                proptest::prop_assert_eq!(queued[a.index], min);
+            }
+            let min = queued.iter().min().copied().unwrap() as f64;
+            proptest::prop_assert!(queued[a.index] as f64 <= 1.5 * min + 16_384.0);
+        }
+    }
 }
