@@ -60,23 +60,28 @@ pub async fn start_coordinator(
         let _ = stopped.await;
     })?;
     let base = format!("http://{}", running.addr);
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
+    wait_ready(&reqwest::Client::new(), &base).await?;
+    Ok(Coordinator {
+        running,
+        base,
+        _stop: stop,
+    })
+}
+
+/// Poll a coordinator's `/ready` until it answers 200 (at most 20 s).
+pub async fn wait_ready(client: &reqwest::Client, base: &str) -> Result<(), BoxError> {
+    for _ in 0..400 {
         let ok = client
             .get(format!("{base}/ready"))
             .send()
             .await
             .is_ok_and(|r| r.status().is_success());
         if ok {
-            return Ok(Coordinator {
-                running,
-                base,
-                _stop: stop,
-            });
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err("the coordinator did not become ready within 10 s".into())
+    Err("the coordinator did not become ready within 20 s".into())
 }
 
 /// The `q` quantile (nearest rank) of `v`, sorting it in place; `None` when empty.

@@ -225,7 +225,7 @@ async fn run_one(
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .build()?;
-    wait_ready(&client, &base).await?;
+    crate::harness::wait_ready(&client, &base).await?;
 
     let k = a.time_scale;
     let n = trace.requests.len();
@@ -317,21 +317,6 @@ async fn run_one(
         let _ = s.send(());
     }
     Ok((summary, capacity))
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) -> Result<(), BoxError> {
-    for _ in 0..400 {
-        let ok = client
-            .get(format!("{base}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ok {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err("the coordinator did not become ready within 20 s".into())
 }
 
 fn progress(spec: &str, done: usize, sent: usize, n: usize) {
