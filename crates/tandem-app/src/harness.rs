@@ -9,9 +9,25 @@ use tandem_sim::{RunningSim, SimConfig};
 
 pub type BoxError = Box<dyn std::error::Error>;
 
-/// Start one simulated engine on a free loopback port. One sampling `seed` everywhere keeps a
-/// request's text independent of the engine it ran on; distinct `hash_seed`s give each engine
-/// its own prefix-hash space, as separate vLLM processes have.
+/// A simulated engine's configuration. One sampling `seed` everywhere keeps a request's text
+/// independent of the engine it ran on; distinct `hash_seed`s give each engine its own
+/// prefix-hash space, as separate vLLM processes have.
+pub fn sim_config(
+    model: &str,
+    gpu: GpuKind,
+    time_scale: f64,
+    seed: u64,
+    hash_seed: u64,
+) -> SimConfig {
+    let mut cfg = SimConfig::new(model, gpu);
+    cfg.time_scale = time_scale;
+    cfg.seed = seed;
+    cfg.hash_seed = Some(hash_seed.to_string());
+    cfg
+}
+
+/// Start one simulated engine ([`sim_config`]) on a free loopback port; it runs until the process
+/// exits.
 pub async fn start_sim(
     model: &str,
     gpu: GpuKind,
@@ -19,10 +35,7 @@ pub async fn start_sim(
     seed: u64,
     hash_seed: u64,
 ) -> Result<RunningSim, BoxError> {
-    let mut cfg = SimConfig::new(model, gpu);
-    cfg.time_scale = time_scale;
-    cfg.seed = seed;
-    cfg.hash_seed = Some(hash_seed.to_string());
+    let cfg = sim_config(model, gpu, time_scale, seed, hash_seed);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     Ok(tandem_sim::start(cfg, listener, std::future::pending()).await?)
 }

@@ -19,7 +19,7 @@ use tandem_config::{
 };
 use tandem_sim::kv_events::KvEventsConfig;
 use tandem_sim::profile::GpuKind;
-use tandem_sim::{RunningSim, SimConfig};
+use tandem_sim::RunningSim;
 use tandem_workload::{
     infinite_cache_hits, lru_cache_hits, parse_azure, parse_mooncake, side_by_side, synthetic_chat,
     Assignment, ChatParams, Outcome, Slo, Summary, Synthesizer, Trace,
@@ -126,10 +126,8 @@ async fn start_pool(
 ) -> Result<Vec<(RunningSim, tokio::sync::oneshot::Sender<()>)>, BoxError> {
     let mut out = Vec::new();
     for i in 0..n {
-        let mut cfg = SimConfig::new(&a.model, gpu);
-        cfg.time_scale = a.time_scale;
-        cfg.seed = a.seed;
-        cfg.hash_seed = Some((base_seed + i as u64).to_string());
+        let mut cfg =
+            crate::harness::sim_config(&a.model, gpu, a.time_scale, a.seed, base_seed + i as u64);
         cfg.enable_prompt_tokens_details = true;
         cfg.num_gpu_blocks_override = kv_blocks;
         if events {

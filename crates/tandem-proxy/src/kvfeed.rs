@@ -73,6 +73,7 @@ impl Feeds {
                 let s = f.handle.status();
                 let t = f.tracker.lock().expect("tracker lock").stats();
                 let blocks = indexed(f.pool, id);
+                let sent = served(f.pool, id);
                 let state = match s.state {
                     FeedState::Connecting => "connecting",
                     FeedState::Connected => "connected",
@@ -89,11 +90,11 @@ impl Feeds {
                         f.endpoint,
                         s.last_error.map(|e| format!(": {e}")).unwrap_or_default()
                     ))
-                } else if s.batches == 0 && served(f.pool, id) > 0 {
+                } else if s.batches == 0 && sent > 0 {
                     Some(format!(
                         "no KV events received although {} requests were sent to the engine: is \
                          --kv-events-config enabled there, with this endpoint and topic?",
-                        served(f.pool, id)
+                        sent
                     ))
                 } else if s.gaps_unrecovered > 0 {
                     Some(format!(

@@ -373,8 +373,8 @@ impl Metrics {
             .set(i64::from(up));
     }
 
-    /// Refresh the gauges that change between control-loop rounds (reservations, index sizes);
-    /// called at scrape time. `indexed` gives each engine's indexed blocks.
+    /// Refresh the gauges only the request path and the feeds change (reservations, index
+    /// sizes); called at scrape time after [`Metrics::observe_pools`]. `indexed` gives each engine's indexed blocks.
     pub fn observe_live(&self, p: &Pools, indexed: impl Fn(PoolKind, usize) -> usize) {
         for kind in [PoolKind::Prefill, PoolKind::Decode] {
             for e in p.pool(kind) {
@@ -382,12 +382,6 @@ impl Metrics {
                     pool: kind.as_str(),
                     engine: e.engine.url.to_string(),
                 };
-                self.engine_inflight
-                    .get_or_create(&l)
-                    .set(i64::from(e.engine.inflight()));
-                self.engine_prefill_queue
-                    .get_or_create(&l)
-                    .set(e.engine.queued_prefill_tokens() as i64);
                 self.engine_kv_reserved
                     .get_or_create(&l)
                     .set(e.engine.reserved_blocks() as i64);

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tandem_policy::{DisaggReason, PlanError, PoolKind, RouteReason};
+use tandem_policy::{DisaggReason, PlanError, PoolKind};
 
 use crate::error::{sse_error, ProxyError};
 use crate::front::{self, Kind, Parsed};
@@ -323,17 +323,10 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                 None => {
                     // Confirm the provisional decode engine now that the request needs its KV
                     // room, or move to one that has room, or wait for room.
-                    let (pools, reason, id, r) = route::admit_decode(
-                        st,
-                        req,
-                        &pred,
-                        seq,
-                        &ex_d,
-                        prefill_id,
-                        Some(d_engine.id),
-                    )
-                    .await
-                    .map_err(|e| route_error(e, &last_err))?;
+                    let (pools, reason, id, r) =
+                        route::admit_decode(st, req, &pred, seq, &ex_d, prefill_id, d_engine.id)
+                            .await
+                            .map_err(|e| route_error(e, &last_err))?;
                     if let Some(reason) = reason {
                         count_route(st, PoolKind::Decode, reason.as_str());
                         d_engine = pools
@@ -377,23 +370,8 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                     {
                         break; // re-plan: a local request anywhere, or a fresh prefill
                     }
-                    let (pools, reason, id, r) =
-                        route::admit_decode(st, req, &pred, seq, &ex_d, prefill_id, None)
-                            .await
-                            .map_err(|e| route_error(e, &message))?;
-                    reservation = Some(r);
-                    count_route(
-                        st,
-                        PoolKind::Decode,
-                        reason.map_or("kept", RouteReason::as_str),
-                    );
-                    d_engine = pools
-                        .find(PoolKind::Decode, id)
-                        .expect("the pick came from this snapshot")
-                        .engine
-                        .clone();
-                    st.decode_index.routed(d_engine.id, &pred.keys);
-                    fin.decode_engine = Some(d_engine.url.to_string());
+                    // Another decode engine, same params: the admission at the top of the loop
+                    // skips the failed (now excluded) engine.
                 }
             }
         }

@@ -188,7 +188,8 @@ pub async fn plan_admitted(
 
 /// The decode engine for a request whose KV is ready on prefill engine `prefill_id`: the
 /// provisional one if it still has room for it, else the policy's pick among the others, else
-/// wait in the admission queue. Returns the engine's pool table, its id and a reservation.
+/// wait in the admission queue. Returns the engine's pool table, the policy's reason when it
+/// picked another engine (`None`: `current` kept), the engine id and a reservation.
 pub async fn admit_decode(
     st: &State,
     req: &Parsed,
@@ -196,7 +197,7 @@ pub async fn admit_decode(
     seq: u64,
     exclude: &[usize],
     prefill_id: Option<usize>,
-    current: Option<usize>,
+    current: usize,
 ) -> Result<(Arc<Pools>, Option<RouteReason>, usize, Reservation), RouteError> {
     let need = blocks_needed(st, req);
     let facts = RouteFacts {
@@ -213,7 +214,7 @@ pub async fn admit_decode(
                 .find(|e| e.id == id && e.routable())
                 .is_some_and(|e| e.kv_free_blocks().is_none_or(|f| f >= need))
         };
-        let pick = match current.filter(|&id| !exclude.contains(&id) && fits(id)) {
+        let pick = match Some(current).filter(|&id| !exclude.contains(&id) && fits(id)) {
             Some(id) => (None, id),
             None => {
                 let mut rng = st.rng.lock().expect("rng lock");
