@@ -7,6 +7,7 @@ mod coordinator;
 mod engine_surface;
 mod faults;
 mod kv_events;
+mod observability;
 mod pd;
 mod routing;
 mod support;

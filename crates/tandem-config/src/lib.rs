@@ -36,7 +36,7 @@ pub use routing::{
 pub use schema::{
     Config, DisaggregationConfig, DisaggregationMode, DnsConfig, Endpoint, EndpointSpec,
     HealthConfig, LogFormat, LoggingConfig, ModelConfig, PoolConfig, PoolsConfig, Protocol, Ratio,
-    RetryConfig, ServerConfig, TimeoutsConfig,
+    RetryConfig, ServerConfig, TelemetryConfig, TimeoutsConfig,
 };
 
 /// Why a configuration could not be used.

@@ -45,6 +45,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 impl Config {
@@ -61,6 +63,7 @@ impl Config {
             admission: AdmissionConfig::default(),
             health: HealthConfig::default(),
             logging: LoggingConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -520,6 +523,33 @@ impl Default for LoggingConfig {
         Self {
             format: LogFormat::default(),
             level: "info".to_owned(),
+        }
+    }
+}
+
+/// Metrics on the request path and trace export.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Record Prometheus metrics on the request path and serve `/metrics`.
+    pub metrics: bool,
+    /// OTLP/HTTP (protobuf) traces endpoint, e.g. `http://otel-collector:4318/v1/traces`;
+    /// unset = no export. Needs a `tandem` built with the `otel` feature.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Fraction of new traces (no sampled parent from the client) that are exported, 0..=1.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            metrics: true,
+            otlp_endpoint: None,
+            service_name: "tandem".to_owned(),
+            sample_ratio: 1.0,
         }
     }
 }

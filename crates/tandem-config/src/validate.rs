@@ -126,6 +126,26 @@ impl Config {
         if self.logging.level.trim().is_empty() {
             return Err(invalid("logging.level", "must not be empty, e.g. \"info\""));
         }
+        let t = &self.telemetry;
+        if let Some(e) = &t.otlp_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://"))
+                || e.len() <= "https://".len()
+            {
+                return Err(invalid(
+                    "telemetry.otlp_endpoint",
+                    format!("must be an http(s) URL such as http://otel-collector:4318/v1/traces; got {e:?}"),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(invalid(
+                "telemetry.sample_ratio",
+                format!("must be between 0 and 1; got {}", t.sample_ratio),
+            ));
+        }
+        if t.service_name.trim().is_empty() {
+            return Err(invalid("telemetry.service_name", "must not be empty"));
+        }
         Ok(())
     }
 

@@ -15,6 +15,7 @@ mod relay;
 mod route;
 mod server;
 mod timing;
+pub mod trace;
 mod upstream;
 
 use std::future::{Future, IntoFuture};
@@ -83,6 +84,25 @@ pub(crate) struct State {
     pub deadlines: Deadlines,
     /// Set when shutdown begins: `/ready` fails from then on.
     pub shutting_down: std::sync::atomic::AtomicBool,
+    /// Ties each request span to the client's W3C trace.
+    pub trace_link: Arc<dyn trace::TraceLink>,
+}
+
+/// The effects a host process may swap: how pool DNS names resolve, and how request spans join
+/// a trace (the `otel` build of `tandem` exports them).
+#[derive(Debug, Clone)]
+pub struct Edges {
+    pub resolver: Arc<dyn Resolver>,
+    pub trace_link: Arc<dyn trace::TraceLink>,
+}
+
+impl Default for Edges {
+    fn default() -> Self {
+        Edges {
+            resolver: Arc::new(SystemResolver),
+            trace_link: Arc::new(trace::W3cLink),
+        }
+    }
 }
 
 /// The policy a configuration names, with its parameters.
@@ -122,7 +142,7 @@ impl Running {
     }
 }
 
-fn build(cfg: Config, resolver: Arc<dyn Resolver>) -> Result<Arc<State>, StartError> {
+fn build(cfg: Config, edges: Edges) -> Result<Arc<State>, StartError> {
     let mut tokenizer = match &cfg.model.tokenizer {
         Some(p) => Tokenizer::from_file(p)?,
         None => Tokenizer::byte_level(),
@@ -135,8 +155,8 @@ fn build(cfg: Config, resolver: Arc<dyn Resolver>) -> Result<Arc<State>, StartEr
         tokenizer = tokenizer.with_chat_template(src)?;
     }
     let target = cfg.pools.target_ratio.map(|r| r.value());
-    let metrics = Arc::new(Metrics::new(target));
-    let pools = pool::start(&cfg, metrics.clone(), resolver);
+    let metrics = Arc::new(Metrics::new(target, cfg.telemetry.metrics));
+    let pools = pool::start(&cfg, metrics.clone(), edges.resolver);
     let d = &cfg.disaggregation;
     let disagg = DisaggSettings {
         mode: match d.mode {
@@ -194,6 +214,7 @@ fn build(cfg: Config, resolver: Arc<dyn Resolver>) -> Result<Arc<State>, StartEr
         disagg,
         deadlines,
         shutting_down: std::sync::atomic::AtomicBool::new(false),
+        trace_link: edges.trace_link,
         cfg,
     }))
 }
@@ -205,19 +226,19 @@ pub fn start(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Running, StartError> {
-    start_with_resolver(cfg, listener, shutdown, Arc::new(SystemResolver))
+    start_with(cfg, listener, shutdown, Edges::default())
 }
 
-/// [`start`] with a chosen DNS resolver for pools configured with `dns` (tests use a stand-in).
-pub fn start_with_resolver(
+/// [`start`] with chosen [`Edges`] (tests use a stand-in resolver).
+pub fn start_with(
     cfg: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    resolver: Arc<dyn Resolver>,
+    edges: Edges,
 ) -> Result<Running, StartError> {
     let addr = listener.local_addr()?;
     let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
-    let state = build(cfg, resolver)?;
+    let state = build(cfg, edges)?;
     let app = server::router(state.clone());
     let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
     let st = state.clone();

@@ -96,6 +96,9 @@ fn hist(buckets: &'static [f64]) -> Histogram {
 
 #[derive(Debug)]
 pub struct Metrics {
+    /// `[telemetry] metrics`: when false the request path records nothing and `/metrics` is 404
+    /// (the coordinator benchmark compares the two).
+    enabled: bool,
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub ttft: HistFamily<TtftLabels>,
@@ -126,7 +129,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(target_ratio: Option<f64>) -> Self {
+    pub fn new(target_ratio: Option<f64>, enabled: bool) -> Self {
         let mut r = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         r.register(
@@ -287,6 +290,7 @@ impl Metrics {
                 .set(t);
         }
         Metrics {
+            enabled,
             registry: r,
             requests,
             ttft,
@@ -315,6 +319,10 @@ impl Metrics {
             pool_engines,
             pd_ratio,
         }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
     }
 
     /// Refresh the per-engine and per-pool gauges from a pool view.
@@ -440,7 +448,7 @@ mod tests {
 
     #[test]
     fn every_name_is_prefixed_and_every_dashboard_query_names_an_exported_metric() {
-        let m = Metrics::new(Some(2.0));
+        let m = Metrics::new(Some(2.0), true);
         // Families appear in the exposition once they have a child: give each one.
         let e = EngineLabels {
             pool: "decode",

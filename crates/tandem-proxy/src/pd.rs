@@ -37,6 +37,7 @@ use crate::pool::{Engine, LoadGuard, Reservation, Suspect};
 use crate::relay::{rewrite_body, Event, EventReader, RelayError};
 use crate::route::{self, RouteError};
 use crate::timing::Finisher;
+use crate::trace::{self, Outgoing};
 use crate::upstream::Conn;
 use crate::State;
 
@@ -96,7 +97,27 @@ pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: 
         .filter(|v| !v.is_empty() && v.len() <= 256)
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let mut fin = Finisher::new(st.metrics.clone(), st.recent.clone(), request_id.clone());
+    let incoming = trace::Incoming::from_headers(&headers);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        kind = ?kind,
+        trace_id = tracing::field::Empty,
+        route = tracing::field::Empty,
+        decision_reason = tracing::field::Empty,
+        prefill_engine = tracing::field::Empty,
+        decode_engine = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    let ctx = st.trace_link.link(&span, incoming.parent.as_ref());
+    span.record("trace_id", ctx.trace_id_hex().as_str());
+    let mut fin = Finisher::new(
+        st.metrics.clone(),
+        st.recent.clone(),
+        request_id.clone(),
+        span.clone(),
+        trace::Outgoing::new(ctx, incoming.tracestate),
+    );
     let parsed = match front::parse(kind, &raw, &st.tokenizer) {
         Ok(p) => p,
         Err(e) => {
@@ -105,7 +126,6 @@ pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: 
         }
     };
     fin.prompt_tokens = parsed.prompt_tokens;
-    let span = tracing::info_span!("request", request_id = %request_id, kind = ?kind);
     let result = tracing::Instrument::instrument(run(&st, &parsed, &mut fin), span).await;
     let mut resp = match result {
         Ok(Done::Full(r)) => r,
@@ -256,7 +276,7 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
             // Warm the decode connection while the prefill runs, so the handoff is one write.
             let work = req.prompt_tokens.saturating_sub(predicted);
             let (res, w) = tokio::join!(
-                prefill_leg(st, &p_engine, req, &fin.request_id, work),
+                prefill_leg(st, &p_engine, req, &fin.request_id, &fin.trace, work),
                 d_engine.upstream.acquire()
             );
             // If the engine closed it while the prefill ran, `Conn::send` resends on a fresh one.
@@ -392,6 +412,9 @@ fn route_error(e: RouteError, last_err: &str) -> ProxyError {
 }
 
 fn count_route(st: &State, pool: PoolKind, reason: &'static str) {
+    if !st.metrics.enabled() {
+        return;
+    }
     let policy = match pool {
         PoolKind::Prefill => st.prefill_policy_name,
         PoolKind::Decode => st.decode_policy_name,
@@ -407,6 +430,9 @@ fn count_route(st: &State, pool: PoolKind, reason: &'static str) {
 }
 
 fn count_retry(st: &State, leg: &'static str, reason: &'static str) {
+    if !st.metrics.enabled() {
+        return;
+    }
     st.metrics
         .retries
         .get_or_create(&RetryLabels { leg, reason })
@@ -455,6 +481,7 @@ async fn prefill_leg(
     engine: &Arc<Engine>,
     req: &Parsed,
     request_id: &str,
+    trace: &Outgoing,
     work_tokens: u64,
 ) -> Result<PrefillDone, LegError> {
     // Queued work is what the engine must compute: the prompt less what it is predicted to hold.
@@ -465,7 +492,7 @@ async fn prefill_leg(
             .acquire()
             .await
             .map_err(|e| retry("connect", e.to_string(), true))?;
-        let r = conn.post_json(req.kind.path(), req.prefill_body.clone(), request_id);
+        let r = conn.post_json(req.kind.path(), req.prefill_body.clone(), request_id, trace);
         let resp = conn
             .send(r)
             .await
@@ -561,7 +588,7 @@ async fn decode_leg(
             .await
             .map_err(|e| undelivered(e.to_string()))?,
     };
-    let r = conn.post_json(req.kind.path(), body, &fin.request_id);
+    let r = conn.post_json(req.kind.path(), body, &fin.request_id, &fin.trace);
     fin.mark_decode_dispatch();
     let head_deadline = if req.stream {
         st.deadlines.handoff

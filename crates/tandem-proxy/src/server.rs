@@ -111,6 +111,13 @@ fn feed_reports(st: &State, pools: &crate::pool::Pools) -> Vec<crate::kvfeed::Fe
 }
 
 async fn metrics(AxState(st): AxState<Arc<State>>) -> Response {
+    if !st.metrics.enabled() {
+        return (
+            StatusCode::NOT_FOUND,
+            "metrics are off ([telemetry] metrics = false)\n",
+        )
+            .into_response();
+    }
     let pools = st.pools.pools.borrow().clone();
     st.metrics.observe_pools(&pools);
     st.metrics.observe_live(&pools, |kind, id| match kind {

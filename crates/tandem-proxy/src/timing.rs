@@ -13,11 +13,15 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::metrics::{DisaggLabels, Metrics, PhaseLabels, RequestLabels, TtftLabels};
+use crate::trace::Outgoing;
 
 /// What one request left behind.
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestRecord {
     pub request_id: String,
+    /// The W3C trace this request belongs to, and Tandem's span in it (the parent the engines saw).
+    pub trace_id: String,
+    pub span_id: String,
     pub route: &'static str,
     pub outcome: &'static str,
     pub decision_reason: &'static str,
@@ -79,13 +83,17 @@ impl Recent {
 
 /// Accumulates one request's marks and, when dropped, records it. A request whose future or
 /// stream is dropped before it finished (the client went away) is recorded as
-/// `client_disconnect`.
+/// `client_disconnect`. Each mark is also an event on the request's span, and the span lives as
+/// long as the Finisher, so an exported span covers the whole request.
 #[derive(Debug)]
 pub struct Finisher {
     metrics: Arc<Metrics>,
     recent: Arc<Recent>,
     pub model: String,
     pub request_id: String,
+    pub span: tracing::Span,
+    /// The trace headers every engine leg carries.
+    pub trace: Outgoing,
     arrival: Instant,
     dispatched: Option<Instant>,
     params: Option<Instant>,
@@ -112,12 +120,20 @@ fn secs(a: Instant, b: Instant) -> f64 {
 }
 
 impl Finisher {
-    pub fn new(metrics: Arc<Metrics>, recent: Arc<Recent>, request_id: String) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        recent: Arc<Recent>,
+        request_id: String,
+        span: tracing::Span,
+        trace: Outgoing,
+    ) -> Self {
         Finisher {
             metrics,
             recent,
             model: String::new(),
             request_id,
+            span,
+            trace,
             arrival: Instant::now(),
             dispatched: None,
             params: None,
@@ -142,13 +158,17 @@ impl Finisher {
 
     /// An upstream leg (prefill, or a local decode) is about to be sent. Only the first counts.
     pub fn mark_dispatch(&mut self) {
-        self.dispatched.get_or_insert_with(Instant::now);
+        if self.dispatched.is_none() {
+            self.dispatched = Some(Instant::now());
+            tracing::debug!(parent: &self.span, phase = "queue", "first leg dispatched");
+        }
     }
 
     /// The prefill's KV params (or its null answer) are parsed. A later re-plan moves it.
     pub fn mark_params(&mut self) {
         self.params = Some(Instant::now());
         self.decode_dispatch = None;
+        tracing::debug!(parent: &self.span, phase = "prefill", cached_tokens = self.cached_tokens, "prefill leg answered");
     }
 
     /// The decode leg is about to be sent. Only the first after the params counts; decode
@@ -161,8 +181,11 @@ impl Finisher {
             if let (true, Some(p)) = (self.disaggregated, self.params) {
                 let gap = secs(p, now);
                 self.dispatch_gap = Some(gap);
-                self.metrics.dispatch_gap.observe(gap);
+                if self.metrics.enabled() {
+                    self.metrics.dispatch_gap.observe(gap);
+                }
             }
+            tracing::debug!(parent: &self.span, phase = "handoff", decode_engine = self.decode_engine.as_deref(), "decode leg dispatched");
         }
     }
 
@@ -170,10 +193,13 @@ impl Finisher {
     pub fn mark_content(&mut self) {
         let now = Instant::now();
         if let Some(prev) = self.last_content {
-            self.metrics.itl.observe(secs(prev, now));
+            if self.metrics.enabled() {
+                self.metrics.itl.observe(secs(prev, now));
+            }
             self.itl_observations += 1;
         } else {
             self.first_content = Some(now);
+            tracing::debug!(parent: &self.span, phase = "decode_first_token", "first content byte to the client");
         }
         self.last_content = Some(now);
         self.content_chunks += 1;
@@ -205,6 +231,8 @@ impl Finisher {
         };
         RequestRecord {
             request_id: self.request_id.clone(),
+            trace_id: self.trace.context.trace_id_hex(),
+            span_id: self.trace.context.parent_id_hex(),
             route: self.route(),
             outcome,
             decision_reason: self.decision.map_or("none", |d| d.1),
@@ -228,11 +256,10 @@ impl Finisher {
     }
 }
 
-impl Drop for Finisher {
-    fn drop(&mut self) {
-        let outcome = self.outcome.unwrap_or("client_disconnect");
-        let rec = self.record(outcome);
+impl Finisher {
+    fn observe(&self, rec: &RequestRecord) {
         let m = &self.metrics;
+        let outcome = rec.outcome;
         m.requests
             .get_or_create(&RequestLabels {
                 route: rec.route,
@@ -281,11 +308,46 @@ impl Drop for Finisher {
                 m.predicted_cached_tokens.inc_by(p);
             }
         }
-        tracing::debug!(
+    }
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or("client_disconnect");
+        let rec = self.record(outcome);
+        if self.metrics.enabled() {
+            self.observe(&rec);
+        }
+        // The plan and the result on the span (an exported span's attributes), and one access-log
+        // line per request.
+        let span = &self.span;
+        span.record("route", rec.route);
+        span.record("decision_reason", rec.decision_reason);
+        if let Some(p) = &rec.prefill_engine {
+            span.record("prefill_engine", p.as_str());
+        }
+        if let Some(d) = &rec.decode_engine {
+            span.record("decode_engine", d.as_str());
+        }
+        span.record("outcome", outcome);
+        tracing::info!(
+            parent: span,
             request_id = %rec.request_id,
+            trace_id = %rec.trace_id,
             route = rec.route,
             outcome,
+            reason = rec.decision_reason,
+            prefill_engine = rec.prefill_engine.as_deref(),
+            decode_engine = rec.decode_engine.as_deref(),
+            prompt_tokens = rec.prompt_tokens,
+            cached_tokens = rec.cached_tokens,
+            queue_s = rec.queue_s,
+            prefill_s = rec.prefill_s,
+            handoff_s = rec.handoff_s,
+            decode_first_token_s = rec.decode_first_token_s,
             ttft_s = rec.ttft_s,
+            e2e_s = rec.e2e_s,
+            chunks = rec.content_chunks,
             "request finished"
         );
         self.recent.push(rec);

@@ -19,6 +19,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
+use crate::trace::Outgoing;
+
 /// Idle connections kept per engine; more than this are closed on release.
 const MAX_IDLE: usize = 512;
 
@@ -140,11 +142,22 @@ impl Upstream {
 
 impl Conn {
     /// Build a POST with a JSON body for this engine.
-    pub fn post_json(&self, path: &str, body: Bytes, request_id: &str) -> Request<Full<Bytes>> {
+    /// Every leg carries the request id and the trace context (Tandem's span as the parent).
+    pub fn post_json(
+        &self,
+        path: &str,
+        body: Bytes,
+        request_id: &str,
+        trace: &Outgoing,
+    ) -> Request<Full<Bytes>> {
         let mut b = Request::post(path)
             .header(hyper::header::HOST, self.upstream.authority.as_str())
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header("x-request-id", request_id);
+            .header("x-request-id", request_id)
+            .header("traceparent", trace.traceparent.clone());
+        if let Some(ts) = &trace.tracestate {
+            b = b.header("tracestate", ts.clone());
+        }
         if let Some(h) = b.headers_mut() {
             h.insert(
                 hyper::header::CONTENT_LENGTH,

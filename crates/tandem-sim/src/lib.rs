@@ -361,6 +361,7 @@ pub async fn start(
         },
         side_client,
         rng: Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed)),
+        seen: http::Seen::default(),
     });
     let http_addr = listener.local_addr()?;
     let app = http::router(state);

@@ -69,6 +69,13 @@ pub(super) async fn chat_completions(
 }
 
 async fn handle(s: Arc<AppState>, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
+    s.seen.push(
+        match kind {
+            Kind::Completion => "/v1/completions",
+            Kind::Chat => "/v1/chat/completions",
+        },
+        &headers,
+    );
     let slow = s.faults.slow_accept_ms();
     if slow > 0 {
         tokio::time::sleep(Duration::from_millis(slow)).await;

@@ -1,7 +1,9 @@
 //! vLLM's OpenAI-compatible HTTP surface (axum), plus `/admin/faults`.
 //!
 //! Routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`, `/tokenize`,
-//! `/detokenize`, `/metrics`, `/reset_prefix_cache`, `GET|POST /admin/faults`.
+//! `/detokenize`, `/metrics`, `/reset_prefix_cache`, `GET|POST /admin/faults`, and
+//! `GET /admin/requests` (the trace headers of recent generation requests; vLLM hands them to its
+//! OpenTelemetry tracer, which the sim has not, so this is where a rehearsal can see them).
 
 mod generate;
 pub mod wire;
@@ -50,6 +52,29 @@ pub struct AppState {
     pub side_client: crate::side_channel::SideChannelClient,
     /// Seeded from `--seed`, for request-id suffixes.
     pub rng: Mutex<rand_chacha::ChaCha8Rng>,
+    pub seen: Seen,
+}
+
+/// The headers of the last [`Seen::CAP`] generation requests, oldest first.
+#[derive(Debug, Default)]
+pub struct Seen(Mutex<std::collections::VecDeque<Value>>);
+
+impl Seen {
+    const CAP: usize = 256;
+
+    fn push(&self, path: &str, h: &HeaderMap) {
+        let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
+        let mut q = self.0.lock().expect("seen lock");
+        if q.len() == Self::CAP {
+            q.pop_front();
+        }
+        q.push_back(json!({
+            "path": path,
+            "x_request_id": get("x-request-id"),
+            "traceparent": get("traceparent"),
+            "tracestate": get("tracestate"),
+        }));
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -63,7 +88,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route("/admin/faults", get(get_faults).post(set_faults))
+        .route("/admin/requests", get(seen_requests))
         .with_state(state)
+}
+
+async fn seen_requests(State(s): State<Arc<AppState>>) -> Json<Value> {
+    let q = s.seen.0.lock().expect("seen lock");
+    Json(json!({ "requests": q.iter().collect::<Vec<_>>() }))
 }
 
 /// Parse a JSON body into `T`, with vLLM-style 400s for malformed JSON or wrong field types.
