@@ -8,6 +8,8 @@ mod engine_surface;
 mod faults;
 mod kv_events;
 mod observability;
+#[cfg(feature = "otel")]
+mod otel;
 mod pd;
 mod routing;
 mod support;

@@ -8,6 +8,8 @@
 mod bench;
 mod demo;
 mod harness;
+#[cfg(feature = "otel")]
+mod otel;
 mod serve;
 mod sim_args;
 mod trace_bench;
@@ -45,11 +47,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `serve` takes its logging settings from its config file; the rest log warnings to stderr.
     let serve_cfg = match &cli.command {
-        Command::Serve(args) => match serve::load(args) {
-            Ok(cfg) => {
-                serve::init_logging(&cfg);
-                Some(cfg)
-            }
+        Command::Serve(args) => match serve::load(args).and_then(|cfg| {
+            let telemetry = serve::init_logging(&cfg)?;
+            Ok((cfg, telemetry))
+        }) {
+            Ok(loaded) => Some(loaded),
             Err(e) => {
                 eprintln!("error: {e}");
                 return std::process::ExitCode::FAILURE;
@@ -79,7 +81,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
             Command::Serve(_) => match serve_cfg {
-                Some(cfg) => serve::run(cfg).await.map_err(Into::into),
+                Some((cfg, telemetry)) => serve::run(cfg, telemetry).await.map_err(Into::into),
                 None => unreachable!("serve's config was loaded above"),
             },
             Command::Config(cmd) => serve::check(cmd).map_err(Into::into),

@@ -1,8 +1,10 @@
 //! `tandem serve` and `tandem config check`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tandem_config::{Config, LogFormat, PolicyName};
+use tandem_proxy::trace::{TraceLink, W3cLink};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -80,36 +82,83 @@ pub fn check(cmd: ConfigCommand) -> Result<(), String> {
     Ok(())
 }
 
-/// Logging for `serve` comes from the config file (`[logging]`); `RUST_LOG` still wins.
-pub fn init_logging(cfg: &Config) {
+/// What `serve` set up for tracing: how request spans join a trace and, in the `otel` build, the
+/// exporter to flush at exit.
+pub struct Telemetry {
+    trace_link: Arc<dyn TraceLink>,
+    #[cfg(feature = "otel")]
+    provider: Option<crate::otel::Provider>,
+}
+
+/// Logging for `serve` comes from the config file (`[logging]`; `RUST_LOG` still wins), and span
+/// export from `[telemetry]`.
+pub fn init_logging(cfg: &Config) -> Result<Telemetry, String> {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.logging.level));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.logging.format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match cfg.logging.format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    match &cfg.telemetry.otlp_endpoint {
+        None => {
+            registry.init();
+            Ok(Telemetry {
+                trace_link: Arc::new(W3cLink),
+                #[cfg(feature = "otel")]
+                provider: None,
+            })
+        }
+        #[cfg(feature = "otel")]
+        Some(endpoint) => {
+            let p = crate::otel::provider(&cfg.telemetry, endpoint)?;
+            // The exported spans carry the per-phase events, whatever the log level.
+            let targets = tracing_subscriber::filter::Targets::new()
+                .with_target("tandem_proxy", tracing::Level::DEBUG);
+            registry
+                .with(crate::otel::layer(&p).with_filter(targets))
+                .init();
+            Ok(Telemetry {
+                trace_link: Arc::new(crate::otel::OtelLink),
+                provider: Some(p),
+            })
+        }
+        #[cfg(not(feature = "otel"))]
+        Some(_) => Err("telemetry.otlp_endpoint is set, but this tandem was built without \
+             OpenTelemetry export: rebuild with `cargo build --release --features otel`, or unset it"
+            .into()),
     }
 }
 
 /// Run the coordinator until SIGINT or SIGTERM.
-pub async fn run(cfg: Config) -> Result<(), String> {
+pub async fn run(cfg: Config, telemetry: Telemetry) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
-    let running =
-        tandem_proxy::start(cfg, listener, shutdown_signal()).map_err(|e| e.to_string())?;
+    let edges = tandem_proxy::Edges {
+        trace_link: telemetry.trace_link.clone(),
+        ..tandem_proxy::Edges::default()
+    };
+    let running = tandem_proxy::start_with(cfg, listener, shutdown_signal(), edges)
+        .map_err(|e| e.to_string())?;
     // One JSON line on stdout so scripts and tests know where to connect.
     println!(
         "{}",
         serde_json::json!({"ready": "tandem", "http": format!("http://{}", running.addr)})
     );
     tracing::info!(addr = %running.addr, "tandem serving");
-    match running.task.await {
+    let result = match running.task.await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
+    };
+    #[cfg(feature = "otel")]
+    if let Some(p) = telemetry.provider {
+        // Flushing blocks on the exporter's thread.
+        let _ = tokio::task::spawn_blocking(move || crate::otel::shutdown(p)).await;
     }
+    result
 }
 
 async fn shutdown_signal() {

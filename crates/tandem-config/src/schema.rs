@@ -537,6 +537,8 @@ pub struct TelemetryConfig {
     /// unset = no export. Needs a `tandem` built with the `otel` feature.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    /// OTLP encoding, as `OTEL_EXPORTER_OTLP_PROTOCOL` names it.
+    pub otlp_protocol: OtlpProtocol,
     /// `service.name` of the exported spans.
     pub service_name: String,
     /// Fraction of new traces (no sampled parent from the client) that are exported, 0..=1.
@@ -548,10 +550,20 @@ impl Default for TelemetryConfig {
         Self {
             metrics: true,
             otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::default(),
             service_name: "tandem".to_owned(),
             sample_ratio: 1.0,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "http/json")]
+    HttpJson,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
