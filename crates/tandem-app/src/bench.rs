@@ -1,10 +1,11 @@
 //! `tandem bench overhead`: the latency Tandem adds over calling a decode engine directly.
 //!
-//! One simulated engine serves a closed-loop streaming load in which every other stream goes
-//! straight to the engine and the rest go through the coordinator (disaggregation off, so the
-//! path is client → Tandem → the same engine). Both halves share the engine's batches and the
-//! machine's cores at the same moments, so the difference of their client-side percentiles is
-//! what Tandem adds, not run-to-run noise. A second run puts a prefill engine in front
+//! One simulated engine serves a closed-loop streaming load split three ways: a third of the
+//! streams go straight to the engine, a third through the coordinator, and a third through a
+//! second coordinator with its metrics off (disaggregation off, so the path is client → Tandem →
+//! the same engine). All three share the engine's batches and the machine's cores at the same
+//! moments, so the differences of their client-side percentiles are what Tandem, and its
+//! metrics, add, not run-to-run noise. A second run puts a prefill engine in front
 //! (disaggregation always) to measure the params-to-decode-dispatch gap from the coordinator's
 //! own records.
 
@@ -43,6 +44,10 @@ pub struct OverheadArgs {
     /// in one synchronized wave.
     #[arg(long, default_value_t = 1000)]
     stagger_ms: u64,
+    /// Give a third of the streams to a second coordinator with its metrics off (`false`: half
+    /// direct, half through Tandem, as before that comparison existed).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    metrics_off_group: bool,
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -176,13 +181,19 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
 
 async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
     println!(
-        "tandem bench overhead: {} concurrent streams (half direct, half through Tandem) x {} requests, {} output tokens, {}-token prompts, {} H100 sim at x{}",
+        "tandem bench overhead: {} concurrent streams (a third each direct, through Tandem, through Tandem with metrics off) x {} requests, {} output tokens, {}-token prompts, {} H100 sim at x{}",
         a.streams, a.requests, a.max_tokens, a.prompt_chars + 1, a.model, a.time_scale
     );
     let d = start_sim(&a.model, GpuKind::H100, a.time_scale, 1, 1).await?;
     let direct_base = format!("http://{}", d.http_addr);
     let t = start_coordinator(&[], &[&d], DisaggregationMode::Never, 100_000).await?;
     let via = t.base.clone();
+    let t_off =
+        harness::start_coordinator_with(&[], &[&d], DisaggregationMode::Never, 100_000, |c| {
+            c.telemetry.metrics = false
+        })
+        .await?;
+    let via_off = t_off.base.clone();
     // Warm both paths (connections, allocator) before measuring.
     let warm = OverheadArgs {
         requests: 1,
@@ -191,18 +202,36 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
         model: a.model.clone(),
         ..a
     };
-    load(&[&direct_base, &via], &warm).await;
+    let bases: Vec<&str> = if a.metrics_off_group {
+        vec![&direct_base, &via, &via_off]
+    } else {
+        vec![&direct_base, &via]
+    };
+    load(&bases, &warm).await;
     let skip = t.running.recent().len();
-    let mut runs = load(&[&direct_base, &via], &a).await.into_iter();
-    let (mut direct, mut tandem) = (
+    let skip_off = t_off.running.recent().len();
+    let mut runs = load(&bases, &a).await.into_iter();
+    let (mut direct, mut tandem, mut off) = (
+        runs.next().unwrap_or_default(),
         runs.next().unwrap_or_default(),
         runs.next().unwrap_or_default(),
     );
-    let mut queue: Vec<f64> = t.running.recent()[skip..]
+    let queue_of = |c: &harness::Coordinator, skip: usize| -> Vec<f64> {
+        c.running.recent()[skip..]
+            .iter()
+            .filter_map(|r| r.queue_s)
+            .collect()
+    };
+    let mut queue = queue_of(&t, skip);
+    // Tandem's own TTFT (arrival → first byte written): what of the added TTFT is the engine
+    // serving Tandem's copies later, rather than the two extra hops.
+    let mut own_ttft: Vec<f64> = t.running.recent()[skip..]
         .iter()
-        .filter_map(|r| r.queue_s)
+        .filter_map(|r| r.ttft_s)
         .collect();
+    let mut queue_off = queue_of(&t_off, skip_off);
     drop(t);
+    drop(t_off);
 
     // P/D: the handoff gap.
     let p = start_sim(&a.model, GpuKind::H100, a.time_scale, 1, 2).await?;
@@ -223,7 +252,11 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
     let (tt50, tt99) = (pct(&mut tandem.ttft, 0.5), pct(&mut tandem.ttft, 0.99));
     let (di50, di99) = (pct(&mut direct.itl, 0.5), pct(&mut direct.itl, 0.99));
     let (ti50, ti99) = (pct(&mut tandem.itl, 0.5), pct(&mut tandem.itl, 0.99));
+    let (ot50, ot99) = (pct(&mut off.ttft, 0.5), pct(&mut off.ttft, 0.99));
+    let (oi50, oi99) = (pct(&mut off.itl, 0.5), pct(&mut off.itl, 0.99));
     let (q50, q99) = (pct(&mut queue, 0.5), pct(&mut queue, 0.99));
+    let (qo50, qo99) = (pct(&mut queue_off, 0.5), pct(&mut queue_off, 0.99));
+    let (own50, own99) = (pct(&mut own_ttft, 0.5), pct(&mut own_ttft, 0.99));
     let (g50, g99) = (pct(&mut gap, 0.5), pct(&mut gap, 0.99));
     println!();
     println!("{:<44} {:>12} {:>12}", "real µs", "p50", "p99");
@@ -231,10 +264,20 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
     row("TTFT direct to the decode engine", dt50, dt99);
     row("TTFT through Tandem", tt50, tt99);
     row("  added by Tandem (difference)", tt50 - dt50, tt99 - dt99);
+    row(
+        "  Tandem's own TTFT (arrival → first byte out)",
+        own50,
+        own99,
+    );
     row("ITL direct", di50, di99);
     row("ITL through Tandem", ti50, ti99);
     row("  added by Tandem (difference)", ti50 - di50, ti99 - di99);
     row("Tandem queue phase (parse, tokenize, plan)", q50, q99);
+    row("TTFT through Tandem, metrics off", ot50, ot99);
+    row("  metrics cost (on − off)", tt50 - ot50, tt99 - ot99);
+    row("ITL through Tandem, metrics off", oi50, oi99);
+    row("  metrics cost (on − off)", ti50 - oi50, ti99 - oi99);
+    row("Tandem queue phase, metrics off", qo50, qo99);
     println!(
         "{:<44} {:>12.1} {:>12.1}",
         "P/D params-to-decode-dispatch gap",
@@ -242,11 +285,13 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
         us(g99)
     );
     println!(
-        "requests: direct {} ok / {} errors, through Tandem {} / {}, P/D {} / {} ({} gap samples)",
+        "requests: direct {} ok / {} errors, through Tandem {} / {}, metrics off {} / {}, P/D {} / {} ({} gap samples)",
         direct.e2e.len(),
         direct.errors,
         tandem.e2e.len(),
         tandem.errors,
+        off.e2e.len(),
+        off.errors,
         pd.e2e.len(),
         pd.errors,
         gap.len()
@@ -260,12 +305,18 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
             "itl_direct_us": {"p50": us(di50), "p99": us(di99)},
             "itl_tandem_us": {"p50": us(ti50), "p99": us(ti99)},
             "queue_phase_us": {"p50": us(q50), "p99": us(q99)},
+            "ttft_at_tandem_us": {"p50": us(own50), "p99": us(own99)},
+            "ttft_metrics_off_us": {"p50": us(ot50), "p99": us(ot99)},
+            "itl_metrics_off_us": {"p50": us(oi50), "p99": us(oi99)},
+            "queue_phase_metrics_off_us": {"p50": us(qo50), "p99": us(qo99)},
+            "metrics_cost_us": {"ttft_p50": us(tt50 - ot50), "ttft_p99": us(tt99 - ot99),
+                "itl_p50": us(ti50 - oi50), "itl_p99": us(ti99 - oi99)},
             "dispatch_gap_us": {"p50": us(g50), "p99": us(g99)},
-            "errors": direct.errors + tandem.errors + pd.errors,
+            "errors": direct.errors + tandem.errors + off.errors + pd.errors,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
     }
-    if direct.errors + tandem.errors + pd.errors > 0 {
+    if direct.errors + tandem.errors + off.errors + pd.errors > 0 {
         return Err("some benchmark requests failed".into());
     }
     Ok(())

@@ -55,6 +55,17 @@ pub async fn start_coordinator(
     mode: DisaggregationMode,
     recent_requests: usize,
 ) -> Result<Coordinator, BoxError> {
+    start_coordinator_with(prefill, decode, mode, recent_requests, |_| {}).await
+}
+
+/// [`start_coordinator`] with a last edit of the configuration.
+pub async fn start_coordinator_with(
+    prefill: &[&RunningSim],
+    decode: &[&RunningSim],
+    mode: DisaggregationMode,
+    recent_requests: usize,
+    edit: impl FnOnce(&mut Config),
+) -> Result<Coordinator, BoxError> {
     let pool = |v: &[&RunningSim]| PoolConfig {
         endpoints: v
             .iter()
@@ -66,6 +77,7 @@ pub async fn start_coordinator(
     cfg.disaggregation.mode = mode;
     cfg.health.interval_ms = 200;
     cfg.server.recent_requests = recent_requests;
+    edit(&mut cfg);
     cfg.validate()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -293,6 +293,12 @@ async fn run_one(
         if let Some(r) = recs.get(&format!("bench-{i}")) {
             o.prefill_engine = r.prefill_engine.clone();
             o.decode_engine = r.decode_engine.clone();
+            // The same records the demo prints: simulated ms, like the client-side figures.
+            if let (Some(q), Some(p), Some(h), Some(d)) =
+                (r.queue_s, r.prefill_s, r.handoff_s, r.decode_first_token_s)
+            {
+                o.phases_ms = Some([q, p, h, d].map(|s| s * 1000.0 * k));
+            }
         }
     }
     let urls = |v: &[(RunningSim, _)]| -> Vec<String> {
@@ -348,6 +354,7 @@ async fn one(
         cached_tokens: 0,
         prefill_engine: None,
         decode_engine: None,
+        phases_ms: None,
     };
     let t0 = Instant::now();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0 * k;

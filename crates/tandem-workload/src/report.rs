@@ -38,6 +38,9 @@ pub struct Outcome {
     pub prefill_engine: Option<String>,
     /// Engine that ran the decode, when disaggregated.
     pub decode_engine: Option<String>,
+    /// The coordinator's own split of its TTFT, ms: queue, prefill, handoff, decode first token
+    /// (they add up to the coordinator's TTFT, which the client sees a hop later).
+    pub phases_ms: Option<[f64; 4]>,
 }
 
 impl Outcome {
@@ -221,6 +224,11 @@ pub struct Summary {
     pub prefill_load: LoadSpread,
     /// Spread over decode engines.
     pub decode_load: LoadSpread,
+    /// The coordinator's TTFT phases over successful requests that have them, ms.
+    pub queue_ms: Option<Dist>,
+    pub prefill_ms: Option<Dist>,
+    pub handoff_ms: Option<Dist>,
+    pub decode_first_token_ms: Option<Dist>,
 }
 
 impl Summary {
@@ -277,6 +285,10 @@ impl Summary {
             hit_vs_bound: None,
             prefill_load,
             decode_load,
+            queue_ms: Dist::of(good.iter().filter_map(|o| o.phases_ms.map(|p| p[0]))),
+            prefill_ms: Dist::of(good.iter().filter_map(|o| o.phases_ms.map(|p| p[1]))),
+            handoff_ms: Dist::of(good.iter().filter_map(|o| o.phases_ms.map(|p| p[2]))),
+            decode_first_token_ms: Dist::of(good.iter().filter_map(|o| o.phases_ms.map(|p| p[3]))),
         }
     }
 
@@ -340,6 +352,7 @@ mod tests {
             cached_tokens: 25,
             prefill_engine: Some(engine.into()),
             decode_engine: None,
+            phases_ms: None,
         }
     }
 

@@ -87,6 +87,10 @@ fn rows() -> Vec<(&'static str, Cell)> {
         };
     }
     dist!(ttft_ms, "TTFT");
+    dist!(queue_ms, "· queue");
+    dist!(prefill_ms, "· prefill");
+    dist!(handoff_ms, "· handoff");
+    dist!(decode_first_token_ms, "· decode 1st tok");
     dist!(tpot_ms, "TPOT");
     dist!(itl_ms, "ITL");
     dist!(e2e_ms, "E2E");
@@ -169,5 +173,33 @@ mod tests {
         // No decode engines anywhere: no decode rows.
         assert!(!text.contains("decode"), "{text}");
         assert_eq!(row("requests ok"), Some(vec!["3", "2"]));
+    }
+
+    #[test]
+    fn the_coordinators_phases_get_rows_when_a_run_has_them() {
+        let o = |phases| Outcome {
+            ok: true,
+            ttft_ms: 10.0,
+            e2e_ms: 20.0,
+            output_tokens: 2,
+            phases_ms: phases,
+            ..Outcome::default()
+        };
+        let slo = Slo {
+            ttft_ms: 500.0,
+            tpot_ms: 20.0,
+        };
+        let with = Summary::from_outcomes(&[o(Some([0.5, 6.0, 0.0, 3.5])), o(None)], slo, 1.0);
+        let without = Summary::from_outcomes(&[o(None)], slo, 1.0);
+        assert_eq!(with.prefill_ms.unwrap().count, 1);
+        let text = side_by_side(&[("a", &with), ("b", &without)]);
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .map(|l| l.split_whitespace().rev().take(2).collect::<Vec<_>>())
+        };
+        assert_eq!(row("· prefill p50 ms"), Some(vec!["-", "6.0"]));
+        assert_eq!(row("· decode 1st tok p99 ms"), Some(vec!["-", "3.5"]));
+        assert!(side_by_side(&[("b", &without)]).find("· queue").is_none());
     }
 }
