@@ -316,6 +316,37 @@ async fn every_family_moves_phases_add_up_itl_counts_gaps_and_the_trace_reaches_
     );
     nonzero("tandem_pd_ratio", &[("kind", "live")]);
     nonzero("tandem_pd_ratio", &[("kind", "target")]);
+    // `/admin/engines`: one entry per engine with what the issue lists, agreeing with /metrics.
+    let engines: Value = t.get("/admin/engines").await.json().await.expect("JSON");
+    let engines = engines["engines"].as_array().expect("a list");
+    assert_eq!(engines.len(), 4, "{engines:?}");
+    for e in engines {
+        let (pool, url) = (e["pool"].as_str().unwrap(), e["url"].as_str().unwrap());
+        assert!(e["id"].is_u64() && e["inflight"].is_u64(), "{e}");
+        assert_eq!(e["state"], "healthy", "{e}");
+        let labels = [("pool", pool), ("engine", url)];
+        for (field, family) in [
+            ("kv_total_blocks", "tandem_engine_kv_total_blocks"),
+            ("kv_free_blocks", "tandem_engine_kv_free_blocks"),
+            ("kv_reserved_blocks", "tandem_engine_kv_reserved_blocks"),
+            (
+                "prefix_blocks_indexed",
+                "tandem_engine_prefix_blocks_indexed",
+            ),
+        ] {
+            assert!(e[field].is_u64(), "{field}: {e}");
+            // Both are read live; only the index may grow between the two reads (it does not
+            // here: no request is in flight).
+            assert_eq!(
+                num(&e[field]),
+                metric_in(&m, family, &labels),
+                "{field}: {e}"
+            );
+        }
+        assert!(num(&e["kv_total_blocks"]) > 0.0, "{e}");
+        assert!(num(&e["last_scrape_age_s"]) >= 0.0, "{e}");
+    }
+
     // ITL observations are exactly the recorded gaps, over every request Tandem served.
     let gaps: u64 = t
         .records()
