@@ -283,9 +283,10 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
             warm = w.ok();
             match res {
                 Ok(done) => {
-                    fin.mark_params();
                     cached = done.cached;
                     fin.cached_tokens = done.cached;
+                    // After the cached count, which the phase event carries.
+                    fin.mark_params();
                     match done.params {
                         Some(p) => {
                             fin.disaggregated = true;
