@@ -197,17 +197,7 @@ async fn disaggregated_responses_equal_colocated_ones() {
             assert!(got.events.iter().all(|e| e["id"] == want_id.as_str()));
             let last = got.events.last().unwrap();
             assert_eq!(last["choices"], json!([]), "the usage chunk comes last");
-            let content = got
-                .events
-                .iter()
-                .filter(|e| {
-                    let c = &e["choices"][0];
-                    c["text"]
-                        .as_str()
-                        .or(c["delta"]["content"].as_str())
-                        .is_some_and(|t| !t.is_empty())
-                })
-                .count() as u64;
+            let content = crate::support::content_chunks(&got.events);
             (last["usage"].clone(), content)
         } else {
             let got: Value = resp.json().await.unwrap();

@@ -5,10 +5,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::support::{metric_in, Sim, Tandem, PROMPT};
+use crate::support::{content_chunks, metric_in, read_sse, Sim, Tandem, PROMPT};
 
 const MODEL: &str = "Qwen/Qwen3-0.6B";
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -30,18 +29,8 @@ fn config(prefill: &[&Sim], decode: &[&Sim], extra: &str) -> String {
     )
 }
 
-/// A streamed request's client-side view: the content chunks it received.
-struct Streamed {
-    content_chunks: u64,
-}
-
-async fn stream(
-    t: &Tandem,
-    path: &str,
-    body: Value,
-    id: &str,
-    trace: Option<(&str, &str)>,
-) -> Streamed {
+/// Stream a request to its end; returns the content chunks the client received.
+async fn stream(t: &Tandem, path: &str, body: Value, id: &str, trace: Option<(&str, &str)>) -> u64 {
     let mut req = t
         .client
         .post(format!("{}{path}", t.url))
@@ -52,29 +41,9 @@ async fn stream(
     }
     let resp = req.send().await.expect("sent");
     assert_eq!(resp.status(), 200, "{id}");
-    let mut raw = Vec::new();
-    let mut body = resp.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        raw.extend_from_slice(&chunk.expect("the stream completes"));
-    }
-    let text = String::from_utf8(raw).expect("utf-8");
-    let mut content_chunks = 0;
-    for frame in text.split("\n\n").filter(|f| !f.is_empty()) {
-        let data = frame.strip_prefix("data: ").expect("data frames");
-        if data == "[DONE]" {
-            continue;
-        }
-        let v: Value = serde_json::from_str(data).expect("JSON event");
-        let c = &v["choices"][0];
-        if c["text"]
-            .as_str()
-            .or(c["delta"]["content"].as_str())
-            .is_some_and(|t| !t.is_empty())
-        {
-            content_chunks += 1;
-        }
-    }
-    Streamed { content_chunks }
+    let sse = read_sse(resp).await;
+    assert!(sse.done && !sse.cut, "{id}: the stream completes");
+    content_chunks(&sse.events)
 }
 
 fn completion(prompt: &str, max_tokens: u64) -> Value {
@@ -207,8 +176,7 @@ async fn every_family_moves_phases_add_up_itl_counts_gaps_and_the_trace_reaches_
         ),
     ];
     for (id, path, body, trace) in runs {
-        let s = stream(&t, path, body, id, trace).await;
-        client_chunks.insert(id, s.content_chunks);
+        client_chunks.insert(id, stream(&t, path, body, id, trace).await);
     }
 
     // Per request: the phases add up to TTFT, and ITL has one observation per gap between the
@@ -361,7 +329,7 @@ async fn every_family_moves_phases_add_up_itl_counts_gaps_and_the_trace_reaches_
 async fn with_metrics_off_requests_are_served_and_metrics_is_404() {
     let (p, d) = tokio::join!(Sim::start(&[]), Sim::start(&[]));
     let t = Tandem::start(&config(&[&p], &[&d], "[telemetry]\nmetrics = false\n")).await;
-    let s = stream(
+    let chunks = stream(
         &t,
         "/v1/completions",
         completion(&PROMPT.repeat(12), 8),
@@ -369,9 +337,9 @@ async fn with_metrics_off_requests_are_served_and_metrics_is_404() {
         None,
     )
     .await;
-    assert!(s.content_chunks > 1);
+    assert!(chunks > 1);
     assert_eq!(t.get("/metrics").await.status(), 404);
     // The per-request record does not depend on the metrics.
     let rec = t.record("off-1").await;
-    assert_eq!(rec["itl_observations"], s.content_chunks - 1, "{rec}");
+    assert_eq!(rec["itl_observations"], chunks - 1, "{rec}");
 }

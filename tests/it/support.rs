@@ -191,6 +191,21 @@ impl Sse {
     }
 }
 
+/// Events that carry generated text: the content chunks a client counts (and Tandem's ITL has
+/// one observation per gap between).
+pub fn content_chunks(events: &[Value]) -> u64 {
+    events
+        .iter()
+        .filter(|e| {
+            let c = &e["choices"][0];
+            c["text"]
+                .as_str()
+                .or(c["delta"]["content"].as_str())
+                .is_some_and(|t| !t.is_empty())
+        })
+        .count() as u64
+}
+
 /// The generated text of completion or chat chunks, in order.
 pub fn choice_text(events: &[Value]) -> String {
     events

@@ -78,6 +78,11 @@ pub async fn start_coordinator_with(
     cfg.health.interval_ms = 200;
     cfg.server.recent_requests = recent_requests;
     edit(&mut cfg);
+    serve(cfg).await
+}
+
+/// Validate `cfg`, start a coordinator with it on a free port, and wait until `/ready`.
+pub async fn serve(cfg: Config) -> Result<Coordinator, BoxError> {
     cfg.validate()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -213,17 +213,11 @@ async fn run_one(
         *t = 3_600_000;
     }
     cfg.admission.max_wait_ms = 3_600_000;
-    cfg.validate()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let running = tandem_proxy::start(cfg, listener, async {
-        let _ = stopped.await;
-    })?;
-    let base = format!("http://{}", running.addr);
+    let coordinator = crate::harness::serve(cfg).await?;
+    let base = coordinator.base.clone();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .build()?;
-    crate::harness::wait_ready(&client, &base).await?;
 
     let k = a.time_scale;
     let n = trace.requests.len();
@@ -284,7 +278,8 @@ async fn run_one(
     }
     let duration_s = start.elapsed().as_secs_f64() * k;
     // Which engines served each request: the coordinator's own records.
-    let recs: std::collections::HashMap<String, tandem_proxy::RequestRecord> = running
+    let recs: std::collections::HashMap<String, tandem_proxy::RequestRecord> = coordinator
+        .running
         .recent()
         .into_iter()
         .map(|r| (r.request_id.clone(), r))
@@ -316,7 +311,7 @@ async fn run_one(
     )
     .with_hit_bound(bound)
     .with_engines(&urls(&prefill), &urls(&decode));
-    drop(stop);
+    drop(coordinator);
     for (_, s) in prefill.into_iter().chain(decode) {
         let _ = s.send(());
     }

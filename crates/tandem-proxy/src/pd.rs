@@ -110,7 +110,9 @@ pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: 
         outcome = tracing::field::Empty,
     );
     let ctx = st.trace_link.link(&span, incoming.parent.as_ref());
-    span.record("trace_id", ctx.trace_id_hex().as_str());
+    if !span.is_disabled() {
+        span.record("trace_id", ctx.trace_id_hex().as_str());
+    }
     let mut fin = Finisher::new(
         st.metrics.clone(),
         st.recent.clone(),

@@ -254,9 +254,8 @@ impl Finisher {
             dispatch_gap_s: self.dispatch_gap,
         }
     }
-}
 
-impl Finisher {
+    /// The request's metric observations (only when metrics are on).
     fn observe(&self, rec: &RequestRecord) {
         let m = &self.metrics;
         let outcome = rec.outcome;

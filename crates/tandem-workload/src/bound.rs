@@ -324,20 +324,7 @@ impl Lru {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{Request, Segment};
-
-    fn req(parts: &[(Source, u32)]) -> Request {
-        Request {
-            at_ms: 0.0,
-            input: PromptSpec {
-                segments: parts
-                    .iter()
-                    .map(|&(source, len)| Segment { source, len })
-                    .collect(),
-            },
-            output_tokens: 1,
-        }
-    }
+    use crate::trace::{test_request as req, Request};
 
     fn blocks(ids: &[u64], last: u32) -> Request {
         let n = ids.len();

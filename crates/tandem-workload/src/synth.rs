@@ -90,19 +90,7 @@ impl Synthesizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn prompt(parts: &[(Source, u32)]) -> Request {
-        Request {
-            at_ms: 0.0,
-            input: PromptSpec {
-                segments: parts
-                    .iter()
-                    .map(|&(source, len)| Segment { source, len })
-                    .collect(),
-            },
-            output_tokens: 1,
-        }
-    }
+    use crate::trace::test_request as prompt;
 
     #[test]
     fn deterministic_and_in_vocab() {

@@ -58,6 +58,21 @@ impl PromptSpec {
     }
 }
 
+/// A request at t = 0 with one output token and these `(source, len)` segments (unit tests).
+#[cfg(test)]
+pub(crate) fn test_request(parts: &[(Source, u32)]) -> Request {
+    Request {
+        at_ms: 0.0,
+        input: PromptSpec {
+            segments: parts
+                .iter()
+                .map(|&(source, len)| Segment { source, len })
+                .collect(),
+        },
+        output_tokens: 1,
+    }
+}
+
 /// One request of a workload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
