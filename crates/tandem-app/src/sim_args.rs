@@ -59,6 +59,13 @@ pub struct SimArgs {
     max_model_len: Option<u32>,
     #[arg(long)]
     no_enable_prefix_caching: bool,
+    /// GiB of host memory for offloaded KV blocks (vLLM's `--kv-offloading-size`): a CPU tier
+    /// behind the GPU prefix cache, reported in KV events with medium "CPU".
+    #[arg(long)]
+    kv_offloading_size: Option<f64>,
+    /// Offloading backend (vLLM's `--kv-offloading-backend`); only `native` is simulated.
+    #[arg(long, default_value = "native", value_parser = ["native"])]
+    kv_offloading_backend: String,
     /// Seeds the block-hash chain (vLLM's PYTHONHASHSEED); random when unset.
     #[arg(long, env = "PYTHONHASHSEED")]
     hash_seed: Option<String>,
@@ -169,6 +176,7 @@ impl SimArgs {
         c.max_num_batched_tokens = self.max_num_batched_tokens;
         c.max_model_len = self.max_model_len;
         c.enable_prefix_caching = !self.no_enable_prefix_caching;
+        c.kv_offloading_size_gib = self.kv_offloading_size;
         c.hash_seed = self.hash_seed;
         c.kv_events = self.kv_events_endpoint.map(|endpoint| KvEventsConfig {
             endpoint,

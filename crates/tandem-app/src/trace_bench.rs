@@ -80,6 +80,10 @@ pub struct TraceArgs {
     /// --num-gpu-blocks-override): rehearses a larger cache, e.g. one with a host-memory tier.
     #[arg(long)]
     prefill_kv_blocks: Option<u32>,
+    /// GiB of host memory per prefill engine for offloaded KV (vLLM's --kv-offloading-size): a
+    /// CPU tier behind each engine's GPU prefix cache, which the precise feed indexes too.
+    #[arg(long)]
+    prefill_kv_offloading_gib: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write every summary as JSON here.
@@ -123,6 +127,7 @@ async fn start_pool(
     events: bool,
     base_seed: u64,
     kv_blocks: Option<u32>,
+    offload_gib: Option<f64>,
 ) -> Result<Vec<(RunningSim, tokio::sync::oneshot::Sender<()>)>, BoxError> {
     let mut out = Vec::new();
     for i in 0..n {
@@ -130,6 +135,7 @@ async fn start_pool(
             crate::harness::sim_config(&a.model, gpu, a.time_scale, a.seed, base_seed + i as u64);
         cfg.enable_prompt_tokens_details = true;
         cfg.num_gpu_blocks_override = kv_blocks;
+        cfg.kv_offloading_size_gib = offload_gib;
         if events {
             cfg.kv_events = Some(KvEventsConfig {
                 endpoint: "tcp://127.0.0.1:0".into(),
@@ -180,11 +186,23 @@ async fn run_one(
         other => return Err(format!("unknown feed `{other}` (precise, approximate)").into()),
     };
     let events = feed == PrefixFeed::Precise && p_name == PolicyName::Prefix;
-    let prefill = start_pool(a, gpu, a.prefill, events, 1000, a.prefill_kv_blocks).await?;
-    let decode = start_pool(a, gpu, a.decode, false, 2000, None).await?;
-    let capacity = prefill
-        .first()
-        .map_or(0, |(s, _)| u64::from(s.num_gpu_blocks) * 16);
+    let prefill = start_pool(
+        a,
+        gpu,
+        a.prefill,
+        events,
+        1000,
+        a.prefill_kv_blocks,
+        a.prefill_kv_offloading_gib,
+    )
+    .await?;
+    let decode = start_pool(a, gpu, a.decode, false, 2000, None, None).await?;
+    // The host tier holds what the GPU caches and more (written through), so an engine's reach
+    // is the larger of the two.
+    let engine_blocks = prefill.first().map_or(0, |(s, _)| {
+        u64::from(s.num_gpu_blocks.max(s.num_host_blocks))
+    });
+    let capacity = engine_blocks * 16;
     let mut pp = PoolConfig {
         endpoints: prefill.iter().map(|(s, _)| endpoint(s)).collect(),
         policy: Some(p_name),
@@ -193,6 +211,10 @@ async fn run_one(
     if events {
         pp.prefix_index.feed = PrefixFeed::Precise;
     }
+    // Room for every block the engines can report, GPU and host tiers (a quarter spare for
+    // both copies of blocks in flight between tiers).
+    let reportable = engine_blocks * a.prefill as u64;
+    pp.prefix_index.max_blocks = pp.prefix_index.max_blocks.max(reportable + reportable / 4);
     let dp = PoolConfig {
         endpoints: decode.iter().map(|(s, _)| endpoint(s)).collect(),
         policy: Some(d_name),
@@ -460,7 +482,7 @@ pub async fn run(a: TraceArgs) -> Result<(), BoxError> {
         Assignment::RoundRobin,
     )?;
     eprintln!(
-        "with {} LRU caches of {} tokens (the prefill engines' KV): longest-prefix {:.1} %, round-robin {:.1} % of prompt tokens",
+        "with {} LRU caches of {} tokens (each prefill engine's KV, host tier included): longest-prefix {:.1} %, round-robin {:.1} % of prompt tokens",
         a.prefill,
         capacity,
         lp.total.token_fraction() * 100.0,

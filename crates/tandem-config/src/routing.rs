@@ -109,6 +109,8 @@ impl Default for KvEventsConfig {
 pub struct RoutingConfig {
     /// `prefix`: tokens of prefill work one in-flight request counts as.
     pub request_cost_tokens: u64,
+    /// `prefix`: how many queued tokens one uncached prompt token counts as.
+    pub cache_weight: f64,
     /// `prefix`: the chosen engine may carry at most this many times the least loaded one's load...
     pub release_ratio: f64,
     /// `prefix`: ...plus this many tokens, or the request goes to the least loaded engine.
@@ -121,8 +123,9 @@ impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
             request_cost_tokens: 256,
+            cache_weight: 2.0,
             release_ratio: 1.5,
-            release_slack_tokens: 16_384,
+            release_slack_tokens: 65_536,
             expected_output_tokens: 256,
         }
     }

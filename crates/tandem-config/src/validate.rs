@@ -120,6 +120,12 @@ impl Config {
                 format!("must be a finite number >= 1; got {}", r.release_ratio),
             ));
         }
+        if !(r.cache_weight > 0.0 && r.cache_weight.is_finite()) {
+            return Err(invalid(
+                "routing.cache_weight",
+                format!("must be a finite number > 0; got {}", r.cache_weight),
+            ));
+        }
         positive("routing.expected_output_tokens", r.expected_output_tokens)?;
         positive("admission.max_wait_ms", self.admission.max_wait_ms)?;
 

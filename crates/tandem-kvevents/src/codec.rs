@@ -6,16 +6,20 @@
 
 use rmpv::Value;
 
-/// `MEDIUM_GPU` in vLLM: the medium every encoded event names.
-const MEDIUM_GPU: &str = "GPU";
+/// vLLM's `MEDIUM_GPU`: blocks in the engine's GPU prefix cache.
+pub const MEDIUM_GPU: &str = "GPU";
+/// The medium vLLM's `OffloadingConnector` names for blocks in its host-memory (CPU) tier.
+pub const MEDIUM_CPU: &str = "CPU";
 
 /// End-of-replay marker on the replay socket: `(-1).to_bytes(8, "big", signed=True)`.
 pub const REPLAY_END_SEQ: [u8; 8] = (-1i64).to_be_bytes();
 
 /// One KV-cache event, as vLLM's `BlockStored` / `BlockRemoved` / `AllBlocksCleared`.
 ///
-/// Fields Tandem does not use (`lora_id`, `medium`, `lora_name`, `extra_keys`, `group_idx`, ...)
-/// are not kept: decoding ignores them and encoding writes vLLM's defaults.
+/// Fields Tandem does not use (`lora_id`, `lora_name`, `extra_keys`, `group_idx`, ...) are not
+/// kept: decoding ignores them and encoding writes vLLM's defaults. `medium` is kept: one engine
+/// reports each tier it caches blocks in (GPU, and CPU with KV offloading) as its own stream of
+/// stores and removals for the same block hashes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KvEvent {
     /// Newly full blocks were cached; `token_ids.len() == block_hashes.len() * block_size`.
@@ -24,9 +28,15 @@ pub enum KvEvent {
         parent_block_hash: Option<u64>,
         token_ids: Vec<u32>,
         block_size: u32,
+        /// Where the blocks are cached: [`MEDIUM_GPU`], [`MEDIUM_CPU`], another tier's name, or
+        /// `None` (older vLLM, which had only the GPU).
+        medium: Option<String>,
     },
-    /// Cached blocks were evicted.
-    BlockRemoved { block_hashes: Vec<u64> },
+    /// Cached blocks were evicted from `medium`.
+    BlockRemoved {
+        block_hashes: Vec<u64>,
+        medium: Option<String>,
+    },
     /// The prefix cache was reset.
     AllBlocksCleared,
 }
@@ -49,6 +59,10 @@ fn u64_array(values: &[u64]) -> Value {
     Value::Array(values.iter().map(|&v| Value::from(v)).collect())
 }
 
+fn medium_value(medium: &Option<String>) -> Value {
+    medium.as_deref().map_or(Value::Nil, Value::from)
+}
+
 fn event_value(event: &KvEvent) -> Value {
     match event {
         KvEvent::BlockStored {
@@ -56,6 +70,7 @@ fn event_value(event: &KvEvent) -> Value {
             parent_block_hash,
             token_ids,
             block_size,
+            medium,
         } => Value::Array(vec![
             Value::from("BlockStored"),
             u64_array(block_hashes),
@@ -63,17 +78,20 @@ fn event_value(event: &KvEvent) -> Value {
             Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect()),
             Value::from(*block_size),
             Value::Nil, // lora_id
-            Value::from(MEDIUM_GPU),
+            medium_value(medium),
             Value::Nil, // lora_name
             Value::Nil, // extra_keys
             Value::Nil, // group_idx
             Value::Nil, // kv_cache_spec_kind
             Value::Nil, // kv_cache_spec_sliding_window
         ]),
-        KvEvent::BlockRemoved { block_hashes } => Value::Array(vec![
+        KvEvent::BlockRemoved {
+            block_hashes,
+            medium,
+        } => Value::Array(vec![
             Value::from("BlockRemoved"),
             u64_array(block_hashes),
-            Value::from(MEDIUM_GPU),
+            medium_value(medium),
             Value::Nil, // group_idx
         ]),
         KvEvent::AllBlocksCleared => Value::Array(vec![Value::from("AllBlocksCleared")]),
@@ -82,9 +100,9 @@ fn event_value(event: &KvEvent) -> Value {
 
 /// Pure encoding of one batch in vLLM's `array_like` msgpack layout:
 /// `[ts(float64), [events...], data_parallel_rank|nil]`; events as
-/// `["BlockStored", hashes(u64 array), parent|nil, token_ids, block_size, lora_id(nil), medium("GPU"),
+/// `["BlockStored", hashes(u64 array), parent|nil, token_ids, block_size, lora_id(nil), medium|nil,
 /// lora_name(nil), extra_keys(nil), group_idx(nil), kv_cache_spec_kind(nil), kv_cache_spec_sliding_window(nil)]`,
-/// `["BlockRemoved", hashes, medium("GPU"), group_idx(nil)]`, `["AllBlocksCleared"]`.
+/// `["BlockRemoved", hashes, medium|nil, group_idx(nil)]`, `["AllBlocksCleared"]`.
 ///
 /// Every field is present, `nil` when `None`: msgspec ignores `omit_defaults` for `array_like` structs
 /// (msgspec issue #720). `ts` is always float64 because msgspec encodes Python floats that way;
@@ -143,6 +161,16 @@ fn opt_hash(v: Option<&Value>) -> Result<Option<u64>, CodecError> {
     }
 }
 
+fn medium_field(v: Option<&Value>) -> Result<Option<String>, CodecError> {
+    match v {
+        None | Some(Value::Nil) => Ok(None),
+        Some(m) => m
+            .as_str()
+            .map(|s| Some(s.to_owned()))
+            .ok_or_else(|| malformed(format!("medium is not a string: {m}"))),
+    }
+}
+
 /// Builds an event from its tag and a field lookup; `None` for tags Tandem does not know
 /// (newer vLLM may add event kinds; like llm-d we skip them rather than reject the whole batch).
 fn build_event<'a>(
@@ -166,10 +194,12 @@ fn build_event<'a>(
                 parent_block_hash: opt_hash(field("parent_block_hash"))?,
                 token_ids,
                 block_size: u32_field(field("block_size"), "block_size")?,
+                medium: medium_field(field("medium"))?,
             }
         }
         "BlockRemoved" => KvEvent::BlockRemoved {
             block_hashes: hash_list(field("block_hashes"), "block_hashes")?,
+            medium: medium_field(field("medium"))?,
         },
         "AllBlocksCleared" => KvEvent::AllBlocksCleared,
         _ => return Ok(None),
@@ -184,8 +214,10 @@ fn positional_fields(tag: &str) -> &'static [&'static str] {
             "parent_block_hash",
             "token_ids",
             "block_size",
+            "lora_id",
+            "medium",
         ],
-        "BlockRemoved" => &["block_hashes"],
+        "BlockRemoved" => &["block_hashes", "medium"],
         _ => &[],
     }
 }

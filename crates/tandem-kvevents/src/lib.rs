@@ -49,7 +49,10 @@ pub mod codec;
 pub mod subscriber;
 pub mod tracker;
 
-pub use codec::{decode_batch, encode_batch, CodecError, DecodedBatch, KvEvent, REPLAY_END_SEQ};
+pub use codec::{
+    decode_batch, encode_batch, CodecError, DecodedBatch, KvEvent, MEDIUM_CPU, MEDIUM_GPU,
+    REPLAY_END_SEQ,
+};
 pub use subscriber::{
     spawn_subscriber, FeedEvent, FeedState, FeedStatus, ResetReason, SubscriberConfig,
     SubscriberHandle,

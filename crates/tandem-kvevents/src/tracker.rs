@@ -53,7 +53,10 @@ pub struct TrackerStats {
 struct Held {
     key: u64,
     /// Stored copies: vLLM can cache two blocks with the same hash (two requests computing the
-    /// same prefix in one step) and reports each store and each eviction.
+    /// same prefix in one step) and reports each store and each eviction, and with KV offloading
+    /// a block is stored once per tier (`medium` GPU, CPU) and removed from each on its own. The
+    /// engine holds the block while any copy is left, in whichever tier: a host-memory copy
+    /// still spares the prefill (loading it costs a fraction of recomputing it).
     copies: u32,
 }
 
@@ -61,7 +64,7 @@ struct Held {
 ///
 /// Memory is bounded by the engine: the tracker holds an entry per block hash the engine
 /// currently caches (entries go on `BlockRemoved` / `AllBlocksCleared`), so at most the engine's
-/// `num_gpu_blocks` entries, about 50 bytes each.
+/// `num_gpu_blocks` plus its host tier's blocks, about 50 bytes each.
 #[derive(Debug, Clone)]
 pub struct KeyTracker {
     block_size: u32,
@@ -130,8 +133,9 @@ impl KeyTracker {
                 parent_block_hash,
                 token_ids,
                 block_size,
+                ..
             } => self.stored(block_hashes, *parent_block_hash, token_ids, *block_size),
-            KvEvent::BlockRemoved { block_hashes } => self.removed(block_hashes),
+            KvEvent::BlockRemoved { block_hashes, .. } => self.removed(block_hashes),
             KvEvent::AllBlocksCleared => Some(self.reset()),
         }
     }

@@ -31,7 +31,14 @@ struct Sim {
 
 impl Sim {
     async fn start(num_gpu_blocks: Option<u32>) -> Sim {
+        Sim::start_with(num_gpu_blocks, None).await
+    }
+
+    /// `offload_gib`: a host-memory KV tier of that size (`--kv-offloading-size`).
+    async fn start_with(num_gpu_blocks: Option<u32>, offload_gib: Option<f64>) -> Sim {
         let mut cfg = SimConfig::new("qwen3-0.6b", GpuKind::H100);
+        cfg.kv_offloading_size_gib = offload_gib;
+        cfg.enable_prompt_tokens_details = true;
         cfg.time_scale = 50.0;
         cfg.hash_seed = Some("0".into());
         cfg.num_gpu_blocks_override = num_gpu_blocks;
@@ -256,4 +263,61 @@ async fn prefix_cache_reset_clears_the_engine() {
     feed.until("indexed again", |f| f.index == union(&[&b]))
         .await;
     feed.assert_clean();
+}
+
+/// With KV offloading the engine reports its host tier too: blocks the GPU evicts stay in the
+/// index while the host holds them, and the engine serves them as cached tokens.
+#[tokio::test]
+async fn host_tier_keeps_gpu_evicted_blocks_indexed() {
+    // 24 GPU blocks; 0.05 GiB of host memory is 29 blocks of qwen3-0.6b KV (1.75 MiB each).
+    let sim = Sim::start_with(Some(24), Some(0.05)).await;
+    assert_eq!(sim.running.num_host_blocks, 29);
+    let (handle, mut feed) = sim.subscribe();
+    let prompt_a = "abcdefgh".repeat(20);
+    let a = sim.complete(&prompt_a).await; // 10 blocks
+    feed.until("first prompt indexed", |f| f.index == union(&[&a]))
+        .await;
+    let b = sim.complete(&"z".repeat(16 * 18)).await; // evicts some of A on the GPU
+    let kb = union(&[&b]);
+    feed.until("second prompt indexed", |f| kb.is_subset(&f.index))
+        .await;
+    assert!(
+        feed.removed.is_empty(),
+        "the host tier still holds what the GPU evicted"
+    );
+    assert_eq!(feed.index, union(&[&a, &b]));
+    assert!(
+        feed.tracker.stats().removed_blocks > 0,
+        "the GPU's evictions were published"
+    );
+
+    // A again: its blocks come back from the host, reported as cached.
+    let v = sim
+        .post(
+            "/v1/completions",
+            json!({ "prompt": prompt_a, "max_tokens": 1 }),
+        )
+        .await;
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 16 * (a.len() as u64 - 1), "{v}");
+    let metrics = sim
+        .client
+        .get(format!("{}/metrics", sim.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let hits: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("vllm:external_prefix_cache_hits_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("external hits are exported");
+    assert!(hits > 0.0, "host-tier hits count as external prefix-cache hits");
+    feed.assert_clean();
+    assert_eq!(handle.status().gaps_unrecovered, 0);
 }

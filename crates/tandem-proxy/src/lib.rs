@@ -122,6 +122,7 @@ pub fn policy_kind(p: PolicyName, routing: &RoutingConfig) -> PolicyKind {
 pub fn prefix_params(r: &RoutingConfig) -> PrefixParams {
     PrefixParams {
         request_cost_tokens: r.request_cost_tokens,
+        cache_weight: r.cache_weight,
         release_ratio: r.release_ratio,
         release_slack_tokens: r.release_slack_tokens,
     }

@@ -30,6 +30,8 @@ pub struct StepShape {
     pub decode_context_tokens: u64,
     /// Prefill chunks scheduled this step (chunked prefill may mix them with decodes).
     pub prefill_chunks: Vec<PrefillChunk>,
+    /// Prompt tokens whose KV is loaded from the host-memory tier before this step computes.
+    pub host_load_tokens: u64,
 }
 
 impl StepShape {
@@ -148,6 +150,8 @@ pub struct CostModel {
     sec_weights: f64,
     /// Seconds to read one token's KV: kv_b/(TP·BW·η).
     sec_per_kv_token: f64,
+    /// Seconds to load one token's KV from host memory: kv_b/(TP·B_h2d) (each rank its shard).
+    sec_per_host_token: f64,
     /// c_step in seconds.
     sec_step: f64,
     /// L·c_tp_per_layer in seconds, zero at TP1.
@@ -175,6 +179,7 @@ impl CostModel {
                 / flops,
             sec_weights: profile.weight_bytes() / bw,
             sec_per_kv_token: profile.kv_bytes_per_token() as f64 / bw,
+            sec_per_host_token: profile.kv_bytes_per_token() as f64 / (tp * gpu.h2d_bw),
             sec_step: profile.c_step.as_secs_f64(),
             sec_tp,
             net_efficiency: DEFAULT_NET_EFFICIENCY,
@@ -221,7 +226,16 @@ impl CostModel {
         let t_mem = self.sec_weights + kv_read * self.sec_per_kv_token;
         let t_comp =
             linear_tokens * self.sec_per_linear_token + attn_units * self.sec_per_attn_unit;
-        secs(self.sec_step + t_mem.max(t_comp) + self.sec_tp)
+        // perf-model §2.4's c_load, charged to the step before it computes. vLLM's offloading
+        // connector overlaps the copy with other requests' steps, so this is pessimistic for the
+        // batch-mates of a request that loads, and exact for one alone.
+        let t_load = shape.host_load_tokens as f64 * self.sec_per_host_token;
+        secs(self.sec_step + t_load + t_mem.max(t_comp) + self.sec_tp)
+    }
+
+    /// Time to load `tokens` tokens of KV from the host-memory tier (`c_load`).
+    pub fn host_load_time(&self, tokens: u64) -> Duration {
+        secs(tokens as f64 * self.sec_per_host_token)
     }
 
     /// Time to prefill `n` prompt tokens of which `cached` are prefix-cached, for a request alone:
@@ -238,6 +252,7 @@ impl CostModel {
                 start,
                 len: n - start,
             }],
+            host_load_tokens: 0,
         };
         self.profile.c_req.saturating_add(self.step_time(&shape))
     }
@@ -248,6 +263,7 @@ impl CostModel {
             decode_seqs: batch,
             decode_context_tokens: u64::from(batch).saturating_mul(ctx_per_seq),
             prefill_chunks: Vec::new(),
+            host_load_tokens: 0,
         })
     }
 
@@ -607,10 +623,34 @@ mod tests {
             decode_seqs: 32,
             decode_context_tokens: 32 * 2048,
             prefill_chunks: vec![chunk],
+            host_load_tokens: 0,
         });
         let decode = m.decode_step_time(32, 2048);
         assert!(mixed > alone && mixed > decode);
         assert!(mixed < alone + decode);
+    }
+
+    /// perf-model §2.4's c_load = c·kv_b/B_h2d: 4k tokens of 8B KV (512 MiB) over PCIe Gen5 at
+    /// 55 GB/s is ~9.8 ms, about 8 % of recomputing them; a step that loads pays it on top.
+    #[test]
+    fn host_tier_load_is_charged_to_the_step() {
+        let m = h100("llama-3.1-8b");
+        let load = m.host_load_time(4096).as_secs_f64();
+        assert!((load - 4096.0 * 131_072.0 / 55e9).abs() < 1e-9, "{load}");
+        assert!(load < 0.1 * m.prefill_time(4096, 0).as_secs_f64());
+        let chunk = StepShape {
+            prefill_chunks: vec![PrefillChunk {
+                start: 4096,
+                len: 512,
+            }],
+            ..StepShape::default()
+        };
+        let loading = StepShape {
+            host_load_tokens: 4096,
+            ..chunk.clone()
+        };
+        let extra = m.step_time(&loading).as_secs_f64() - m.step_time(&chunk).as_secs_f64();
+        assert!((extra - load).abs() < 1e-6, "{extra} vs {load}");
     }
 
     #[test]
@@ -623,6 +663,7 @@ mod tests {
                 start: u64::MAX,
                 len: u64::MAX,
             }],
+            host_load_tokens: 0,
         };
         assert!(m.step_time(&huge) > Duration::from_secs(1));
         assert!(m.transfer_time(u64::MAX, LinkClass::NvLink) > Duration::from_secs(1));
@@ -651,6 +692,7 @@ mod tests {
                     .into_iter()
                     .map(|(start, len)| PrefillChunk { start, len })
                     .collect(),
+                host_load_tokens: 0,
             })
     }
 

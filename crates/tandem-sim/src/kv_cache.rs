@@ -6,13 +6,21 @@
 //! Blocks are identified by their index; a block is "cached" when it is full and its chained hash is
 //! registered in the hash map. Free blocks (ref count 0) sit in an LRU queue whether cached or not;
 //! allocating takes the least recently freed one and, if it was cached, evicts its hash (BlockRemoved).
+//!
+//! With KV offloading the pool also owns the host-memory tier ([`HostTier`]): blocks cached on
+//! the GPU are written through to it, and its events join the GPU's in the order they happen.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use tandem_kvevents::MEDIUM_GPU;
+
 use crate::kv_events::KvEvent;
+
+mod host;
+pub use host::HostTier;
 
 /// A block's full 32-byte chained digest (vLLM's `BlockHash`).
 pub type BlockDigest = [u8; 32];
@@ -89,6 +97,8 @@ pub struct BlockPool {
     next_free_seq: u64,
     cached: HashMap<BlockDigest, BlockId>,
     pending_events: Vec<KvEvent>,
+    /// The host-memory tier, when KV offloading is on.
+    host: Option<HostTier>,
 }
 
 impl BlockPool {
@@ -100,11 +110,34 @@ impl BlockPool {
             next_free_seq: 0,
             cached: HashMap::new(),
             pending_events: Vec::new(),
+            host: None,
         };
         for id in 0..num_blocks {
             pool.push_free(id);
         }
         pool
+    }
+
+    /// Adds a host-memory tier of `blocks` blocks (none when 0).
+    pub fn with_host_tier(mut self, blocks: usize) -> Self {
+        self.host = (blocks > 0).then(|| HostTier::new(blocks));
+        self
+    }
+
+    pub fn host(&self) -> Option<&HostTier> {
+        self.host.as_ref()
+    }
+
+    /// How many of `digests`, from the first, the host tier holds (0 without one).
+    pub fn host_leading(&self, digests: &[BlockDigest]) -> usize {
+        self.host.as_ref().map_or(0, |h| h.leading(digests))
+    }
+
+    /// Refreshes host-tier blocks a request is about to load.
+    pub fn host_touch(&mut self, digests: &[BlockDigest]) {
+        if let Some(h) = &mut self.host {
+            h.touch(digests);
+        }
     }
 
     pub fn block_size(&self) -> usize {
@@ -172,6 +205,7 @@ impl BlockPool {
         if !evicted.is_empty() {
             self.pending_events.push(KvEvent::BlockRemoved {
                 block_hashes: evicted,
+                medium: Some(MEDIUM_GPU.into()),
             });
         }
         Some(out)
@@ -251,6 +285,15 @@ impl BlockPool {
             next_parent = Some(external_hash(d));
         }
         self.flush_stored(&mut run, &mut run_tokens, run_parent);
+        if let Some(h) = &mut self.host {
+            h.store(
+                digests,
+                parent,
+                tokens,
+                self.block_size,
+                &mut self.pending_events,
+            );
+        }
     }
 
     fn flush_stored(&mut self, run: &mut Vec<u64>, tokens: &mut Vec<u32>, parent: Option<u64>) {
@@ -262,6 +305,7 @@ impl BlockPool {
             parent_block_hash: parent,
             token_ids: std::mem::take(tokens),
             block_size: self.block_size as u32,
+            medium: Some(MEDIUM_GPU.into()),
         });
     }
 
@@ -275,6 +319,9 @@ impl BlockPool {
             b.content = None;
         }
         self.cached.clear();
+        if let Some(h) = &mut self.host {
+            h.clear();
+        }
         self.pending_events.push(KvEvent::AllBlocksCleared);
         true
     }

@@ -71,6 +71,9 @@ pub struct SimConfig {
     pub max_num_batched_tokens: usize,
     pub max_model_len: Option<u32>,
     pub enable_prefix_caching: bool,
+    /// Host memory for the KV offloading tier, GiB (vLLM's `--kv-offloading-size`); `None` = no
+    /// tier.
+    pub kv_offloading_size_gib: Option<f64>,
     /// `PYTHONHASHSEED`: seeds `NONE_HASH`; random when unset, as in vLLM.
     pub hash_seed: Option<String>,
     /// KV events; `None` disables them.
@@ -109,6 +112,7 @@ impl SimConfig {
             max_num_batched_tokens: 8192,
             max_model_len: None,
             enable_prefix_caching: true,
+            kv_offloading_size_gib: None,
             hash_seed: None,
             kv_events: None,
             side_channel_host: "127.0.0.1".into(),
@@ -157,6 +161,8 @@ pub struct RunningSim {
     pub kv_events_replay_endpoint: Option<String>,
     pub engine_id: String,
     pub num_gpu_blocks: u32,
+    /// Blocks of the host-memory KV tier (`--kv-offloading-size`); 0 without one.
+    pub num_host_blocks: u32,
     pub served_model_name: String,
     pub engine: EngineHandle,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -175,6 +181,7 @@ impl RunningSim {
             "engine_id": self.engine_id,
             "model": self.served_model_name,
             "num_gpu_blocks": self.num_gpu_blocks,
+            "num_host_blocks": self.num_host_blocks,
         })
         .to_string()
     }
@@ -224,6 +231,7 @@ pub async fn start(
             profile.tp
         )));
     }
+    let num_host_blocks = host_tier_blocks(cfg.kv_offloading_size_gib, &profile, cfg.block_size)?;
     let max_model_len = cfg.max_model_len.unwrap_or(profile.model.max_model_len);
     let served = cfg
         .served_model_name
@@ -317,6 +325,7 @@ pub async fn start(
                 num_gpu_blocks,
                 root_hash: kv_cache::none_hash(&hash_seed),
                 enable_prefix_caching: cfg.enable_prefix_caching,
+                num_host_blocks,
             },
             time_scale: cfg.time_scale,
             seed: cfg.seed,
@@ -384,10 +393,32 @@ pub async fn start(
         kv_events_replay_endpoint: kv_bound.and_then(|b| b.replay_endpoint),
         engine_id,
         num_gpu_blocks,
+        num_host_blocks,
         served_model_name: served,
         engine,
         server,
         _side: side,
+    })
+}
+
+/// Blocks of the host-memory tier for `--kv-offloading-size` GiB: whole blocks of the instance's
+/// KV bytes per token (as vLLM's CPU offloading spec divides `cpu_bytes_to_use`).
+fn host_tier_blocks(gib: Option<f64>, profile: &Profile, block_size: u32) -> Result<u32, SimError> {
+    let Some(gib) = gib else {
+        return Ok(0);
+    };
+    if !(gib >= 0.0 && gib.is_finite()) {
+        return Err(SimError::Config(format!(
+            "--kv-offloading-size must be a non-negative number of GiB, got {gib}"
+        )));
+    }
+    let block_bytes = profile.kv_bytes(u64::from(block_size)) as f64;
+    let blocks = (gib * (1u64 << 30) as f64 / block_bytes).floor();
+    u32::try_from(blocks as u64).map_err(|_| {
+        SimError::Config(format!(
+            "--kv-offloading-size {gib} GiB is more than {} blocks",
+            u32::MAX
+        ))
     })
 }
 

@@ -195,14 +195,16 @@ type GaugeF64 = Gauge<f64, AtomicU64>;
 #[rustfmt::skip]
 #[derive(Debug, Clone, Copy)]
 enum C {
-    PrefixQueries, PrefixHits, Preemptions, PromptTokens, GenerationTokens, NixlFailedTransfers,
-    NixlFailedNotifications, NixlExpired,
+    PrefixQueries, PrefixHits, ExternalPrefixQueries, ExternalPrefixHits, Preemptions,
+    PromptTokens, GenerationTokens, NixlFailedTransfers, NixlFailedNotifications, NixlExpired,
 }
 
 #[rustfmt::skip]
-const COUNTERS: [(C, &str, &str); 8] = [
+const COUNTERS: [(C, &str, &str); 10] = [
     (C::PrefixQueries, "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
     (C::PrefixHits, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+    (C::ExternalPrefixQueries, "vllm:external_prefix_cache_queries", "External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens."),
+    (C::ExternalPrefixHits, "vllm:external_prefix_cache_hits", "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens."),
     (C::Preemptions, "vllm:num_preemptions", "Cumulative number of preemption from the engine."),
     (C::PromptTokens, "vllm:prompt_tokens", "Number of prefill tokens processed."),
     (C::GenerationTokens, "vllm:generation_tokens", "Number of generation tokens processed."),
@@ -442,6 +444,12 @@ impl EngineMetrics {
     pub fn prefix_cache(&self, queries: u64, hits: u64) {
         self.counter(C::PrefixQueries).inc_by(queries);
         self.counter(C::PrefixHits).inc_by(hits);
+    }
+
+    /// Lookups of one step in the KV connector's cache (the host-memory tier), in tokens.
+    pub fn external_prefix_cache(&self, queries: u64, hits: u64) {
+        self.counter(C::ExternalPrefixQueries).inc_by(queries);
+        self.counter(C::ExternalPrefixHits).inc_by(hits);
     }
 
     pub fn preempted(&self, n: u64) {

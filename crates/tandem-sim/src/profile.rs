@@ -50,6 +50,7 @@ impl GpuKind {
                 fp8_flops: 1979e12,
                 hbm_bytes: 80e9,
                 hbm_bw: 3.35e12,
+                h2d_bw: H2D_BW_PCIE5,
             },
             // Same die as H100, so compute is unchanged; only HBM capacity and bandwidth differ.
             GpuKind::H200 => GpuSpec {
@@ -57,6 +58,7 @@ impl GpuKind {
                 fp8_flops: 1979e12,
                 hbm_bytes: 141e9,
                 hbm_bw: 4.8e12,
+                h2d_bw: H2D_BW_PCIE5,
             },
         }
     }
@@ -79,7 +81,14 @@ pub struct GpuSpec {
     pub hbm_bytes: f64,
     /// HBM bandwidth, bytes/s.
     pub hbm_bw: f64,
+    /// Host → GPU copy bandwidth achieved from pinned host memory, bytes/s: the `B_h2d` of
+    /// perf-model §2.4's `c_load`, for loading offloaded KV back.
+    pub h2d_bw: f64,
 }
+
+/// PCIe Gen5 x16 (H100 and H200 SXM hosts): 64 GB/s per direction on the wire, of which pinned
+/// `cudaMemcpyAsync` reaches about 55.
+const H2D_BW_PCIE5: f64 = 55e9;
 
 /// Architecture facts of one model: what the timing and capacity formulas need, nothing more.
 #[derive(Debug, Clone, PartialEq)]

@@ -29,6 +29,8 @@ pub struct SchedulerConfig {
     /// Root of the block-hash chain (vLLM's `NONE_HASH`).
     pub root_hash: BlockDigest,
     pub enable_prefix_caching: bool,
+    /// Blocks of the host-memory KV tier (vLLM's KV offloading); 0 = none.
+    pub num_host_blocks: u32,
 }
 
 /// Why a sequence finished. `Abort` comes from [`Scheduler::abort`], never from sampling.
@@ -115,6 +117,11 @@ pub struct StepPlan {
     pub first_scheduled: Vec<SeqId>,
     pub prefix_queries: u64,
     pub prefix_hits: u64,
+    /// Host-tier lookups this step, in tokens (vLLM's connector queries and hits).
+    pub external_queries: u64,
+    pub external_hits: u64,
+    /// Tokens of KV loaded from the host tier for sequences this step admits.
+    pub host_load_tokens: u64,
 }
 
 impl StepPlan {
@@ -160,7 +167,8 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        let pool = BlockPool::new(cfg.num_gpu_blocks, cfg.block_size);
+        let pool = BlockPool::new(cfg.num_gpu_blocks, cfg.block_size)
+            .with_host_tier(cfg.num_host_blocks as usize);
         Scheduler {
             cfg,
             pool,
@@ -284,7 +292,10 @@ impl Scheduler {
 
     /// Modeled work of a plan, for the cost model.
     pub fn shape(&self, plan: &StepPlan) -> StepShape {
-        let mut shape = StepShape::default();
+        let mut shape = StepShape {
+            host_load_tokens: plan.host_load_tokens,
+            ..StepShape::default()
+        };
         for s in &plan.scheduled {
             if s.is_decode {
                 shape.decode_seqs += 1;
@@ -393,10 +404,19 @@ impl Scheduler {
                     idx += 1;
                     continue;
                 }
-                let hit_tokens = hit_blocks.len() * self.cfg.block_size as usize;
+                let bs = self.cfg.block_size as usize;
+                let gpu_tokens = hit_blocks.len() * bs;
+                // The lookup continues in the host tier where the GPU's hits end (vLLM asks the
+                // connector for tokens beyond the locally computed ones).
+                let host_blocks = self.host_lookup(id, hit_blocks.len());
+                if self.pool.host().is_some() {
+                    plan.external_queries += self.seqs[&id].tokens.len() as u64;
+                    plan.external_hits += (host_blocks * bs) as u64;
+                }
+                let hit_tokens = gpu_tokens + host_blocks * bs;
                 let want = self.seqs[&id].tokens.len() - hit_tokens;
                 let len = want.min(*budget);
-                let total_blocks = (hit_tokens + len).div_ceil(self.cfg.block_size as usize);
+                let total_blocks = (hit_tokens + len).div_ceil(bs);
                 if self.pool.num_free() < total_blocks - hit_blocks.len() {
                     break;
                 }
@@ -406,9 +426,15 @@ impl Scheduler {
                     .allocate(total_blocks - hit_blocks.len())
                     .expect("checked free count");
                 let seq = self.seqs.get_mut(&id).expect("seq exists");
-                seq.num_computed = hit_tokens;
+                seq.num_computed = gpu_tokens;
                 seq.num_cached_blocks = hit_blocks.len();
                 seq.blocks = hit_blocks.into_iter().chain(new).collect();
+                if host_blocks > 0 {
+                    // Loaded into fresh GPU blocks, which join the GPU prefix cache.
+                    self.write_kv(id, gpu_tokens, hit_tokens);
+                    self.seqs.get_mut(&id).expect("seq exists").num_computed = hit_tokens;
+                    plan.host_load_tokens += (host_blocks * bs) as u64;
+                }
                 self.start_running(plan, idx, id, hit_tokens, len);
                 *budget -= len;
             } else {
@@ -467,6 +493,24 @@ impl Scheduler {
             .lookup_prefix(&seq.digests[..max_blocks.min(seq.digests.len())]);
         hits.truncate(max_blocks);
         hits
+    }
+
+    /// Host-tier blocks that follow the sequence's `gpu_hits` GPU-cached blocks, refreshed for
+    /// the load; capped like [`Self::prefix_lookup`].
+    fn host_lookup(&mut self, id: SeqId, gpu_hits: usize) -> usize {
+        if !self.cfg.enable_prefix_caching || self.pool.host().is_none() {
+            return 0;
+        }
+        let seq = &self.seqs[&id];
+        let max_blocks =
+            ((seq.tokens.len() - 1) / self.cfg.block_size as usize).min(seq.digests.len());
+        if gpu_hits >= max_blocks {
+            return 0;
+        }
+        let n = self.pool.host_leading(&seq.digests[gpu_hits..max_blocks]);
+        let digests = seq.digests[gpu_hits..gpu_hits + n].to_vec();
+        self.pool.host_touch(&digests);
+        n
     }
 
     fn extend_digests(&mut self, id: SeqId) {

@@ -1,11 +1,29 @@
 use super::*;
 
 fn stored(hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32>, bs: u32) -> KvEvent {
+    stored_on(Some(MEDIUM_GPU), hashes, parent, tokens, bs)
+}
+
+fn stored_on(
+    medium: Option<&str>,
+    hashes: Vec<u64>,
+    parent: Option<u64>,
+    tokens: Vec<u32>,
+    bs: u32,
+) -> KvEvent {
     KvEvent::BlockStored {
         block_hashes: hashes,
         parent_block_hash: parent,
         token_ids: tokens,
         block_size: bs,
+        medium: medium.map(str::to_owned),
+    }
+}
+
+fn removed(hashes: Vec<u64>, medium: Option<&str>) -> KvEvent {
+    KvEvent::BlockRemoved {
+        block_hashes: hashes,
+        medium: medium.map(str::to_owned),
     }
 }
 
@@ -20,9 +38,10 @@ fn roundtrip() {
     let events = vec![
         stored(vec![1, u64::MAX, 1 << 40], Some(7), (0..48).collect(), 16),
         stored(vec![9], None, vec![70_000; 16], 16),
-        KvEvent::BlockRemoved {
-            block_hashes: vec![1, u64::MAX],
-        },
+        stored_on(Some(MEDIUM_CPU), vec![9], None, vec![5; 16], 16),
+        removed(vec![1, u64::MAX], Some(MEDIUM_GPU)),
+        removed(vec![9], Some(MEDIUM_CPU)),
+        removed(vec![2], None),
         KvEvent::AllBlocksCleared,
     ];
     for dp in [None, Some(0), Some(3)] {
@@ -67,9 +86,7 @@ fn exact_bytes_of_removed_and_cleared() {
     let bytes = encode_batch(
         0.0,
         &[
-            KvEvent::BlockRemoved {
-                block_hashes: vec![5],
-            },
+            removed(vec![5], Some(MEDIUM_GPU)),
             KvEvent::AllBlocksCleared,
         ],
         Some(1),
@@ -125,9 +142,7 @@ fn decodes_map_form() {
         events,
         vec![
             stored(vec![11], Some(10), vec![4; 4], 4),
-            KvEvent::BlockRemoved {
-                block_hashes: vec![0x0102]
-            },
+            removed(vec![0x0102], Some(MEDIUM_GPU)),
             KvEvent::AllBlocksCleared,
         ]
     );
@@ -160,15 +175,12 @@ fn decodes_short_and_long_array_forms() {
     ]);
     let (ts, events, dp) = decode_batch(&encode(&batch)).unwrap();
     assert_eq!((ts, dp), (9.0, None));
-    let removed = KvEvent::BlockRemoved {
-        block_hashes: vec![3],
-    };
     assert_eq!(
         events,
         vec![
-            stored(vec![3], None, vec![1, 2], 2),
-            removed.clone(),
-            removed
+            stored_on(None, vec![3], None, vec![1, 2], 2),
+            removed(vec![3], None),
+            removed(vec![3], Some(MEDIUM_GPU)),
         ]
     );
 }
@@ -207,6 +219,7 @@ fn event_map(event: &KvEvent) -> Value {
             parent_block_hash,
             token_ids,
             block_size,
+            medium,
         } => Value::Map(vec![
             (s("type"), s("BlockStored")),
             (s("block_hashes"), hashes(block_hashes)),
@@ -220,13 +233,16 @@ fn event_map(event: &KvEvent) -> Value {
             ),
             (s("block_size"), Value::from(*block_size)),
             (s("lora_id"), Value::Nil),
-            (s("medium"), s("GPU")),
+            (s("medium"), medium.as_deref().map_or(Value::Nil, s)),
             (s("lora_name"), Value::Nil),
         ]),
-        KvEvent::BlockRemoved { block_hashes } => Value::Map(vec![
+        KvEvent::BlockRemoved {
+            block_hashes,
+            medium,
+        } => Value::Map(vec![
             (s("type"), s("BlockRemoved")),
             (s("block_hashes"), hashes(block_hashes)),
-            (s("medium"), s("GPU")),
+            (s("medium"), medium.as_deref().map_or(Value::Nil, s)),
         ]),
         KvEvent::AllBlocksCleared => Value::Map(vec![(s("type"), s("AllBlocksCleared"))]),
     }
@@ -238,9 +254,7 @@ fn map_and_array_layouts_decode_alike() {
     let events = vec![
         stored(vec![1, 2], None, (0..8).collect(), 4),
         stored(vec![3], Some(2), vec![9; 4], 4),
-        KvEvent::BlockRemoved {
-            block_hashes: vec![1, 3],
-        },
+        removed(vec![1, 3], Some(MEDIUM_CPU)),
         KvEvent::AllBlocksCleared,
     ];
     let array = encode_batch(5.5, &events, Some(1));

@@ -119,6 +119,7 @@ fn events(seq: u64, incarnation: u32) -> Vec<KvEvent> {
         parent_block_hash: None,
         token_ids: vec![incarnation; 4],
         block_size: 4,
+        medium: Some("GPU".into()),
     }]
 }
 

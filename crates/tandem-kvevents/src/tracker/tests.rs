@@ -3,7 +3,48 @@ use proptest::prelude::*;
 use rmpv::Value;
 use tandem_radix::block_keys;
 
-use crate::codec::{decode_batch, encode_batch};
+use crate::codec::{decode_batch, encode_batch, MEDIUM_CPU, MEDIUM_GPU};
+
+/// The same event in another tier.
+fn on(medium: &str, mut event: KvEvent) -> KvEvent {
+    match &mut event {
+        KvEvent::BlockStored { medium: m, .. } | KvEvent::BlockRemoved { medium: m, .. } => {
+            *m = Some(medium.into())
+        }
+        KvEvent::AllBlocksCleared => {}
+    }
+    event
+}
+
+/// With KV offloading the engine reports a block once per tier; the key stays in the index until
+/// the last tier evicts it, whichever order the evictions come in.
+#[test]
+fn a_block_is_held_while_any_tier_holds_it() {
+    let tokens: Vec<u32> = (0..8).collect();
+    let keys = block_keys(&tokens, BS as usize, SEED);
+    for cpu_first in [false, true] {
+        let mut t = KeyTracker::new(BS, SEED);
+        let gpu = stored(vec![1, 2], None, tokens.clone());
+        assert_eq!(t.apply(&gpu), Some(IndexOp::Insert(keys.clone())));
+        assert_eq!(
+            t.apply(&on(MEDIUM_CPU, gpu.clone())),
+            Some(IndexOp::Insert(keys.clone()))
+        );
+        let (first, second) = if cpu_first {
+            (MEDIUM_CPU, MEDIUM_GPU)
+        } else {
+            (MEDIUM_GPU, MEDIUM_CPU)
+        };
+        assert_eq!(t.apply(&on(first, removed(vec![1, 2]))), None);
+        assert!(t.holds_key(keys[0]) && t.holds_key(keys[1]));
+        assert_eq!(
+            t.apply(&on(second, removed(vec![2]))),
+            Some(IndexOp::Remove(vec![keys[1]]))
+        );
+        assert!(t.holds_key(keys[0]) && !t.holds_key(keys[1]));
+        assert_eq!(t.stats().unknown_removals, 0);
+    }
+}
 
 const BS: u32 = 4;
 const SEED: u64 = 0x5eed;
@@ -14,12 +55,14 @@ fn stored(hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32>) -> KvEvent {
         parent_block_hash: parent,
         token_ids: tokens,
         block_size: BS,
+        medium: Some(MEDIUM_GPU.into()),
     }
 }
 
 fn removed(hashes: Vec<u64>) -> KvEvent {
     KvEvent::BlockRemoved {
         block_hashes: hashes,
+        medium: Some(MEDIUM_GPU.into()),
     }
 }
 
@@ -136,6 +179,7 @@ fn malformed_token_count_is_counted() {
         parent_block_hash: None,
         token_ids: vec![],
         block_size: 0,
+        medium: None,
     };
     assert_eq!(zero.apply(&ev), None);
     assert_eq!((t.stats().malformed, zero.stats().malformed), (1, 1));
@@ -217,6 +261,7 @@ fn map_layout_yields_the_same_ops() {
             parent_block_hash,
             token_ids,
             block_size,
+            ..
         } => Value::Map(vec![
             (s("type"), s("BlockStored")),
             (s("block_hashes"), ints(block_hashes)),
@@ -231,7 +276,7 @@ fn map_layout_yields_the_same_ops() {
             (s("block_size"), Value::from(*block_size)),
             (s("medium"), s("GPU")),
         ]),
-        KvEvent::BlockRemoved { block_hashes } => Value::Map(vec![
+        KvEvent::BlockRemoved { block_hashes, .. } => Value::Map(vec![
             (s("type"), s("BlockRemoved")),
             (s("block_hashes"), ints(block_hashes)),
         ]),

@@ -407,6 +407,10 @@ impl Engine {
             self.metrics
                 .prefix_cache(plan.prefix_queries, plan.prefix_hits);
         }
+        if plan.external_queries > 0 {
+            self.metrics
+                .external_prefix_cache(plan.external_queries, plan.external_hits);
+        }
         for id in &plan.first_scheduled {
             if let Some(m) = self.meta.get_mut(id) {
                 m.first_scheduled.get_or_insert(now);

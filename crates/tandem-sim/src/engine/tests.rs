@@ -38,6 +38,7 @@ fn engine(model: &str) -> EngineHandle {
                 num_gpu_blocks: blocks,
                 root_hash: crate::kv_cache::none_hash("0"),
                 enable_prefix_caching: true,
+                num_host_blocks: 0,
             },
             time_scale: 1.0,
             seed: 1,

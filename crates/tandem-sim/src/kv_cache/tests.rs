@@ -50,6 +50,7 @@ fn allocate_free_and_lru_eviction_publish_events() {
             parent_block_hash: None,
             token_ids: vec![1, 2, 3, 4, 5, 6, 7, 8],
             block_size: 4,
+            medium: Some("GPU".into()),
         }]
     );
     p.free(&blocks);
@@ -68,7 +69,8 @@ fn allocate_free_and_lru_eviction_publish_events() {
     assert_eq!(
         p.take_events(),
         vec![KvEvent::BlockRemoved {
-            block_hashes: vec![external_hash(&d[1])]
+            block_hashes: vec![external_hash(&d[1])],
+            medium: Some("GPU".into()),
         }]
     );
     assert_eq!(p.lookup_prefix(&d), vec![blocks[0]]);

@@ -8,6 +8,7 @@ fn stored(hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32>, bs: u32) -> K
         parent_block_hash: parent,
         token_ids: tokens,
         block_size: bs,
+        medium: Some("GPU".into()),
     }
 }
 
@@ -90,6 +91,7 @@ async fn live_pub_sub_in_order() {
         vec![stored(vec![2, 3], Some(1), vec![3, 4, 5, 6], 2)],
         vec![KvEvent::BlockRemoved {
             block_hashes: vec![1, 2, 3],
+            medium: Some("GPU".into()),
         }],
     ];
     for (i, events) in real.iter().enumerate() {

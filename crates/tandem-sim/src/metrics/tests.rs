@@ -88,11 +88,12 @@ fn spec(list: &str) -> Vec<String> {
 }
 
 #[rustfmt::skip]
-const FAMILIES: [(&str, &str); 34] = [
+const FAMILIES: [(&str, &str); 36] = [
     ("vllm:num_requests_running", "gauge"), ("vllm:num_requests_waiting", "gauge"),
     ("vllm:num_requests_waiting_by_reason", "gauge"), ("vllm:kv_cache_usage_perc", "gauge"),
     ("vllm:cache_config_info", "gauge"),
     ("vllm:prefix_cache_queries_total", "counter"), ("vllm:prefix_cache_hits_total", "counter"),
+    ("vllm:external_prefix_cache_queries_total", "counter"), ("vllm:external_prefix_cache_hits_total", "counter"),
     ("vllm:num_preemptions_total", "counter"), ("vllm:prompt_tokens_total", "counter"),
     ("vllm:generation_tokens_total", "counter"), ("vllm:request_success_total", "counter"),
     ("vllm:nixl_num_failed_transfers_total", "counter"),

@@ -1,5 +1,6 @@
 use super::*;
 use crate::kv_cache::none_hash;
+use crate::kv_events::KvEvent;
 
 fn sched(blocks: u32, budget: usize, max_seqs: usize) -> Scheduler {
     Scheduler::new(SchedulerConfig {
@@ -9,7 +10,115 @@ fn sched(blocks: u32, budget: usize, max_seqs: usize) -> Scheduler {
         num_gpu_blocks: blocks,
         root_hash: none_hash("0"),
         enable_prefix_caching: true,
+        num_host_blocks: 0,
     })
+}
+
+fn sched_with_host(gpu_blocks: u32, host_blocks: u32) -> Scheduler {
+    Scheduler::new(SchedulerConfig {
+        max_num_seqs: 16,
+        max_num_batched_tokens: 64,
+        block_size: 4,
+        num_gpu_blocks: gpu_blocks,
+        root_hash: none_hash("0"),
+        enable_prefix_caching: true,
+        num_host_blocks: host_blocks,
+    })
+}
+
+/// Runs one sequence to its end (one output token) and returns the step events.
+fn run_to_end(s: &mut Scheduler, id: SeqId, prompt: Vec<u32>) -> (StepPlan, Vec<KvEvent>) {
+    s.add(seq(id, prompt, 1));
+    let (plan, out) = run_step(s);
+    assert!(out[0].finished.is_some(), "one step prefills and finishes");
+    (plan, s.take_events())
+}
+
+fn stored_in(events: &[KvEvent], medium: &str) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            KvEvent::BlockStored {
+                block_hashes,
+                medium: Some(m),
+                ..
+            } if m == medium => Some(block_hashes.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn removed_in(events: &[KvEvent], medium: &str) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            KvEvent::BlockRemoved {
+                block_hashes,
+                medium: Some(m),
+            } if m == medium => Some(block_hashes.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// vLLM's CPU offloading: blocks cached on the GPU are written through to the host tier; once the
+/// GPU has evicted them, a later request finds them there, loads them instead of recomputing,
+/// and reports them as cached.
+#[test]
+fn host_tier_serves_what_the_gpu_evicted() {
+    // Four GPU blocks: each 16-token prompt takes all of them.
+    let mut s = sched_with_host(4, 100);
+    let a: Vec<u32> = (0..16).collect();
+    let (_, ev) = run_to_end(&mut s, 1, a.clone());
+    let a_hashes = stored_in(&ev, "GPU");
+    assert_eq!(a_hashes.len(), 4);
+    assert_eq!(
+        stored_in(&ev, "CPU"),
+        a_hashes,
+        "written through, same hashes"
+    );
+    // An unrelated prompt evicts all of A from the GPU, not from the host.
+    let (_, ev) = run_to_end(&mut s, 2, (100..116).collect());
+    let mut gone = removed_in(&ev, "GPU");
+    gone.sort_unstable();
+    let mut want = a_hashes.clone();
+    want.sort_unstable();
+    assert_eq!(gone, want);
+    assert!(removed_in(&ev, "CPU").is_empty());
+
+    // A's first three blocks plus a token: no GPU hit, three blocks from the host.
+    let mut c = a[..12].to_vec();
+    c.push(200);
+    s.add(seq(3, c, 1));
+    let plan = s.schedule();
+    assert_eq!(plan.prefix_hits, 0);
+    assert_eq!((plan.external_queries, plan.external_hits), (13, 12));
+    assert_eq!(plan.host_load_tokens, 12);
+    assert_eq!((plan.scheduled[0].start, plan.scheduled[0].len), (12, 1));
+    assert_eq!(s.shape(&plan).host_load_tokens, 12);
+    // The loaded blocks join the GPU prefix cache under their old hashes.
+    assert_eq!(stored_in(&s.take_events(), "GPU"), a_hashes[..3]);
+}
+
+/// The host tier is an LRU of its own size; what it evicts is announced with medium "CPU".
+#[test]
+fn host_tier_evicts_least_recently_used_with_cpu_events() {
+    let mut s = sched_with_host(100, 4);
+    let (_, ev) = run_to_end(&mut s, 1, (0..16).collect());
+    let a_hashes = stored_in(&ev, "CPU");
+    let (_, ev) = run_to_end(&mut s, 2, (100..116).collect());
+    assert_eq!(stored_in(&ev, "CPU").len(), 4);
+    assert_eq!(removed_in(&ev, "CPU"), a_hashes, "oldest first");
+    assert_eq!(s.pool().host().map(|h| h.len()), Some(4));
+    // A is still on the GPU: a GPU hit, and the host is not asked for those blocks.
+    let mut c: Vec<u32> = (0..16).collect();
+    c.push(1);
+    s.add(seq(3, c, 1));
+    let plan = s.schedule();
+    assert_eq!(plan.prefix_hits, 16);
+    assert_eq!((plan.external_hits, plan.host_load_tokens), (0, 0));
 }
 
 fn seq(id: SeqId, prompt: Vec<u32>, max_tokens: usize) -> NewSeq {

@@ -1,0 +1,149 @@
+//! The host-memory KV tier, as vLLM's `OffloadingConnector` with its CPU spec keeps it
+//! (`--kv-offloading-size`, `kv_offload/cpu` + the LRU manager). Pure: no IO, no clock.
+//!
+//! Every block that becomes full and cached on the GPU is also stored here (write-through, as
+//! the connector offloads completed blocks as they are produced), so the tier holds the recent
+//! past of the GPU prefix cache and far more of it. A request's prefix lookup continues here
+//! after its GPU hits end; the blocks found are loaded back into fresh GPU blocks before the
+//! request computes, and count as cached tokens. The tier evicts in LRU order, a lookup that
+//! hits refreshes the blocks, and each store and eviction is a KV event with `medium` "CPU",
+//! the same block hashes as the GPU's events.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tandem_kvevents::MEDIUM_CPU;
+
+use super::{external_hash, BlockDigest};
+use crate::kv_events::KvEvent;
+
+/// The tier: at most `capacity` blocks, keyed by their prefix-cache digest.
+#[derive(Debug)]
+pub struct HostTier {
+    capacity: usize,
+    /// Digest → its position in `lru`.
+    entries: HashMap<BlockDigest, u64>,
+    /// Least recently used first.
+    lru: BTreeMap<u64, BlockDigest>,
+    next_seq: u64,
+}
+
+impl HostTier {
+    /// A tier of `capacity` blocks (the connector's `cpu_bytes_to_use` over the bytes of one
+    /// block).
+    pub fn new(capacity: usize) -> Self {
+        HostTier {
+            capacity,
+            entries: HashMap::new(),
+            lru: BTreeMap::new(),
+            next_seq: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Blocks held now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// How many of `digests`, from the first, the tier holds.
+    pub fn leading(&self, digests: &[BlockDigest]) -> usize {
+        digests
+            .iter()
+            .take_while(|d| self.entries.contains_key(*d))
+            .count()
+    }
+
+    /// Marks held blocks most recently used (a lookup that will load them).
+    pub fn touch(&mut self, digests: &[BlockDigest]) {
+        for d in digests {
+            if let Some(seq) = self.entries.get_mut(d) {
+                self.lru.remove(seq);
+                *seq = self.next_seq;
+                self.lru.insert(self.next_seq, *d);
+                self.next_seq += 1;
+            }
+        }
+    }
+
+    /// Stores newly cached GPU blocks: `digests[i]` holds `tokens[i*bs..(i+1)*bs]`, `parent` is
+    /// the digest before the first. Blocks already held are refreshed; new ones are announced in
+    /// runs (one `BlockStored` per run of consecutive new blocks, parent-linked like the GPU's),
+    /// and the least recently used blocks beyond the capacity are evicted (`BlockRemoved`).
+    pub fn store(
+        &mut self,
+        digests: &[BlockDigest],
+        parent: Option<&BlockDigest>,
+        tokens: &[u32],
+        block_size: usize,
+        events: &mut Vec<KvEvent>,
+    ) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut run: Vec<u64> = Vec::new();
+        let mut run_tokens: Vec<u32> = Vec::new();
+        let mut run_parent = parent.map(external_hash);
+        let mut prev = run_parent;
+        for (i, d) in digests.iter().enumerate() {
+            if self.entries.contains_key(d) {
+                self.touch(std::slice::from_ref(d));
+                flush(&mut run, &mut run_tokens, run_parent, block_size, events);
+            } else {
+                self.entries.insert(*d, self.next_seq);
+                self.lru.insert(self.next_seq, *d);
+                self.next_seq += 1;
+                if run.is_empty() {
+                    run_parent = prev;
+                }
+                run.push(external_hash(d));
+                run_tokens.extend_from_slice(&tokens[i * block_size..(i + 1) * block_size]);
+            }
+            prev = Some(external_hash(d));
+        }
+        flush(&mut run, &mut run_tokens, run_parent, block_size, events);
+        let mut evicted = Vec::new();
+        while self.entries.len() > self.capacity {
+            let (_, d) = self.lru.pop_first().expect("entries are in the LRU");
+            self.entries.remove(&d);
+            evicted.push(external_hash(&d));
+        }
+        if !evicted.is_empty() {
+            events.push(KvEvent::BlockRemoved {
+                block_hashes: evicted,
+                medium: Some(MEDIUM_CPU.into()),
+            });
+        }
+    }
+
+    /// Forgets every block (a prefix-cache reset; the caller publishes `AllBlocksCleared`).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.lru.clear();
+    }
+}
+
+fn flush(
+    run: &mut Vec<u64>,
+    tokens: &mut Vec<u32>,
+    parent: Option<u64>,
+    block_size: usize,
+    events: &mut Vec<KvEvent>,
+) {
+    if run.is_empty() {
+        return;
+    }
+    events.push(KvEvent::BlockStored {
+        block_hashes: std::mem::take(run),
+        parent_block_hash: parent,
+        token_ids: std::mem::take(tokens),
+        block_size: block_size as u32,
+        medium: Some(MEDIUM_CPU.into()),
+    });
+}
