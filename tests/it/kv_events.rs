@@ -78,6 +78,7 @@ async fn block_stored_token_ids_chain_and_evictions_are_published() {
                 parent_block_hash,
                 token_ids,
                 block_size,
+                ..
             } => Some((
                 block_hashes.clone(),
                 *parent_block_hash,
@@ -123,7 +124,7 @@ async fn block_stored_token_ids_chain_and_evictions_are_published() {
         .iter()
         .flat_map(|(_, evs)| evs.iter())
         .filter_map(|e| match e {
-            KvEvent::BlockRemoved { block_hashes } => Some(block_hashes.clone()),
+            KvEvent::BlockRemoved { block_hashes, .. } => Some(block_hashes.clone()),
             _ => None,
         })
         .flatten()
