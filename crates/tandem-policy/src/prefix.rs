@@ -30,8 +30,9 @@
 //! so does every request queued behind it on that engine, whose load grows by the same tokens;
 //! the prefix also ends up cached twice, in capacity a longer-lived prefix would have used. With
 //! `w = 1` the policy is greedy for each request's own finish time and gives away hits the pool
-//! pays for later (on the Mooncake synthetic trace, a queueing model of 8 engines loses ~3 points
-//! of hit rate and ~4 % of p90 TTFT against `w = 2`; benches/README.md has the runs).
+//! pays for later (on the Mooncake synthetic trace, `benches/prefix_policy_model.py`, a queueing
+//! model of 8 engines, loses 3–4 points of hit rate and 2–4 % of p90 TTFT against `w = 2`; the
+//! measured runs are in benches/README.md).
 //!
 //! The release is the guard for what a prediction can get wrong: however large the saving looks,
 //! no engine runs more than `r·min + s` tokens ahead of the least loaded one, so a hot prefix
