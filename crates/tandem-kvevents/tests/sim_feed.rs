@@ -317,7 +317,10 @@ async fn host_tier_keeps_gpu_evicted_blocks_indexed() {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .expect("external hits are exported");
-    assert!(hits > 0.0, "host-tier hits count as external prefix-cache hits");
+    assert!(
+        hits > 0.0,
+        "host-tier hits count as external prefix-cache hits"
+    );
     feed.assert_clean();
     assert_eq!(handle.status().gaps_unrecovered, 0);
 }
