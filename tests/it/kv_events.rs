@@ -173,3 +173,75 @@ async fn live_pub_frames_are_topic_seq_payload() {
     let (_, events, _) = decode_batch(&frames[2]).unwrap();
     assert!(matches!(events[0], KvEvent::BlockStored { .. }));
 }
+
+/// `--kv-offloading-size`: the host tier's stores and evictions come as their own events with
+/// medium "CPU" and the GPU's hashes, the GPU's evictions leave the host's copies alone, and a
+/// prompt whose blocks the GPU evicted is served from the host as cached tokens.
+#[tokio::test]
+async fn host_tier_events_name_the_cpu_medium() {
+    let s = Sim::start(&[
+        "--kv-events-endpoint",
+        "tcp://127.0.0.1:0",
+        "--kv-events-replay-endpoint",
+        "tcp://127.0.0.1:0",
+        "--num-gpu-blocks-override",
+        "24",
+        "--kv-offloading-size",
+        "0.05",
+        "--enable-prompt-tokens-details",
+    ])
+    .await;
+    // 0.05 GiB over 16 tokens × 114,688 bytes of qwen3-0.6b KV.
+    assert_eq!(s.ready["num_host_blocks"], 29);
+    let replay = s.ready["kv_events_replay"].as_str().unwrap().to_string();
+    let by_medium = |batches: &[(u64, Vec<KvEvent>)], stored: bool, medium: &str| -> Vec<u64> {
+        batches
+            .iter()
+            .flat_map(|(_, evs)| evs.iter())
+            .filter_map(|e| match (e, stored) {
+                (
+                    KvEvent::BlockStored {
+                        block_hashes,
+                        medium: Some(m),
+                        ..
+                    },
+                    true,
+                )
+                | (
+                    KvEvent::BlockRemoved {
+                        block_hashes,
+                        medium: Some(m),
+                    },
+                    false,
+                ) if m == medium => Some(block_hashes.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let first = "abcdefgh".repeat(20);
+    let body = json!({"prompt": first, "max_tokens": 1});
+    assert_eq!(s.post_json("/v1/completions", &body, None).await.0, 200);
+    let batches = replay_from(&replay, 0).await;
+    let gpu = by_medium(&batches, true, "GPU");
+    assert_eq!(gpu.len(), 10);
+    assert_eq!(by_medium(&batches, true, "CPU"), gpu, "written through");
+
+    let other = json!({"prompt": "z".repeat(16 * 18), "max_tokens": 1});
+    assert_eq!(s.post_json("/v1/completions", &other, None).await.0, 200);
+    let later = replay_from(&replay, batches.last().unwrap().0 + 1).await;
+    let gone = by_medium(&later, false, "GPU");
+    assert!(!gone.is_empty() && gone.iter().all(|h| gpu.contains(h)));
+    assert!(
+        by_medium(&later, false, "CPU").is_empty(),
+        "28 of 29 host blocks used"
+    );
+
+    let (status, v) = s.post_json("/v1/completions", &body, None).await;
+    assert_eq!(status, 200);
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 16 * 9, "{v}");
+    assert!(s.metric("vllm:external_prefix_cache_hits_total", &[]).await > 0.0);
+}

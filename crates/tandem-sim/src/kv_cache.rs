@@ -152,6 +152,12 @@ impl BlockPool {
         self.free.len()
     }
 
+    /// How many of `ids` are free (cached with no reference): touching them takes them out of
+    /// the free queue, so an allocation after the touch has that many fewer blocks to take.
+    pub fn num_free_among(&self, ids: &[BlockId]) -> usize {
+        ids.iter().filter(|&&id| self.ref_count(id) == 0).count()
+    }
+
     /// vLLM's `kv_cache_usage`: cached-but-free blocks count as free.
     pub fn usage(&self) -> f64 {
         if self.blocks.is_empty() {

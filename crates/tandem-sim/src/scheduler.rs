@@ -386,7 +386,7 @@ impl Scheduler {
                     // Decode role: allocate for the whole prompt and pull the rest of it.
                     let prompt_blocks = seq.prompt_len.div_ceil(self.cfg.block_size as usize);
                     let need = prompt_blocks - hit_blocks.len();
-                    if self.pool.num_free() < need {
+                    if self.pool.num_free() < need + self.pool.num_free_among(&hit_blocks) {
                         break;
                     }
                     self.pool.touch(&hit_blocks);
@@ -417,14 +417,13 @@ impl Scheduler {
                 let want = self.seqs[&id].tokens.len() - hit_tokens;
                 let len = want.min(*budget);
                 let total_blocks = (hit_tokens + len).div_ceil(bs);
-                if self.pool.num_free() < total_blocks - hit_blocks.len() {
+                // Hits that sit free in the LRU queue stop being free once touched.
+                let need = total_blocks - hit_blocks.len();
+                if self.pool.num_free() < need + self.pool.num_free_among(&hit_blocks) {
                     break;
                 }
                 self.pool.touch(&hit_blocks);
-                let new = self
-                    .pool
-                    .allocate(total_blocks - hit_blocks.len())
-                    .expect("checked free count");
+                let new = self.pool.allocate(need).expect("checked free count");
                 let seq = self.seqs.get_mut(&id).expect("seq exists");
                 seq.num_computed = gpu_tokens;
                 seq.num_cached_blocks = hit_blocks.len();
@@ -560,6 +559,10 @@ impl Scheduler {
         seq.num_computed = 0;
         seq.num_cached_blocks = 0;
         seq.kv_ready = false;
+        // Only running sequences are preempted, so a decode-role one already received its KV:
+        // like vLLM (whose connector spends `do_remote_prefill` on the first load) it is
+        // recomputed here, from whatever of it the local prefix cache still holds.
+        seq.remote_prefill = false;
         seq.state = State::Waiting;
         self.pool.free(&blocks);
         self.waiting.push_front(id);

@@ -262,6 +262,34 @@ fn prefill_role_that_stops_early_frees_blocks_at_once() {
     assert_eq!(s.kv_usage(), 0.0);
 }
 
+/// A decode-role sequence that is preempted after its KV arrived is recomputed locally, as vLLM
+/// does (the connector's `do_remote_prefill` is spent once the load starts): it never asks the
+/// prefill engine for the same KV twice, whatever it has generated since.
+#[test]
+fn a_preempted_decode_role_sequence_recomputes_locally() {
+    let mut s = sched(6, 1000, 8);
+    s.add(seq(1, (0..5).collect(), 15));
+    let mut remote = seq(2, (100..105).collect(), 15);
+    remote.remote_prefill = true;
+    s.add(remote);
+    let (mut transfers, mut preempted, mut finished) = (0, 0, 0);
+    for _ in 0..400 {
+        let plan = s.schedule();
+        transfers += plan.transfers.iter().filter(|t| t.id == 2).count();
+        preempted += plan.preempted.iter().filter(|&&id| id == 2).count();
+        if plan.transfers.iter().any(|t| t.id == 2) {
+            assert!(s.remote_kv_done(2));
+        }
+        let out = s.complete(&plan, &mut |_, _, _| (7, None));
+        finished += out.iter().filter(|o| o.finished.is_some()).count();
+        if finished == 2 {
+            break;
+        }
+    }
+    assert!(preempted > 0, "the pool is too small for both");
+    assert_eq!((transfers, finished), (1, 2));
+}
+
 #[test]
 fn decode_role_waits_deferred_for_remote_kv_then_samples_from_the_last_token() {
     let mut s = sched(10, 1000, 8);
