@@ -2,8 +2,8 @@ use super::*;
 use crate::kv_cache::none_hash;
 use crate::kv_events::KvEvent;
 
-fn sched(blocks: u32, budget: usize, max_seqs: usize) -> Scheduler {
-    Scheduler::new(SchedulerConfig {
+fn config(blocks: u32, budget: usize, max_seqs: usize) -> SchedulerConfig {
+    SchedulerConfig {
         max_num_seqs: max_seqs,
         max_num_batched_tokens: budget,
         block_size: 4,
@@ -11,18 +11,17 @@ fn sched(blocks: u32, budget: usize, max_seqs: usize) -> Scheduler {
         root_hash: none_hash("0"),
         enable_prefix_caching: true,
         num_host_blocks: 0,
-    })
+    }
+}
+
+fn sched(blocks: u32, budget: usize, max_seqs: usize) -> Scheduler {
+    Scheduler::new(config(blocks, budget, max_seqs))
 }
 
 fn sched_with_host(gpu_blocks: u32, host_blocks: u32) -> Scheduler {
     Scheduler::new(SchedulerConfig {
-        max_num_seqs: 16,
-        max_num_batched_tokens: 64,
-        block_size: 4,
-        num_gpu_blocks: gpu_blocks,
-        root_hash: none_hash("0"),
-        enable_prefix_caching: true,
         num_host_blocks: host_blocks,
+        ..config(gpu_blocks, 64, 16)
     })
 }
 
@@ -34,7 +33,8 @@ fn run_to_end(s: &mut Scheduler, id: SeqId, prompt: Vec<u32>) -> (StepPlan, Vec<
     (plan, s.take_events())
 }
 
-fn stored_in(events: &[KvEvent], medium: &str) -> Vec<u64> {
+/// Hashes of the `BlockStored` (or, with `stored` false, `BlockRemoved`) events for `medium`.
+fn hashes_in(events: &[KvEvent], stored: bool, medium: &str) -> Vec<u64> {
     events
         .iter()
         .filter_map(|e| match e {
@@ -42,25 +42,23 @@ fn stored_in(events: &[KvEvent], medium: &str) -> Vec<u64> {
                 block_hashes,
                 medium: Some(m),
                 ..
-            } if m == medium => Some(block_hashes.clone()),
+            } if stored && m == medium => Some(block_hashes.clone()),
+            KvEvent::BlockRemoved {
+                block_hashes,
+                medium: Some(m),
+            } if !stored && m == medium => Some(block_hashes.clone()),
             _ => None,
         })
         .flatten()
         .collect()
 }
 
+fn stored_in(events: &[KvEvent], medium: &str) -> Vec<u64> {
+    hashes_in(events, true, medium)
+}
+
 fn removed_in(events: &[KvEvent], medium: &str) -> Vec<u64> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            KvEvent::BlockRemoved {
-                block_hashes,
-                medium: Some(m),
-            } if m == medium => Some(block_hashes.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect()
+    hashes_in(events, false, medium)
 }
 
 /// vLLM's CPU offloading: blocks cached on the GPU are written through to the host tier; once the
