@@ -111,10 +111,19 @@ impl Policy for PrefixPolicy {
         if c.len() == 1 {
             return Choice::new(0, RouteReason::OnlyCandidate);
         }
+        // Cached tokens by engine id, read once: `f.cached_on` per candidate would scan the hit
+        // list N times (quadratic at hundreds of engines, where every engine holds a shared
+        // system prompt). Ids are small and never reused, so the table stays small.
+        let max_id = c.iter().map(|e| e.id).max().unwrap_or(0);
+        let mut cached = vec![0u64; max_id + 1];
+        for &(id, tokens) in f.cached {
+            if let Some(slot) = cached.get_mut(id) {
+                *slot = tokens.min(f.prompt_tokens);
+            }
+        }
         let cost = |e: &EngineView| {
             self.load(e)
-                + self.params.cache_weight
-                    * f.prompt_tokens.saturating_sub(f.cached_on(e.id)) as f64
+                + self.params.cache_weight * f.prompt_tokens.saturating_sub(cached[e.id]) as f64
                     / e.weight
         };
         let (pick, _) = argmin_by(c, rng, cost);
@@ -124,7 +133,7 @@ impl Policy for PrefixPolicy {
         if self.load(c[pick]) > limit {
             return Choice::new(least, RouteReason::LoadRelease);
         }
-        let hit = f.cached_on(c[pick].id) > 0;
+        let hit = cached[c[pick].id] > 0;
         Choice::new(
             pick,
             if hit {
