@@ -104,12 +104,18 @@ impl RouteFacts<'_> {
         }
     }
 
-    /// Predicted cached prompt tokens on engine `id`.
-    pub fn cached_on(&self, id: usize) -> u64 {
-        self.cached
-            .iter()
-            .find(|(e, _)| *e == id)
-            .map_or(0, |&(_, t)| t.min(self.prompt_tokens))
+    /// Predicted cached prompt tokens by engine id, for ids `0..=max_id` (others are dropped),
+    /// clamped to the prompt. One pass over the hit list: a lookup per candidate would scan it
+    /// once per candidate, quadratic at hundreds of engines that all hold a shared system prompt.
+    /// Engine ids are small and never reused, so the table stays small.
+    pub fn cached_by_id(&self, max_id: usize) -> Vec<u64> {
+        let mut table = vec![0u64; max_id + 1];
+        for &(id, tokens) in self.cached {
+            if let Some(slot) = table.get_mut(id) {
+                *slot = tokens.min(self.prompt_tokens);
+            }
+        }
+        table
     }
 }
 

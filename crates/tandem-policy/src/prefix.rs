@@ -111,16 +111,7 @@ impl Policy for PrefixPolicy {
         if c.len() == 1 {
             return Choice::new(0, RouteReason::OnlyCandidate);
         }
-        // Cached tokens by engine id, read once: `f.cached_on` per candidate would scan the hit
-        // list N times (quadratic at hundreds of engines, where every engine holds a shared
-        // system prompt). Ids are small and never reused, so the table stays small.
-        let max_id = c.iter().map(|e| e.id).max().unwrap_or(0);
-        let mut cached = vec![0u64; max_id + 1];
-        for &(id, tokens) in f.cached {
-            if let Some(slot) = cached.get_mut(id) {
-                *slot = tokens.min(f.prompt_tokens);
-            }
-        }
+        let cached = f.cached_by_id(c.iter().map(|e| e.id).max().unwrap_or(0));
         let cost = |e: &EngineView| {
             self.load(e)
                 + self.params.cache_weight * f.prompt_tokens.saturating_sub(cached[e.id]) as f64
@@ -216,8 +207,12 @@ mod tests {
     #[test]
     fn cached_beyond_the_prompt_is_clamped() {
         let f = facts(&[(3, 50_000)]);
-        assert_eq!(f.cached_on(3), 10_000);
-        assert_eq!(f.cached_on(4), 0);
+        assert_eq!(f.cached_by_id(5), vec![0, 0, 0, 10_000, 0, 0]);
+        assert_eq!(
+            f.cached_by_id(2),
+            vec![0, 0, 0],
+            "ids past the table are dropped"
+        );
     }
 
     proptest::proptest! {

@@ -128,16 +128,10 @@ impl BlockPool {
         self.host.as_ref()
     }
 
-    /// How many of `digests`, from the first, the host tier holds (0 without one).
-    pub fn host_leading(&self, digests: &[BlockDigest]) -> usize {
-        self.host.as_ref().map_or(0, |h| h.leading(digests))
-    }
-
-    /// Refreshes host-tier blocks a request is about to load.
-    pub fn host_touch(&mut self, digests: &[BlockDigest]) {
-        if let Some(h) = &mut self.host {
-            h.touch(digests);
-        }
+    /// How many of `digests`, from the first, the host tier holds (0 without one); those are
+    /// about to be loaded, so they become the most recently used.
+    pub fn host_lookup(&mut self, digests: &[BlockDigest]) -> usize {
+        self.host.as_mut().map_or(0, |h| h.lookup(digests))
     }
 
     pub fn block_size(&self) -> usize {
@@ -263,12 +257,8 @@ impl BlockPool {
     ) {
         debug_assert_eq!(blocks.len(), digests.len());
         debug_assert_eq!(tokens.len(), blocks.len() * self.block_size);
-        // Consecutive newly cached blocks form one event; a block that is skipped (already cached)
-        // ends the run and becomes the parent of the next one, so parent links always chain.
-        let mut run: Vec<u64> = Vec::new();
-        let mut run_tokens: Vec<u32> = Vec::new();
-        let mut run_parent = parent.map(external_hash);
-        let mut next_parent = run_parent;
+        let bs = self.block_size;
+        let mut runs = StoredRuns::new(parent, bs, MEDIUM_GPU, &mut self.pending_events);
         for (i, (&id, d)) in blocks.iter().zip(digests).enumerate() {
             let b = &mut self.blocks[id as usize];
             let fresh = b.hash.is_none() && !self.cached.contains_key(d);
@@ -277,20 +267,14 @@ impl BlockPool {
             }
             if fresh {
                 self.cached.insert(*d, id);
-                if run.is_empty() {
-                    run_parent = next_parent;
-                }
-                run.push(external_hash(d));
-                run_tokens
-                    .extend_from_slice(&tokens[i * self.block_size..(i + 1) * self.block_size]);
+                runs.stored(d, &tokens[i * bs..(i + 1) * bs]);
             } else {
                 // Already cached: a prefix hit, or a duplicate computed concurrently by another
                 // request (vLLM keeps the first mapping and publishes nothing for the duplicate).
-                self.flush_stored(&mut run, &mut run_tokens, run_parent);
+                runs.skipped(d);
             }
-            next_parent = Some(external_hash(d));
         }
-        self.flush_stored(&mut run, &mut run_tokens, run_parent);
+        runs.finish();
         if let Some(h) = &mut self.host {
             h.store(
                 digests,
@@ -300,19 +284,6 @@ impl BlockPool {
                 &mut self.pending_events,
             );
         }
-    }
-
-    fn flush_stored(&mut self, run: &mut Vec<u64>, tokens: &mut Vec<u32>, parent: Option<u64>) {
-        if run.is_empty() {
-            return;
-        }
-        self.pending_events.push(KvEvent::BlockStored {
-            block_hashes: std::mem::take(run),
-            parent_block_hash: parent,
-            token_ids: std::mem::take(tokens),
-            block_size: self.block_size as u32,
-            medium: Some(MEDIUM_GPU.into()),
-        });
     }
 
     /// Drop every cached hash (vLLM's `reset_prefix_cache`); only free blocks are touched.
@@ -334,6 +305,75 @@ impl BlockPool {
 
     pub fn take_events(&mut self) -> Vec<KvEvent> {
         std::mem::take(&mut self.pending_events)
+    }
+}
+
+/// `BlockStored` events for a walk over consecutive blocks of one sequence, as vLLM publishes
+/// them: consecutive newly stored blocks form one event, and a block that is skipped (already
+/// held) ends the run and becomes the parent of the next one, so parent links always chain.
+struct StoredRuns<'a> {
+    block_size: usize,
+    medium: &'static str,
+    events: &'a mut Vec<KvEvent>,
+    hashes: Vec<u64>,
+    tokens: Vec<u32>,
+    /// Parent of the current run.
+    parent: Option<u64>,
+    /// The last block walked: the parent of a run that starts next.
+    prev: Option<u64>,
+}
+
+impl<'a> StoredRuns<'a> {
+    /// `parent`: the digest of the block before the walk's first (None at a sequence's start).
+    fn new(
+        parent: Option<&BlockDigest>,
+        block_size: usize,
+        medium: &'static str,
+        events: &'a mut Vec<KvEvent>,
+    ) -> Self {
+        let parent = parent.map(external_hash);
+        StoredRuns {
+            block_size,
+            medium,
+            events,
+            hashes: Vec::new(),
+            tokens: Vec::new(),
+            parent,
+            prev: parent,
+        }
+    }
+
+    /// The next block is newly stored; `tokens` are its tokens.
+    fn stored(&mut self, d: &BlockDigest, tokens: &[u32]) {
+        if self.hashes.is_empty() {
+            self.parent = self.prev;
+        }
+        self.hashes.push(external_hash(d));
+        self.tokens.extend_from_slice(tokens);
+        self.prev = Some(external_hash(d));
+    }
+
+    /// The next block was already held: nothing to announce for it.
+    fn skipped(&mut self, d: &BlockDigest) {
+        self.flush();
+        self.prev = Some(external_hash(d));
+    }
+
+    fn finish(mut self) {
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        if self.hashes.is_empty() {
+            return;
+        }
+        self.events.push(KvEvent::BlockStored {
+            block_hashes: std::mem::take(&mut self.hashes),
+            parent_block_hash: self.parent,
+            token_ids: std::mem::take(&mut self.tokens),
+            block_size: self.block_size as u32,
+            medium: Some(self.medium.into()),
+        });
     }
 }
 

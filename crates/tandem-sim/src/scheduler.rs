@@ -506,10 +506,7 @@ impl Scheduler {
         if gpu_hits >= max_blocks {
             return 0;
         }
-        let n = self.pool.host_leading(&seq.digests[gpu_hits..max_blocks]);
-        let digests = seq.digests[gpu_hits..gpu_hits + n].to_vec();
-        self.pool.host_touch(&digests);
-        n
+        self.pool.host_lookup(&seq.digests[gpu_hits..max_blocks])
     }
 
     fn extend_digests(&mut self, id: SeqId) {

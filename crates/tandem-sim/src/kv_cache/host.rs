@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use tandem_kvevents::MEDIUM_CPU;
 
-use super::{external_hash, BlockDigest};
+use super::{external_hash, BlockDigest, StoredRuns};
 use crate::kv_events::KvEvent;
 
 /// The tier: at most `capacity` blocks, keyed by their prefix-cache digest.
@@ -39,10 +39,6 @@ impl HostTier {
         }
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Blocks held now.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -52,30 +48,32 @@ impl HostTier {
         self.entries.is_empty()
     }
 
-    /// How many of `digests`, from the first, the tier holds.
-    pub fn leading(&self, digests: &[BlockDigest]) -> usize {
-        digests
+    /// How many of `digests`, from the first, the tier holds. Those are about to be loaded, so
+    /// they become the most recently used.
+    pub fn lookup(&mut self, digests: &[BlockDigest]) -> usize {
+        let n = digests
             .iter()
             .take_while(|d| self.entries.contains_key(*d))
-            .count()
+            .count();
+        for d in &digests[..n] {
+            self.refresh(d);
+        }
+        n
     }
 
-    /// Marks held blocks most recently used (a lookup that will load them).
-    pub fn touch(&mut self, digests: &[BlockDigest]) {
-        for d in digests {
-            if let Some(seq) = self.entries.get_mut(d) {
-                self.lru.remove(seq);
-                *seq = self.next_seq;
-                self.lru.insert(self.next_seq, *d);
-                self.next_seq += 1;
-            }
+    fn refresh(&mut self, d: &BlockDigest) {
+        if let Some(seq) = self.entries.get_mut(d) {
+            self.lru.remove(seq);
+            *seq = self.next_seq;
+            self.lru.insert(self.next_seq, *d);
+            self.next_seq += 1;
         }
     }
 
     /// Stores newly cached GPU blocks: `digests[i]` holds `tokens[i*bs..(i+1)*bs]`, `parent` is
     /// the digest before the first. Blocks already held are refreshed; new ones are announced in
-    /// runs (one `BlockStored` per run of consecutive new blocks, parent-linked like the GPU's),
-    /// and the least recently used blocks beyond the capacity are evicted (`BlockRemoved`).
+    /// parent-linked runs like the GPU's, and the least recently used blocks beyond the capacity
+    /// are evicted (`BlockRemoved`).
     pub fn store(
         &mut self,
         digests: &[BlockDigest],
@@ -87,27 +85,19 @@ impl HostTier {
         if self.capacity == 0 {
             return;
         }
-        let mut run: Vec<u64> = Vec::new();
-        let mut run_tokens: Vec<u32> = Vec::new();
-        let mut run_parent = parent.map(external_hash);
-        let mut prev = run_parent;
+        let mut runs = StoredRuns::new(parent, block_size, MEDIUM_CPU, events);
         for (i, d) in digests.iter().enumerate() {
             if self.entries.contains_key(d) {
-                self.touch(std::slice::from_ref(d));
-                flush(&mut run, &mut run_tokens, run_parent, block_size, events);
+                self.refresh(d);
+                runs.skipped(d);
             } else {
                 self.entries.insert(*d, self.next_seq);
                 self.lru.insert(self.next_seq, *d);
                 self.next_seq += 1;
-                if run.is_empty() {
-                    run_parent = prev;
-                }
-                run.push(external_hash(d));
-                run_tokens.extend_from_slice(&tokens[i * block_size..(i + 1) * block_size]);
+                runs.stored(d, &tokens[i * block_size..(i + 1) * block_size]);
             }
-            prev = Some(external_hash(d));
         }
-        flush(&mut run, &mut run_tokens, run_parent, block_size, events);
+        runs.finish();
         let mut evicted = Vec::new();
         while self.entries.len() > self.capacity {
             let (_, d) = self.lru.pop_first().expect("entries are in the LRU");
@@ -127,23 +117,4 @@ impl HostTier {
         self.entries.clear();
         self.lru.clear();
     }
-}
-
-fn flush(
-    run: &mut Vec<u64>,
-    tokens: &mut Vec<u32>,
-    parent: Option<u64>,
-    block_size: usize,
-    events: &mut Vec<KvEvent>,
-) {
-    if run.is_empty() {
-        return;
-    }
-    events.push(KvEvent::BlockStored {
-        block_hashes: std::mem::take(run),
-        parent_block_hash: parent,
-        token_ids: std::mem::take(tokens),
-        block_size: block_size as u32,
-        medium: Some(MEDIUM_CPU.into()),
-    });
 }

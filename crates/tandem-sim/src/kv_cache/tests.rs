@@ -117,3 +117,32 @@ fn duplicates_do_not_publish_and_parents_chain_across_runs() {
     assert_eq!(p.take_events(), vec![KvEvent::AllBlocksCleared]);
     assert!(p.lookup_prefix(&d).is_empty());
 }
+
+/// A block already held ends the run of new ones and parents the next run, so every event's
+/// parent is the block just before its first (both tiers publish through this).
+#[test]
+fn stored_runs_split_at_held_blocks_and_chain_parents() {
+    let d: Vec<BlockDigest> = (0u8..5).map(|i| [i; 32]).collect();
+    let h = |i: usize| external_hash(&d[i]);
+    let mut events = Vec::new();
+    let mut runs = StoredRuns::new(Some(&d[0]), 2, "CPU", &mut events);
+    runs.stored(&d[1], &[1, 1]);
+    runs.skipped(&d[2]);
+    runs.stored(&d[3], &[3, 3]);
+    runs.stored(&d[4], &[4, 4]);
+    runs.finish();
+    let event = |hashes: Vec<u64>, parent: u64, tokens: Vec<u32>| KvEvent::BlockStored {
+        block_hashes: hashes,
+        parent_block_hash: Some(parent),
+        token_ids: tokens,
+        block_size: 2,
+        medium: Some("CPU".into()),
+    };
+    assert_eq!(
+        events,
+        vec![
+            event(vec![h(1)], h(0), vec![1, 1]),
+            event(vec![h(3), h(4)], h(2), vec![3, 3, 4, 4]),
+        ]
+    );
+}
