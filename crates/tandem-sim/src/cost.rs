@@ -273,8 +273,14 @@ impl CostModel {
         if bytes == 0 {
             return Duration::ZERO;
         }
-        let rate = f64::from(self.net_rails) * link.bandwidth() * self.net_efficiency;
-        link.c_xfer().saturating_add(secs(bytes as f64 / rate))
+        link.c_xfer()
+            .saturating_add(secs(bytes as f64 / self.link_rate(link)))
+    }
+
+    /// Bytes/s one instance moves over `link`: rails × the link's rate × η_net. Concurrent
+    /// transfers share it (see [`crate::link`]).
+    pub fn link_rate(&self, link: LinkClass) -> f64 {
+        f64::from(self.net_rails) * link.bandwidth() * self.net_efficiency
     }
 
     /// Per-request overhead `c_req` (HTTP, tokenisation, scheduling).

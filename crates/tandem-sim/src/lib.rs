@@ -8,6 +8,7 @@
 //! - [`kv_cache`]: the paged KV block pool with prefix caching on full blocks and LRU eviction.
 //! - [`scheduler`]: vLLM-style continuous batching (running/waiting queues, chunked prefill, preemption).
 //! - [`sampler`]: deterministic output tokens, a function of (seed, prompt, position).
+//! - [`link`]: a link whose concurrent transfers share its bandwidth (NIC, PCIe).
 //!
 //! Edges (IO, clocks, tasks):
 //! - [`engine`]: the engine task that owns the scheduler, sleeps the modeled step time and fans out tokens.
@@ -23,6 +24,7 @@ pub mod faults;
 pub mod http;
 pub mod kv_cache;
 pub mod kv_events;
+pub mod link;
 pub mod metrics;
 pub mod profile;
 pub mod sampler;
@@ -347,7 +349,7 @@ pub async fn start(
         events,
         faults.clone(),
     );
-    forward_side_requests(side_rx, engine.side_sender());
+    engine.serve_side(side_rx);
     let state = Arc::new(http::AppState {
         engine: engine.clone(),
         tokenizer,
@@ -420,17 +422,4 @@ fn host_tier_blocks(gib: Option<f64>, profile: &Profile, block_size: u32) -> Res
             u32::MAX
         ))
     })
-}
-
-fn forward_side_requests(
-    mut rx: tokio::sync::mpsc::Receiver<side_channel::SideRequest>,
-    tx: tokio::sync::mpsc::Sender<side_channel::SideRequest>,
-) {
-    tokio::spawn(async move {
-        while let Some(r) = rx.recv().await {
-            if tx.send(r).await.is_err() {
-                break;
-            }
-        }
-    });
 }

@@ -8,7 +8,9 @@
 //! Time: the simulated clock is `(tokio now - start) * time_scale`, so paused-time tests and
 //! accelerated replays both work; every metric is observed in simulated seconds.
 
+mod link;
 mod output;
+mod reads;
 mod transfer;
 mod types;
 
@@ -48,6 +50,7 @@ pub struct EngineHandle {
     next_id: Arc<std::sync::atomic::AtomicU64>,
     clock: SimClock,
     overhead: Duration,
+    serving: reads::ReadServing,
 }
 
 impl std::fmt::Debug for Command {
@@ -152,18 +155,10 @@ impl EngineHandle {
         rx.await.unwrap_or(false)
     }
 
-    /// A sender for side-channel requests, to give to the side-channel server.
-    pub fn side_sender(&self) -> mpsc::Sender<SideRequest> {
-        let (tx, mut rx) = mpsc::channel::<SideRequest>(64);
-        let cmd = self.tx.clone();
-        tokio::spawn(async move {
-            while let Some(r) = rx.recv().await {
-                if cmd.send(Command::Side(r)).is_err() {
-                    break;
-                }
-            }
-        });
-        tx
+    /// Serve the side-channel server's requests: reads of pinned KV beside the engine task (as
+    /// one-sided NIXL READs are, see [`reads`]), notifications through it.
+    pub fn serve_side(&self, rx: mpsc::Receiver<SideRequest>) {
+        reads::serve(self.serving.clone(), rx, self.tx.clone());
     }
 }
 
@@ -212,11 +207,21 @@ pub fn spawn(
 ) -> EngineHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let clock = SimClock::new(cfg.time_scale);
+    // One NIC per engine: a decode engine's pulls share it inbound, a prefill engine's answered
+    // reads outbound.
+    let link = link::LinkHandle::spawn(cfg.cost.link_rate(cfg.link), clock);
+    let reads = reads::PinnedReads::default();
     let handle = EngineHandle {
         tx: tx.clone(),
         next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         clock,
         overhead: cfg.cost.per_request_overhead(),
+        serving: reads::ReadServing {
+            reads: reads.clone(),
+            faults: faults.clone(),
+            link: link.clone(),
+            block_bytes: cfg.kv_bytes_per_token * u64::from(cfg.sched.block_size),
+        },
     };
     let vocab = crate::tokenizer::sample_vocab(&tokenizer, cfg.eos_ppm);
     let sched = Scheduler::new(cfg.sched.clone());
@@ -231,6 +236,8 @@ pub fn spawn(
         clock,
         meta: HashMap::new(),
         pinned: HashMap::new(),
+        reads,
+        link,
         agents: HashMap::new(),
         reserved: Vec::new(),
         tx,
@@ -257,6 +264,10 @@ struct Engine {
     meta: HashMap<SeqId, SeqMeta>,
     /// Prefill role: pinned KV by internal request id.
     pinned: HashMap<String, Pinned>,
+    /// Prefill role: the pinned blocks' contents, for reads served beside this task.
+    reads: reads::PinnedReads,
+    /// This engine's NIC, shared by its concurrent KV transfers.
+    link: link::LinkHandle,
     /// Decode role: compatibility hashes of remote engines already handshaken.
     agents: HashMap<String, String>,
     /// Blocks held by the `exhaust_kv` fault.
@@ -454,7 +465,11 @@ impl Engine {
                     prompt_len: m.prompt_len,
                 },
                 self.cfg.clone(),
-                self.clock,
+                transfer::PullEdges {
+                    clock: self.clock,
+                    link: self.link.clone(),
+                    metrics: self.metrics.clone(),
+                },
                 self.tx.clone(),
             );
         }
@@ -514,6 +529,11 @@ impl Engine {
             let m = self.meta.remove(&o.id).expect("present above");
             let kv = f.pinned_blocks.map(|block_ids| {
                 let deadline = now + self.cfg.abort_timeout.as_secs_f64();
+                let contents = block_ids
+                    .iter()
+                    .map(|&b| (b, self.sched.block_content(b).unwrap_or([0; 32])))
+                    .collect();
+                self.reads.pin(&m.internal_id, contents);
                 self.pinned.insert(
                     m.internal_id.clone(),
                     Pinned {
@@ -613,6 +633,7 @@ impl Engine {
             .collect();
         for id in expired {
             let p = self.pinned.remove(&id).expect("listed above");
+            self.reads.unpin(&id);
             self.sched.release_pinned(p.seq);
             self.metrics.nixl_expired(1);
             tracing::warn!(
@@ -630,10 +651,7 @@ impl Engine {
                 block_ids,
                 reply,
             } => {
-                if self.faults.take_kv_refuse() {
-                    let _ = reply.send(Err("KV read refused (fault injection)".to_string()));
-                    return;
-                }
+                // Reads of pinned requests never get here (see `reads`); this one's lease ended.
                 if !self.pinned.contains_key(&remote_request_id) {
                     // Real NIXL reads whatever the blocks hold now; the decode side's check
                     // catches recycled content. vLLM logs the same worry on the notification.
@@ -641,22 +659,14 @@ impl Engine {
                         "KV read for unrecognized request {remote_request_id}; blocks may have expired"
                     );
                 }
-                let corrupt = self.faults.take_kv_corrupt();
                 let mut blocks = Vec::with_capacity(block_ids.len());
                 for &b in &block_ids {
                     if b >= self.sched.num_blocks() {
                         let _ = reply.send(Err(format!("block id {b} out of range")));
                         return;
                     }
-                    let mut bytes = self
-                        .sched
-                        .block_content(b)
-                        .map(|d| d.to_vec())
-                        .unwrap_or_else(|| vec![0; 32]);
-                    if corrupt {
-                        bytes[0] ^= 0xff;
-                    }
-                    blocks.push(bytes);
+                    let bytes = self.sched.block_content(b).unwrap_or([0; 32]);
+                    blocks.push(bytes.to_vec());
                 }
                 let _ = reply.send(Ok(blocks));
             }
@@ -667,6 +677,7 @@ impl Engine {
             } => {
                 match self.pinned.remove(&remote_request_id) {
                     Some(p) => {
+                        self.reads.unpin(&remote_request_id);
                         self.sched.release_pinned(p.seq);
                         self.publish_gauges();
                     }
@@ -691,9 +702,6 @@ impl Engine {
                             self.agents.insert(r.engine_id.clone(), hash);
                         }
                     }
-                }
-                if stats.notify_failed {
-                    self.metrics.nixl_failed_notification();
                 }
                 self.metrics.nixl_transfer(
                     stats.xfer_s,

@@ -4,13 +4,17 @@
 //!
 //! The bytes moved are a 32-byte stand-in per block (the digest of the block's tokens), so the
 //! check is real: a recycled, corrupted or wrong block fails loudly. The timing model charges the
-//! full modeled size (`tokens * kv_bytes_per_token`) over the configured link class.
+//! full modeled size (`tokens * kv_bytes_per_token`) over the configured link class: the bytes
+//! through this engine's NIC, shared with every other pull in flight (as the prefill engine's
+//! NIC shares its answers), plus the link's fixed `c_xfer` per transfer. Pulls start together
+//! and the notification that frees the prefill's blocks is sent without waiting for its answer,
+//! as vLLM's NixlConnector does (`send_notif` is one-way).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::link::LinkHandle;
 use super::{Command, EngineConfig, SimClock};
 use crate::kv_cache::BlockDigest;
 use crate::metrics::EngineMetrics;
@@ -58,7 +62,6 @@ pub(super) struct TransferStats {
     pub post_s: f64,
     pub bytes: u64,
     pub descriptors: u64,
-    pub notify_failed: bool,
     /// Set when this pull performed the handshake, to cache it.
     pub handshake_hash: Option<String>,
 }
@@ -72,14 +75,21 @@ pub(super) struct Pull {
     pub prompt_len: usize,
 }
 
+/// What a pull touches besides its config.
+pub(super) struct PullEdges {
+    pub clock: SimClock,
+    pub link: LinkHandle,
+    pub metrics: Arc<EngineMetrics>,
+}
+
 pub(super) fn spawn_pull(
     p: Pull,
     cfg: Arc<EngineConfig>,
-    clock: SimClock,
+    edges: PullEdges,
     tx: mpsc::UnboundedSender<Command>,
 ) {
     tokio::spawn(async move {
-        let result = pull(&p, &cfg, clock).await;
+        let result = pull(&p, &cfg, &edges).await;
         // The engine may have stopped; nothing else to tell then.
         let _ = tx.send(Command::TransferDone(p.seq, result));
     });
@@ -110,9 +120,10 @@ pub(super) fn spawn_notify(remote: RemoteKv, cfg: Arc<EngineConfig>, metrics: Ar
 
 async fn pull(
     p: &Pull,
-    cfg: &EngineConfig,
-    clock: SimClock,
+    cfg: &Arc<EngineConfig>,
+    e: &PullEdges,
 ) -> Result<TransferStats, TransferError> {
+    let clock = e.clock;
     let r = &p.remote;
     let addr = format!("{}:{}", r.host, r.port);
     if r.block_ids.len() != p.expected.len() {
@@ -147,22 +158,30 @@ async fn pull(
         handshake_hash = Some(agent.compatibility_hash);
     }
     let to_read = &r.block_ids[p.local_hit_blocks..];
-    let post_started = clock.now();
-    let blocks = cfg
-        .side_client
-        .read_blocks(
-            &r.host,
-            r.port,
-            &r.request_id,
-            to_read,
-            cfg.side_channel_timeout,
-        )
-        .await
-        .map_err(|source| TransferError::Read {
-            addr: addr.clone(),
-            source,
-        })?;
-    let post_s = clock.now() - post_started;
+    let bs = cfg.sched.block_size as usize;
+    let tokens = p.prompt_len.saturating_sub(p.local_hit_blocks * bs) as u64;
+    let bytes = tokens * cfg.kv_bytes_per_token;
+    let started = clock.now();
+    // The bytes cross both NICs at once: the read's answer comes through the prefill engine's
+    // share of its link, and this engine's share of its own runs alongside.
+    let read = async {
+        let blocks = cfg
+            .side_client
+            .read_blocks(
+                &r.host,
+                r.port,
+                &r.request_id,
+                to_read,
+                cfg.side_channel_timeout,
+            )
+            .await;
+        (blocks, clock.now() - started)
+    };
+    let ((blocks, post_s), ()) = tokio::join!(read, e.link.transfer(bytes));
+    let blocks = blocks.map_err(|source| TransferError::Read {
+        addr: addr.clone(),
+        source,
+    })?;
     for (i, (got, want)) in blocks
         .iter()
         .zip(&p.expected[p.local_hit_blocks..])
@@ -181,36 +200,17 @@ async fn pull(
             block_id: to_read.get(blocks.len()).copied().unwrap_or(0),
         });
     }
-    let bs = cfg.sched.block_size as usize;
-    let tokens = p.prompt_len.saturating_sub(p.local_hit_blocks * bs) as u64;
-    let bytes = tokens * cfg.kv_bytes_per_token;
-    let modeled = cfg.cost.transfer_time(bytes, cfg.link);
-    // The real read already took some (simulated) time; charge only the rest of the model.
-    let remaining = (modeled.as_secs_f64() - post_s).max(0.0);
-    tokio::time::sleep(clock.real(Duration::from_secs_f64(remaining))).await;
-    let notified = cfg
-        .side_client
-        .notify(
-            &r.host,
-            r.port,
-            &r.request_id,
-            cfg.tp_size,
-            cfg.side_channel_timeout,
-        )
-        .await;
-    if let Err(e) = &notified {
-        // The data is here; only the prefill side's memory waits for its timeout.
-        tracing::warn!(
-            "NIXL send_notif failed for request {}: P worker blocks will be freed after timeout. ({e})",
-            r.request_id
-        );
+    if bytes > 0 {
+        // The transfer's fixed cost (descriptor exchange, completion) is its own, not shared.
+        tokio::time::sleep(clock.real(cfg.link.c_xfer())).await;
     }
+    // One-way, as NIXL's send_notif: the data is here whether or not the prefill side hears.
+    spawn_notify(r.clone(), cfg.clone(), e.metrics.clone());
     Ok(TransferStats {
-        xfer_s: modeled.as_secs_f64(),
+        xfer_s: clock.now() - started,
         post_s,
         bytes,
         descriptors: to_read.len() as u64,
-        notify_failed: notified.is_err(),
         handshake_hash,
     })
 }

@@ -1,0 +1,129 @@
+//! Prefill side of the simulated RDMA READ, served beside the engine task rather than by it.
+//!
+//! vLLM's NIXL READs are one-sided: the decode engine's NIC reads the prefill GPU's pinned blocks
+//! while the prefill engine goes on computing, and no scheduler step of the prefill engine stands
+//! in the way. So reads of pinned requests are answered here, from a copy of the pinned blocks'
+//! contents that the engine task writes when it pins a request and removes when it releases it
+//! (it stays the only writer). Only a read for a request the engine no longer pins (its lease
+//! expired) goes to the engine task, which answers with whatever those blocks hold now, as real
+//! NIXL would. Every answer leaves through this engine's NIC ([`LinkHandle`]) and passes the
+//! read faults once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::link::LinkHandle;
+use super::Command;
+use crate::faults::Faults;
+use crate::side_channel::SideRequest;
+
+type Content = [u8; 32];
+
+/// The contents of pinned blocks by request id; written only by the engine task.
+#[derive(Clone, Debug, Default)]
+pub(super) struct PinnedReads {
+    inner: Arc<Mutex<HashMap<String, Arc<HashMap<u32, Content>>>>>,
+}
+
+impl PinnedReads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<HashMap<u32, Content>>>> {
+        // Each operation is one insert, remove or lookup, so a panicked holder left it whole.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn pin(&self, id: &str, blocks: HashMap<u32, Content>) {
+        self.lock().insert(id.to_string(), Arc::new(blocks));
+    }
+
+    pub(super) fn unpin(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// The contents of `block_ids` if all of them are pinned for `id`.
+    fn read(&self, id: &str, block_ids: &[u32]) -> Option<Vec<Vec<u8>>> {
+        let blocks = self.lock().get(id).cloned()?;
+        block_ids
+            .iter()
+            .map(|b| blocks.get(b).map(|c| c.to_vec()))
+            .collect()
+    }
+}
+
+/// What the side-request task needs besides the engine's command channel.
+#[derive(Clone, Debug)]
+pub(super) struct ReadServing {
+    pub reads: PinnedReads,
+    pub faults: Faults,
+    pub link: LinkHandle,
+    /// Modeled KV bytes of one block (what the NIC moves per block id read).
+    pub block_bytes: u64,
+}
+
+/// Serve side-channel requests: reads here (module docs), notifications by the engine task.
+pub(super) fn serve(
+    s: ReadServing,
+    mut rx: mpsc::Receiver<SideRequest>,
+    cmd: mpsc::UnboundedSender<Command>,
+) {
+    tokio::spawn(async move {
+        while let Some(r) = rx.recv().await {
+            let SideRequest::Read {
+                remote_request_id,
+                block_ids,
+                reply,
+            } = r
+            else {
+                if cmd.send(Command::Side(r)).is_err() {
+                    break;
+                }
+                continue;
+            };
+            if s.faults.take_kv_refuse() {
+                let _ = reply.send(Err("KV read refused (fault injection)".to_string()));
+                continue;
+            }
+            let corrupt = s.faults.take_kv_corrupt();
+            let bytes = block_ids.len() as u64 * s.block_bytes;
+            let answer = match s.reads.read(&remote_request_id, &block_ids) {
+                Some(blocks) => Answer::Now(Ok(blocks)),
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    let fwd = SideRequest::Read {
+                        remote_request_id,
+                        block_ids,
+                        reply: tx,
+                    };
+                    if cmd.send(Command::Side(fwd)).is_err() {
+                        break;
+                    }
+                    Answer::Engine(rx)
+                }
+            };
+            let link = s.link.clone();
+            tokio::spawn(async move {
+                let mut result = match answer {
+                    Answer::Now(r) => r,
+                    Answer::Engine(rx) => rx
+                        .await
+                        .unwrap_or_else(|_| Err("engine dropped the request".to_string())),
+                };
+                if let Ok(blocks) = &mut result {
+                    if corrupt {
+                        if let Some(b) = blocks.first_mut().and_then(|b| b.first_mut()) {
+                            *b ^= 0xff;
+                        }
+                    }
+                    link.transfer(bytes).await;
+                }
+                let _ = reply.send(result);
+            });
+        }
+    });
+}
+
+enum Answer {
+    Now(Result<Vec<Vec<u8>>, String>),
+    Engine(oneshot::Receiver<Result<Vec<Vec<u8>>, String>>),
+}
