@@ -60,21 +60,25 @@ pub enum BenchCommand {
     /// Replay a trace (Mooncake, Azure, synthetic chat) through Tandem over simulated pools,
     /// comparing routing policies.
     Trace(crate::trace_bench::TraceArgs),
+    /// Decode placement under closed-loop P/D load: how evenly decode policies spread requests,
+    /// with ITL and the decode-first-token phase.
+    Balance(crate::balance_bench::BalanceArgs),
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
         BenchCommand::Overhead(a) => overhead(a).await,
         BenchCommand::Trace(a) => crate::trace_bench::run(a).await,
+        BenchCommand::Balance(a) => crate::balance_bench::run(a).await,
     }
 }
 
 #[derive(Debug, Default)]
-struct Run {
-    ttft: Vec<f64>,
-    itl: Vec<f64>,
-    e2e: Vec<f64>,
-    errors: usize,
+pub(crate) struct Run {
+    pub ttft: Vec<f64>,
+    pub itl: Vec<f64>,
+    pub e2e: Vec<f64>,
+    pub errors: usize,
 }
 
 /// Runs `a.streams` streams; stream `i` sends to `bases[i % bases.len()]`. Returns one `Run`
@@ -126,7 +130,12 @@ async fn load(bases: &[&str], a: &OverheadArgs) -> Vec<Run> {
     all
 }
 
-async fn one(client: &reqwest::Client, url: &str, body: &serde_json::Value, run: &mut Run) {
+pub(crate) async fn one(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+    run: &mut Run,
+) {
     let start = Instant::now();
     let resp = match client.post(url).json(body).send().await {
         Ok(r) if r.status().is_success() => r,

@@ -5,6 +5,7 @@
 //! - `tandem config check`: validate a configuration file and print the effective configuration.
 //! - `tandem demo`: simulated prefill and decode pools plus a workload, with per-phase results.
 
+mod balance_bench;
 mod bench;
 mod demo;
 mod harness;

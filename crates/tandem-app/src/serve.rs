@@ -66,11 +66,15 @@ pub fn check(cmd: ConfigCommand) -> Result<(), String> {
         let what = match name {
             PolicyName::Prefix => tandem_proxy::prefix_params(&cfg.routing).describe(),
             PolicyName::KvCapacity => format!(
-                "free(e) = num_gpu_blocks(e) − used at last scrape − reserved since; pick the most \
-                 weight(e)·(free(e) − need)/num_gpu_blocks(e) among engines with free ≥ need, need = \
-                 ceil((prompt_tokens + min(max_tokens, {})) / block_size); none: wait in admission \
+                "decided at the handoff; free(e) = num_gpu_blocks(e) − used at last scrape − reserved \
+                 since, spare(e) = (free(e) − need)/num_gpu_blocks(e) over engines with free ≥ need, \
+                 need = ceil((prompt_tokens + min(max_tokens, {})) / block_size); engines with \
+                 spare ≥ {}: the fewest in-flight(e)/weight(e); otherwise the most weight(e)·spare(e), \
+                 within {} of it the fewest in-flight; none: wait in admission \
                  (max {} requests, {} ms), then 503 Retry-After {} s",
                 cfg.routing.expected_output_tokens,
+                tandem_proxy::KV_PLENTY,
+                tandem_proxy::KV_NEAR_TIE,
                 cfg.admission.max_queued,
                 cfg.admission.max_wait_ms,
                 cfg.admission.retry_after_secs

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 pub enum PolicyName {
     /// Prefill: expected prefill work counting each engine's cached prefix (`[routing]`).
     Prefix,
-    /// Decode: most free KV blocks relative to capacity, counting reservations.
+    /// Decode: fewest requests while KV is plentiful, most free KV relative to capacity when it
+    /// is scarce, counting reservations.
     KvCapacity,
     /// Lowest `(in-flight + queued prefill tokens / 2048) / weight`.
     LeastLoaded,

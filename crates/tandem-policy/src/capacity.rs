@@ -1,12 +1,24 @@
-//! The `kv-capacity` decode policy: the engine with the most free KV relative to its capacity,
-//! counting the blocks the coordinator has promised since the last scrape.
+//! The `kv-capacity` decode policy: spread requests by load while KV is plentiful, protect KV
+//! when it is scarce, counting what the coordinator has promised since the last scrape.
 //!
 //! ```text
-//! free_e  = num_gpu_blocks_e − used_e (last scrape) − reserved_e (routed since, not yet visible)
-//! room_e  = free_e ≥ need                 need: prompt blocks + expected output blocks
-//! pick    = argmax over engines with room of  weight_e · (free_e − need) / num_gpu_blocks_e
-//!           ties: more absolute free blocks, then the RNG
+//! free_e   = num_gpu_blocks_e − used_e (last scrape) − reserved_e (admitted since, not yet visible)
+//! room_e   = free_e ≥ need                 need: prompt blocks + expected output blocks
+//! spare_e  = (free_e − need) / num_gpu_blocks_e          the fraction left after placing it
+//! load_e   = inflight_e / weight_e         every request admitted here and not finished,
+//!                                          including those still pulling their KV
+//! plenty   = { e with room : spare_e ≥ KV_PLENTY }     (KV_PLENTY = 0.25)
+//! pick     = plenty ≠ ∅: argmin load_e over plenty      ties: larger weight·spare_e, then the RNG
+//!            else:       argmax weight·spare_e over room  near-ties (within KV_NEAR_TIE = 0.02):
+//!                                                       the lower load, then more free, then RNG
 //! ```
+//!
+//! Why two regimes: while every engine has a quarter of its KV to spare, free KV says nothing
+//! about how a request will fare, but the batch it joins does (ITL grows with the batch), so load
+//! decides. Picking by free KV alone then herds: between two scrapes every handoff sees the same
+//! free fractions, and a burst of handoffs (requests that finished prefill in the same step) lands
+//! on one engine. When KV runs short, a preemption costs a full recompute, so free KV decides, and
+//! load only separates engines whose free KV is about the same.
 //!
 //! No engine with room: `None`, and the coordinator holds the request in its admission queue
 //! rather than push a decode engine into preemption (vLLM recomputes preempted requests, which
@@ -20,9 +32,50 @@ use rand::{Rng, RngCore};
 use crate::policy::{argmin_by, load, Choice, Policy, RouteFacts, RouteReason};
 use crate::snapshot::EngineView;
 
+/// Spare fraction of KV (after placing the request) above which load, not KV, decides.
+pub const KV_PLENTY: f64 = 0.25;
+/// Scarce regime: weighted spare fractions closer than this count as a tie, broken by load.
+pub const KV_NEAR_TIE: f64 = 0.02;
+
 /// See the module docs.
 #[derive(Debug, Clone, Copy)]
 pub struct KvCapacity;
+
+/// A candidate with room: index, weighted spare fraction, load, free blocks.
+#[derive(Debug, Clone, Copy)]
+struct Roomy {
+    i: usize,
+    spare: f64,
+    load: f64,
+    free: u64,
+}
+
+/// The best of `c` by `better` (a strict order), exact ties broken uniformly by the RNG.
+fn best_by(
+    c: &[Roomy],
+    rng: &mut dyn RngCore,
+    better: impl Fn(&Roomy, &Roomy) -> std::cmp::Ordering,
+) -> Option<usize> {
+    let mut best: Option<Roomy> = None;
+    let mut ties = 0u32;
+    for r in c {
+        match best.map(|b| better(r, &b)) {
+            None | Some(std::cmp::Ordering::Greater) => {
+                best = Some(*r);
+                ties = 1;
+            }
+            Some(std::cmp::Ordering::Equal) => {
+                // Reservoir sampling over exact ties keeps the choice uniform and seeded.
+                ties += 1;
+                if rng.random_range(0..ties) == 0 {
+                    best = Some(*r);
+                }
+            }
+            Some(std::cmp::Ordering::Less) => {}
+        }
+    }
+    best.map(|b| b.i)
+}
 
 impl Policy for KvCapacity {
     fn name(&self) -> &'static str {
@@ -32,41 +85,48 @@ impl Policy for KvCapacity {
     fn choose(&self, c: &[&EngineView], f: RouteFacts, rng: &mut dyn RngCore) -> Option<Choice> {
         let need = f.kv_blocks_needed;
         let known = |e: &EngineView| e.kv_total_blocks.is_some_and(|t| t > 0);
-        let mut best: Option<(usize, f64, u64)> = None;
-        let mut ties = 0u32;
-        for (i, e) in c.iter().enumerate() {
-            let (Some(total), Some(free)) = (e.kv_total_blocks, e.kv_free_blocks()) else {
-                continue;
-            };
-            if total == 0 || free < need {
-                continue;
-            }
-            let score = e.weight * (free - need) as f64 / total as f64;
-            let better = match best {
-                None => true,
-                Some((_, s, fr)) => score > s || (score == s && free > fr),
-            };
-            let tie = best.is_some_and(|(_, s, fr)| score == s && free == fr);
-            if better {
-                best = Some((i, score, free));
-                ties = 1;
-            } else if tie {
-                // Reservoir sampling over exact ties keeps the choice uniform and seeded.
-                ties += 1;
-                if rng.random_range(0..ties) == 0 {
-                    best = Some((i, score, free));
-                }
-            }
-        }
-        if let Some((i, _, _)) = best {
-            return Choice::new(
-                i,
+        let roomy: Vec<Roomy> = c
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let (total, free) = (e.kv_total_blocks?, e.kv_free_blocks()?);
+                (total > 0 && free >= need).then(|| Roomy {
+                    i,
+                    spare: e.weight * (free - need) as f64 / total as f64,
+                    load: f64::from(e.inflight) / e.weight,
+                    free,
+                })
+            })
+            .collect();
+        if !roomy.is_empty() {
+            let single = |r| {
                 if c.len() == 1 {
                     RouteReason::OnlyCandidate
                 } else {
-                    RouteReason::KvHeadroom
-                },
-            );
+                    r
+                }
+            };
+            // `spare` carries the weight; the plenty test is on the engine's own fraction.
+            let plenty: Vec<Roomy> = roomy
+                .iter()
+                .copied()
+                .filter(|r| r.spare / c[r.i].weight >= KV_PLENTY)
+                .collect();
+            if !plenty.is_empty() {
+                let i = best_by(&plenty, rng, |a, b| {
+                    b.load.total_cmp(&a.load).then(a.spare.total_cmp(&b.spare))
+                })?;
+                return Choice::new(i, single(RouteReason::KvBalanced));
+            }
+            let top = roomy.iter().map(|r| r.spare).fold(f64::MIN, f64::max);
+            let near: Vec<Roomy> = roomy
+                .into_iter()
+                .filter(|r| r.spare >= top - KV_NEAR_TIE)
+                .collect();
+            let i = best_by(&near, rng, |a, b| {
+                b.load.total_cmp(&a.load).then(a.free.cmp(&b.free))
+            })?;
+            return Choice::new(i, single(RouteReason::KvHeadroom));
         }
         let unknown: Vec<&EngineView> = c.iter().copied().filter(|e| !known(e)).collect();
         if !unknown.is_empty() {
@@ -114,15 +174,67 @@ mod tests {
     #[test]
     fn relative_headroom_counts_reservations() {
         // Same capacity; engine 0 looks freer at the scrape but has 600 blocks promised since.
-        let es = [e(0, Some(1000), 100, 600), e(1, Some(1000), 300, 0)];
+        // Scarce: 100 free after reservations against 150.
+        let es = [e(0, Some(1000), 300, 600), e(1, Some(1000), 850, 0)];
         let c = choose(&es, 10, 0).unwrap();
         assert_eq!((c.index, c.reason), (1, RouteReason::KvHeadroom));
+        // Plenty, equal load: the tie goes to the freer one, reservations counted.
+        let es = [e(0, Some(1000), 100, 600), e(1, Some(1000), 300, 0)];
+        let c = choose(&es, 10, 0).unwrap();
+        assert_eq!((c.index, c.reason), (1, RouteReason::KvBalanced));
+    }
+
+    #[test]
+    fn plenty_of_kv_balances_by_load() {
+        // Both have over a quarter spare: the one with fewer requests wins, though less free.
+        let mut es = [e(0, Some(1000), 100, 0), e(1, Some(1000), 500, 0)];
+        es[0].inflight = 9;
+        es[1].inflight = 3;
+        let c = choose(&es, 10, 0).unwrap();
+        assert_eq!((c.index, c.reason), (1, RouteReason::KvBalanced));
+        // A weight-2 engine carries twice the requests for the same load.
+        es[0].weight = 4.0;
+        assert_eq!(choose(&es, 10, 0).unwrap().index, 0);
+        // Once an engine's spare falls under the threshold it leaves the balanced set.
+        let mut es = [e(0, Some(1000), 800, 0), e(1, Some(1000), 500, 0)];
+        es[1].inflight = 50;
+        assert_eq!(choose(&es, 10, 0).unwrap().index, 1);
+    }
+
+    #[test]
+    fn scarce_kv_decides_and_load_breaks_near_ties() {
+        let mut es = [e(0, Some(1000), 900, 0), e(1, Some(1000), 905, 0)];
+        es[0].inflight = 20;
+        es[1].inflight = 5;
+        // 9.0 % and 8.5 % spare: a near tie, the lighter engine takes it.
+        let c = choose(&es, 0, 0).unwrap();
+        assert_eq!((c.index, c.reason), (1, RouteReason::KvHeadroom));
+        // 15 % against 8.5 %: KV decides whatever the load.
+        es[0].kv_used_blocks = Some(850);
+        assert_eq!(choose(&es, 0, 0).unwrap().index, 0);
+    }
+
+    #[test]
+    fn a_burst_of_handoffs_between_scrapes_spreads_evenly() {
+        // 64 handoffs before any scrape: each one's admission counts it (inflight and
+        // reservation) before the next decides, as the coordinator does.
+        let mut es = [e(0, Some(30_000), 2_000, 0), e(1, Some(30_000), 2_500, 0)];
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut per = [0u32; 2];
+        for _ in 0..64 {
+            let refs: Vec<&EngineView> = es.iter().collect();
+            let c = KvCapacity.choose(&refs, need(40), &mut rng).unwrap();
+            per[c.index] += 1;
+            es[c.index].inflight += 1;
+            es[c.index].kv_reserved_blocks += 40;
+        }
+        assert!(per[0].abs_diff(per[1]) <= 1, "{per:?}");
     }
 
     #[test]
     fn relative_not_absolute_and_weighted() {
-        // 2,000 free of 10,000 (20 %) loses to 500 free of 1,000 (50 %)...
-        let es = [e(0, Some(10_000), 8_000, 0), e(1, Some(1_000), 500, 0)];
+        // Scarce: 1,000 free of 10,000 (10 %) loses to 200 free of 1,000 (20 %)...
+        let es = [e(0, Some(10_000), 9_000, 0), e(1, Some(1_000), 800, 0)];
         assert_eq!(choose(&es, 0, 0).unwrap().index, 1);
         // ...unless the big engine's weight says it is worth three small ones.
         let mut es = es;
@@ -179,7 +291,7 @@ mod tests {
             if any_room {
                 let c = c.expect("some engine has room");
                 prop_assert!(room(&es[c.index]), "picked {:?} without room", es[c.index]);
-                prop_assert_eq!(c.reason == RouteReason::KvHeadroom || c.reason == RouteReason::OnlyCandidate, true);
+                prop_assert!(matches!(c.reason, RouteReason::KvHeadroom | RouteReason::KvBalanced | RouteReason::OnlyCandidate));
             } else if let Some(c) = c {
                 prop_assert!(matches!(c.reason, RouteReason::KvUnknown | RouteReason::KvOversize));
             }

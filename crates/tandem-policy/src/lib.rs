@@ -11,7 +11,7 @@ mod policy;
 mod prefix;
 mod snapshot;
 
-pub use capacity::KvCapacity;
+pub use capacity::{KvCapacity, KV_NEAR_TIE, KV_PLENTY};
 pub use disagg::{decide, DisaggDecision, DisaggMode, DisaggReason, DisaggSettings};
 pub use plan::{plan, plan_decode, Pick, Plan, PlanError, RouteRequest};
 pub use policy::{

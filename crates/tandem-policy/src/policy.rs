@@ -32,8 +32,10 @@ pub enum RouteReason {
     PrefixMiss,
     /// `prefix`: the cache-preferred engine was too far above the least loaded one; released.
     LoadRelease,
-    /// `kv-capacity`: the most free KV relative to capacity, after reservations.
+    /// `kv-capacity`: KV is scarce; the most free KV relative to capacity, after reservations.
     KvHeadroom,
+    /// `kv-capacity`: KV is plentiful; the least loaded of the engines with room to spare.
+    KvBalanced,
     /// `kv-capacity`: no candidate's capacity is known yet; least loaded.
     KvUnknown,
     /// `kv-capacity`: the request needs more blocks than any engine has in total; the engine
@@ -59,6 +61,7 @@ impl RouteReason {
             RouteReason::PrefixMiss => "prefix_miss",
             RouteReason::LoadRelease => "load_release",
             RouteReason::KvHeadroom => "kv_headroom",
+            RouteReason::KvBalanced => "kv_balanced",
             RouteReason::KvUnknown => "kv_unknown",
             RouteReason::KvOversize => "kv_oversize",
             RouteReason::KvDeferred => "kv_deferred",

@@ -34,6 +34,7 @@ use tokio::net::TcpListener;
 pub use error::ProxyError;
 pub use metrics::Metrics;
 pub use pool::{Resolver, SystemResolver};
+pub use tandem_policy::{KV_NEAR_TIE, KV_PLENTY};
 pub use timing::RequestRecord;
 
 #[derive(Debug, thiserror::Error)]

@@ -33,7 +33,7 @@ use tandem_policy::{DisaggReason, PlanError, PoolKind};
 use crate::error::{sse_error, ProxyError};
 use crate::front::{self, Kind, Parsed};
 use crate::metrics::{RetryLabels, RouteLabels};
-use crate::pool::{Engine, LoadGuard, Reservation, Suspect};
+use crate::pool::{Engine, LoadGuard, Suspect};
 use crate::relay::{rewrite_body, Event, EventReader, RelayError};
 use crate::route::{self, RouteError};
 use crate::timing::Finisher;
@@ -244,9 +244,9 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
         let route::Routed {
             pools,
             plan,
-            reservation,
+            admitted,
         } = routed;
-        let mut reservation = reservation;
+        let mut admitted = admitted;
         fin.decision = Some((plan.decision.as_str(), plan.decision_reason.as_str()));
         count_route(st, PoolKind::Decode, plan.decode.reason.as_str());
         let mut d_engine = pools
@@ -341,7 +341,7 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
         let params_at = Instant::now();
         loop {
             fin.decode_attempts += 1;
-            let res = match reservation.take() {
+            let guard = match admitted.take() {
                 Some(r) => r,
                 None => {
                     // Confirm the provisional decode engine now that the request needs its KV
@@ -368,7 +368,7 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
             let target = DecodeTarget {
                 engine: &d_engine,
                 warm: conn,
-                reservation: res,
+                guard,
             };
             match decode_leg(st, target, body.clone(), req, fin, cached).await {
                 Ok(done) => return Ok(done),
@@ -562,11 +562,12 @@ fn full_deadline(st: &State, req: &Parsed) -> Duration {
     st.deadlines.first_token + st.deadlines.idle.saturating_mul(tokens)
 }
 
-/// Where a decode leg goes: the engine, a connection already open to it, and its KV reservation.
+/// Where a decode leg goes: the engine, a connection already open to it, and its admission
+/// there (in flight, with its KV reservation).
 struct DecodeTarget<'a> {
     engine: &'a Arc<Engine>,
     warm: Option<Conn>,
-    reservation: Reservation,
+    guard: LoadGuard,
 }
 
 async fn decode_leg(
@@ -580,9 +581,8 @@ async fn decode_leg(
     let DecodeTarget {
         engine,
         warm,
-        reservation,
+        guard,
     } = target;
-    let guard = engine.track(0).with_reservation(reservation);
     let mut conn = match warm {
         Some(c) => c,
         None => engine

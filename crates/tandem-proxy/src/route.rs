@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::error::ProxyError;
 use crate::front::Parsed;
-use crate::pool::{Pools, Reservation};
+use crate::pool::{LoadGuard, Pools};
 use crate::State;
 
 /// What the prefix indexes predict for one request.
@@ -63,13 +63,14 @@ pub struct Attempt<'a> {
 }
 
 /// A plan with the pool table it was made from and, for a request that runs whole on its decode
-/// engine, that engine's KV reservation. A disaggregated request's decode pick is provisional
-/// (it warms a connection during the prefill); [`admit_decode`] confirms it, with a reservation,
-/// when the KV is ready to move, since only then does the request need room there.
+/// engine, its admission there (counted in flight, with a KV reservation). A disaggregated
+/// request's decode pick is provisional (it warms a connection during the prefill);
+/// [`admit_decode`] decides again, from the state at the handoff, when the KV is ready to move,
+/// since only then does the request need room and count as load there.
 pub struct Routed {
     pub pools: Arc<Pools>,
     pub plan: Plan,
-    pub reservation: Option<Reservation>,
+    pub admitted: Option<LoadGuard>,
 }
 
 /// Why no plan came back.
@@ -153,8 +154,9 @@ pub async fn plan_admitted(
         kv_blocks_needed: need,
     };
     wait_for_room(st, |pools| {
-        let snap = pools.snapshot();
+        // Under the lock every decision holds, so the snapshot has every admission before it.
         let mut rng = st.rng.lock().expect("rng lock");
+        let snap = pools.snapshot();
         let plan = |d: &dyn tandem_policy::Policy, rng: &mut rand_chacha::ChaCha8Rng| {
             tandem_policy::plan(&snap, &rr, &st.disagg, st.prefill_policy.as_ref(), d, rng)
         };
@@ -170,26 +172,30 @@ pub async fn plan_admitted(
             },
             Err(e) => return Err(e),
         };
-        let reservation = (plan.decision == DisaggDecision::Local).then(|| {
-            pools
+        let admitted = (plan.decision == DisaggDecision::Local).then(|| {
+            let engine = &pools
                 .find(PoolKind::Decode, plan.decode.id)
                 .expect("the plan came from this snapshot")
-                .engine
-                .reserve(need)
+                .engine;
+            engine.track(0).with_reservation(engine.reserve(need))
         });
         Ok(Some(Routed {
             pools: pools.clone(),
             plan,
-            reservation,
+            admitted,
         }))
     })
     .await
 }
 
 /// The decode engine for a request whose KV is ready on prefill engine `prefill_id`: the
-/// provisional one if it still has room for it, else the policy's pick among the others, else
-/// wait in the admission queue. Returns the engine's pool table, the policy's reason when it
-/// picked another engine (`None`: `current` kept), the engine id and a reservation.
+/// policy's pick from the state now (every handoff admitted before this one counted in flight
+/// and in KV), else wait in the admission queue. The provisional engine chosen at arrival only
+/// keeps the request if the policy picks it again: keeping it whenever it had room sent the
+/// handoffs of one burst, all provisionally placed on the same stale scrape, to one engine.
+/// Returns the engine's pool table, the policy's reason when it picked another engine (`None`:
+/// `current` kept), the engine id and the admission (in flight, with a KV reservation), taken
+/// under the same lock as the decision so the next decision sees it.
 pub async fn admit_decode(
     st: &State,
     req: &Parsed,
@@ -198,7 +204,7 @@ pub async fn admit_decode(
     exclude: &[usize],
     prefill_id: Option<usize>,
     current: usize,
-) -> Result<(Arc<Pools>, Option<RouteReason>, usize, Reservation), RouteError> {
+) -> Result<(Arc<Pools>, Option<RouteReason>, usize, LoadGuard), RouteError> {
     let need = blocks_needed(st, req);
     let facts = RouteFacts {
         seq,
@@ -207,37 +213,29 @@ pub async fn admit_decode(
         kv_blocks_needed: need,
     };
     wait_for_room(st, |pools| {
+        // The snapshot is taken under the RNG lock, which every decision holds, so it includes
+        // every admission decided before this one.
+        let mut rng = st.rng.lock().expect("rng lock");
         let snap = pools.snapshot();
-        let fits = |id: usize| {
-            snap.decode
-                .iter()
-                .find(|e| e.id == id && e.routable())
-                .is_some_and(|e| e.kv_free_blocks().is_none_or(|f| f >= need))
+        let p = match tandem_policy::plan_decode(
+            &snap,
+            facts,
+            exclude,
+            prefill_id,
+            st.decode_policy.as_ref(),
+            &mut *rng,
+        ) {
+            Ok(p) => p,
+            Err(e) if e.is_capacity() => return Ok(None),
+            Err(e) => return Err(e),
         };
-        let pick = match Some(current).filter(|&id| !exclude.contains(&id) && fits(id)) {
-            Some(id) => (None, id),
-            None => {
-                let mut rng = st.rng.lock().expect("rng lock");
-                match tandem_policy::plan_decode(
-                    &snap,
-                    facts,
-                    exclude,
-                    prefill_id,
-                    st.decode_policy.as_ref(),
-                    &mut *rng,
-                ) {
-                    Ok(p) => (Some(p.reason), p.id),
-                    Err(e) if e.is_capacity() => return Ok(None),
-                    Err(e) => return Err(e),
-                }
-            }
-        };
-        let reservation = pools
-            .find(PoolKind::Decode, pick.1)
+        let reason = (p.id != current).then_some(p.reason);
+        let engine = &pools
+            .find(PoolKind::Decode, p.id)
             .expect("the pick came from this snapshot")
-            .engine
-            .reserve(need);
-        Ok(Some((pools.clone(), pick.0, pick.1, reservation)))
+            .engine;
+        let admitted = engine.track(0).with_reservation(engine.reserve(need));
+        Ok(Some((pools.clone(), reason, p.id, admitted)))
     })
     .await
 }

@@ -30,8 +30,6 @@ pub struct StepShape {
     pub decode_context_tokens: u64,
     /// Prefill chunks scheduled this step (chunked prefill may mix them with decodes).
     pub prefill_chunks: Vec<PrefillChunk>,
-    /// Prompt tokens whose KV is loaded from the host-memory tier before this step computes.
-    pub host_load_tokens: u64,
 }
 
 impl StepShape {
@@ -226,16 +224,19 @@ impl CostModel {
         let t_mem = self.sec_weights + kv_read * self.sec_per_kv_token;
         let t_comp =
             linear_tokens * self.sec_per_linear_token + attn_units * self.sec_per_attn_unit;
-        // perf-model §2.4's c_load, charged to the step before it computes. vLLM's offloading
-        // connector overlaps the copy with other requests' steps, so this is pessimistic for the
-        // batch-mates of a request that loads, and exact for one alone.
-        let t_load = shape.host_load_tokens as f64 * self.sec_per_host_token;
-        secs(self.sec_step + t_load + t_mem.max(t_comp) + self.sec_tp)
+        secs(self.sec_step + t_mem.max(t_comp) + self.sec_tp)
     }
 
-    /// Time to load `tokens` tokens of KV from the host-memory tier (`c_load`).
+    /// Time to load `tokens` tokens of KV from the host-memory tier (`c_load`) over an idle link.
+    /// vLLM's offloading connector copies asynchronously, beside the steps, while the loading
+    /// request waits; concurrent loads share the link ([`Self::host_link_rate`]).
     pub fn host_load_time(&self, tokens: u64) -> Duration {
         secs(tokens as f64 * self.sec_per_host_token)
+    }
+
+    /// Bytes/s of the host-to-GPU link all of this instance's host-tier loads share.
+    pub fn host_link_rate(&self) -> f64 {
+        self.profile.kv_bytes_per_token() as f64 / self.sec_per_host_token
     }
 
     /// Time to prefill `n` prompt tokens of which `cached` are prefix-cached, for a request alone:
@@ -252,7 +253,6 @@ impl CostModel {
                 start,
                 len: n - start,
             }],
-            host_load_tokens: 0,
         };
         self.profile.c_req.saturating_add(self.step_time(&shape))
     }
@@ -263,7 +263,6 @@ impl CostModel {
             decode_seqs: batch,
             decode_context_tokens: u64::from(batch).saturating_mul(ctx_per_seq),
             prefill_chunks: Vec::new(),
-            host_load_tokens: 0,
         })
     }
 
@@ -629,7 +628,6 @@ mod tests {
             decode_seqs: 32,
             decode_context_tokens: 32 * 2048,
             prefill_chunks: vec![chunk],
-            host_load_tokens: 0,
         });
         let decode = m.decode_step_time(32, 2048);
         assert!(mixed > alone && mixed > decode);
@@ -637,26 +635,15 @@ mod tests {
     }
 
     /// perf-model §2.4's c_load = c·kv_b/B_h2d: 4k tokens of 8B KV (512 MiB) over PCIe Gen5 at
-    /// 55 GB/s is ~9.8 ms, about 8 % of recomputing them; a step that loads pays it on top.
+    /// 55 GB/s is ~9.8 ms, about 8 % of recomputing them; the link rate gives the same.
     #[test]
-    fn host_tier_load_is_charged_to_the_step() {
+    fn host_tier_load_time_and_link_rate_agree() {
         let m = h100("llama-3.1-8b");
         let load = m.host_load_time(4096).as_secs_f64();
         assert!((load - 4096.0 * 131_072.0 / 55e9).abs() < 1e-9, "{load}");
         assert!(load < 0.1 * m.prefill_time(4096, 0).as_secs_f64());
-        let chunk = StepShape {
-            prefill_chunks: vec![PrefillChunk {
-                start: 4096,
-                len: 512,
-            }],
-            ..StepShape::default()
-        };
-        let loading = StepShape {
-            host_load_tokens: 4096,
-            ..chunk.clone()
-        };
-        let extra = m.step_time(&loading).as_secs_f64() - m.step_time(&chunk).as_secs_f64();
-        assert!((extra - load).abs() < 1e-6, "{extra} vs {load}");
+        let by_rate = 4096.0 * 131_072.0 / m.host_link_rate();
+        assert!((by_rate - load).abs() < 1e-9, "{by_rate} vs {load}");
     }
 
     #[test]
@@ -669,7 +656,6 @@ mod tests {
                 start: u64::MAX,
                 len: u64::MAX,
             }],
-            host_load_tokens: 0,
         };
         assert!(m.step_time(&huge) > Duration::from_secs(1));
         assert!(m.transfer_time(u64::MAX, LinkClass::NvLink) > Duration::from_secs(1));
@@ -698,7 +684,6 @@ mod tests {
                     .into_iter()
                     .map(|(start, len)| PrefillChunk { start, len })
                     .collect(),
-                host_load_tokens: 0,
             })
     }
 

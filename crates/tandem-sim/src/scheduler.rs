@@ -57,7 +57,8 @@ pub struct NewSeq {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Waiting,
-    /// Deferred: blocks allocated, KV being pulled from the prefill engine.
+    /// Deferred: blocks allocated, KV being pulled from the prefill engine or loaded from the
+    /// host-memory tier (vLLM parks both in `WAITING_FOR_REMOTE_KVS`).
     WaitingForRemoteKv,
     Running,
 }
@@ -107,6 +108,14 @@ pub struct TransferStart {
     pub prompt_blocks: usize,
 }
 
+/// A sequence whose prefix is being loaded from the host-memory tier, beside the steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLoad {
+    pub id: SeqId,
+    /// Tokens of KV copied from host memory to the GPU.
+    pub tokens: usize,
+}
+
 /// The plan for one step.
 #[derive(Debug, Default, Clone)]
 pub struct StepPlan {
@@ -120,8 +129,8 @@ pub struct StepPlan {
     /// Host-tier lookups this step, in tokens (vLLM's connector queries and hits).
     pub external_queries: u64,
     pub external_hits: u64,
-    /// Tokens of KV loaded from the host tier for sequences this step admits.
-    pub host_load_tokens: u64,
+    /// Host-tier loads this step starts; the sequences wait for them, the step does not.
+    pub host_loads: Vec<HostLoad>,
 }
 
 impl StepPlan {
@@ -292,10 +301,7 @@ impl Scheduler {
 
     /// Modeled work of a plan, for the cost model.
     pub fn shape(&self, plan: &StepPlan) -> StepShape {
-        let mut shape = StepShape {
-            host_load_tokens: plan.host_load_tokens,
-            ..StepShape::default()
-        };
+        let mut shape = StepShape::default();
         for s in &plan.scheduled {
             if s.is_decode {
                 shape.decode_seqs += 1;
@@ -415,7 +421,12 @@ impl Scheduler {
                 }
                 let hit_tokens = gpu_tokens + host_blocks * bs;
                 let want = self.seqs[&id].tokens.len() - hit_tokens;
-                let len = want.min(*budget);
+                // A sequence that loads computes nothing this step: it waits for the copy.
+                let len = if host_blocks > 0 {
+                    0
+                } else {
+                    want.min(*budget)
+                };
                 let total_blocks = (hit_tokens + len).div_ceil(bs);
                 // Hits that sit free in the LRU queue stop being free once touched.
                 let need = total_blocks - hit_blocks.len();
@@ -429,10 +440,16 @@ impl Scheduler {
                 seq.num_cached_blocks = hit_blocks.len();
                 seq.blocks = hit_blocks.into_iter().chain(new).collect();
                 if host_blocks > 0 {
-                    // Loaded into fresh GPU blocks, which join the GPU prefix cache.
-                    self.write_kv(id, gpu_tokens, hit_tokens);
-                    self.seqs.get_mut(&id).expect("seq exists").num_computed = hit_tokens;
-                    plan.host_load_tokens += (host_blocks * bs) as u64;
+                    // Copied into fresh GPU blocks beside the steps, as vLLM's offloading
+                    // connector does (an async load): the sequence waits, the batch does not.
+                    let seq = self.seqs.get_mut(&id).expect("seq exists");
+                    seq.state = State::WaitingForRemoteKv;
+                    plan.host_loads.push(HostLoad {
+                        id,
+                        tokens: host_blocks * bs,
+                    });
+                    idx += 1;
+                    continue;
                 }
                 self.start_running(plan, idx, id, hit_tokens, len);
                 *budget -= len;
@@ -687,6 +704,25 @@ impl Scheduler {
         self.write_kv(id, from, n);
         let seq = self.seqs.get_mut(&id).expect("seq exists");
         seq.num_computed = n - 1;
+        seq.kv_ready = true;
+        seq.state = State::Waiting;
+        true
+    }
+
+    /// A host-tier load has landed: the loaded blocks join the GPU prefix cache (under their old
+    /// hashes) and the sequence is schedulable from the end of its hits.
+    pub fn host_load_done(&mut self, id: SeqId) -> bool {
+        let Some(seq) = self.seqs.get(&id) else {
+            return false;
+        };
+        if seq.state != State::WaitingForRemoteKv || seq.remote_prefill {
+            return false;
+        }
+        let bs = self.cfg.block_size as usize;
+        let (from, to) = (seq.num_computed, seq.blocks.len() * bs);
+        self.write_kv(id, from, to);
+        let seq = self.seqs.get_mut(&id).expect("seq exists");
+        seq.num_computed = to;
         seq.kv_ready = true;
         seq.state = State::Waiting;
         true

@@ -39,6 +39,7 @@ enum Command {
     Abort(Vec<SeqId>),
     Side(SideRequest),
     TransferDone(SeqId, Result<transfer::TransferStats, TransferError>),
+    HostLoadDone(SeqId),
     ExhaustKv(bool),
     ResetPrefixCache(tokio::sync::oneshot::Sender<bool>),
 }
@@ -210,6 +211,7 @@ pub fn spawn(
     // One NIC per engine: a decode engine's pulls share it inbound, a prefill engine's answered
     // reads outbound.
     let link = link::LinkHandle::spawn(cfg.cost.link_rate(cfg.link), clock);
+    let host_link = link::LinkHandle::spawn(cfg.cost.host_link_rate(), clock);
     let reads = reads::PinnedReads::default();
     let handle = EngineHandle {
         tx: tx.clone(),
@@ -238,6 +240,7 @@ pub fn spawn(
         pinned: HashMap::new(),
         reads,
         link,
+        host_link,
         agents: HashMap::new(),
         reserved: Vec::new(),
         tx,
@@ -268,6 +271,8 @@ struct Engine {
     reads: reads::PinnedReads,
     /// This engine's NIC, shared by its concurrent KV transfers.
     link: link::LinkHandle,
+    /// Host memory to GPU (PCIe), shared by concurrent host-tier loads.
+    host_link: link::LinkHandle,
     /// Decode role: compatibility hashes of remote engines already handshaken.
     agents: HashMap<String, String>,
     /// Blocks held by the `exhaust_kv` fault.
@@ -339,6 +344,10 @@ impl Engine {
             }
             Command::Side(req) => self.side(req),
             Command::TransferDone(id, result) => self.transfer_done(id, result),
+            Command::HostLoadDone(id) => {
+                self.sched.host_load_done(id);
+                self.flush_events();
+            }
             Command::ExhaustKv(on) => self.set_exhaust(on),
             Command::ResetPrefixCache(reply) => {
                 let ok = self.sched.reset_prefix_cache();
@@ -439,6 +448,14 @@ impl Engine {
                     m.cached_tokens = s.start;
                 }
             }
+        }
+        for l in &plan.host_loads {
+            let (link, tx, id) = (self.host_link.clone(), self.tx.clone(), l.id);
+            let bytes = l.tokens as u64 * self.cfg.kv_bytes_per_token;
+            tokio::spawn(async move {
+                link.transfer(bytes).await;
+                let _ = tx.send(Command::HostLoadDone(id));
+            });
         }
         for t in &plan.transfers {
             let Some(m) = self.meta.get_mut(&t.id) else {

@@ -93,11 +93,38 @@ fn host_tier_serves_what_the_gpu_evicted() {
     let plan = s.schedule();
     assert_eq!(plan.prefix_hits, 0);
     assert_eq!((plan.external_queries, plan.external_hits), (13, 12));
-    assert_eq!(plan.host_load_tokens, 12);
-    assert_eq!((plan.scheduled[0].start, plan.scheduled[0].len), (12, 1));
-    assert_eq!(s.shape(&plan).host_load_tokens, 12);
+    // The copy runs beside the steps: nothing of C is computed while it loads, and its blocks
+    // are not in the GPU prefix cache yet.
+    assert_eq!(plan.host_loads, vec![HostLoad { id: 3, tokens: 12 }]);
+    assert!(plan.scheduled.is_empty(), "{:?}", plan.scheduled);
+    assert!(stored_in(&s.take_events(), "GPU").is_empty());
+    assert!(s.schedule().is_empty(), "a loading sequence waits");
+    assert!(s.host_load_done(3));
     // The loaded blocks join the GPU prefix cache under their old hashes.
     assert_eq!(stored_in(&s.take_events(), "GPU"), a_hashes[..3]);
+    let plan = s.schedule();
+    assert_eq!((plan.scheduled[0].start, plan.scheduled[0].len), (12, 1));
+    assert!(plan.host_loads.is_empty());
+}
+
+/// A sequence loading from the host does not hold up others: they run in the steps meanwhile.
+#[test]
+fn a_host_load_does_not_stall_the_batch() {
+    let mut s = sched_with_host(4, 100);
+    let a: Vec<u32> = (0..16).collect();
+    run_to_end(&mut s, 1, a.clone());
+    run_to_end(&mut s, 2, (100..116).collect());
+    let mut c = a[..12].to_vec();
+    c.push(200);
+    s.add(seq(3, c, 1));
+    s.add(seq(4, vec![7, 8, 9], 2));
+    let plan = s.schedule();
+    assert_eq!(plan.host_loads.len(), 1);
+    let ids: Vec<SeqId> = plan.scheduled.iter().map(|x| x.id).collect();
+    assert_eq!(ids, vec![4], "the other sequence runs while 3 loads");
+    // Aborted mid-load: its blocks are freed, and a late completion is ignored.
+    assert!(s.abort(3));
+    assert!(!s.host_load_done(3));
 }
 
 /// The host tier is an LRU of its own size; what it evicts is announced with medium "CPU".
@@ -116,7 +143,8 @@ fn host_tier_evicts_least_recently_used_with_cpu_events() {
     s.add(seq(3, c, 1));
     let plan = s.schedule();
     assert_eq!(plan.prefix_hits, 16);
-    assert_eq!((plan.external_hits, plan.host_load_tokens), (0, 0));
+    assert_eq!(plan.external_hits, 0);
+    assert!(plan.host_loads.is_empty());
 }
 
 fn seq(id: SeqId, prompt: Vec<u32>, max_tokens: usize) -> NewSeq {
