@@ -22,7 +22,8 @@ use tandem_sim::profile::GpuKind;
 use tandem_sim::RunningSim;
 use tandem_workload::{
     infinite_cache_hits, lru_cache_hits, parse_azure, parse_mooncake, side_by_side, synthetic_chat,
-    Assignment, ChatParams, Outcome, Slo, Summary, Synthesizer, Trace,
+    synthetic_conversation, Assignment, ChatParams, ConversationParams, Outcome, Slo, Summary,
+    Synthesizer, Trace,
 };
 
 use crate::harness::BoxError;
@@ -35,11 +36,13 @@ pub enum Format {
     Azure,
     /// Built-in multi-turn chat (no file).
     Chat,
+    /// Built-in stand-in for the Mooncake conversation trace (no file).
+    Conversation,
 }
 
 #[derive(Debug, Args)]
 pub struct TraceArgs {
-    /// The trace file (not needed for `--format chat`).
+    /// The trace file (not needed for `--format chat` or `conversation`).
     #[arg(long)]
     file: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "mooncake")]
@@ -105,6 +108,7 @@ fn load_trace(a: &TraceArgs) -> Result<Trace, BoxError> {
         Format::Mooncake => parse_mooncake(open()?)?,
         Format::Azure => parse_azure(open()?)?,
         Format::Chat => synthetic_chat(&ChatParams::default(), a.seed)?,
+        Format::Conversation => synthetic_conversation(&ConversationParams::default(), a.seed)?,
     };
     let t = match a.requests {
         Some(n) => t.head(n),

@@ -4,6 +4,8 @@
 //!   times only), [`synthetic_chat`] (multi-turn chat with shared system prompts). A request's
 //!   prompt is a [`PromptSpec`] — which deterministic token streams, how many tokens — not the
 //!   tokens themselves, so large traces stay small in memory.
+//! - [`synthetic_conversation`]: a seeded stand-in for the held-out Mooncake conversation trace
+//!   (one system block shared by every request, long-tailed contexts, whole-history resends).
 //! - [`Synthesizer`]: the prompt's token ids, on demand, identical for identical block ids.
 //! - [`Trace`] transformations a replayer needs: [`Trace::scaled`], [`Trace::head`],
 //!   [`Trace::window`], [`Trace::jittered`], [`Trace::with_shared_prefix`].
@@ -17,6 +19,7 @@
 mod azure;
 mod bound;
 mod chat;
+mod conversation;
 mod error;
 mod mooncake;
 mod report;
@@ -29,6 +32,7 @@ pub use bound::{
     infinite_cache_hits, lru_cache_hits, prefix_blocks, Assignment, Block, CacheSim, PrefixHits,
 };
 pub use chat::{synthetic_chat, ChatParams};
+pub use conversation::{synthetic_conversation, ConversationParams};
 pub use error::{Result, WorkloadError};
 pub use mooncake::{parse_mooncake, MOONCAKE_BLOCK_TOKENS};
 pub use report::{percentile, Dist, EngineLoad, LoadSpread, Outcome, Slo, Summary};
