@@ -79,6 +79,49 @@ async fn queues(client: &reqwest::Client, sim: &RunningSim) -> Option<(f64, f64)
     ))
 }
 
+/// Mean of a histogram over all its label sets: Σ`_sum` ÷ Σ`_count` in one exposition.
+fn hist_mean(text: &str, name: &str) -> (f64, f64) {
+    let total = |suffix: &str| {
+        let key = format!("{name}{suffix}");
+        text.lines()
+            .filter(|l| l.starts_with(&key) && l[key.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (total("_sum"), total("_count"))
+}
+
+/// The decode engines' own view (simulated seconds, averaged over all of them): queue time
+/// (arrival to the pull's start: `c_req` plus the wait for a step boundary), the KV pull, and
+/// the prefill phase (pull start to first token: pull, the wait for a step, the step that
+/// recomputes the last prompt token and samples).
+async fn engine_phases(client: &reqwest::Client, decode: &[&RunningSim]) -> [f64; 3] {
+    let mut acc = [(0.0, 0.0); 3];
+    for s in decode {
+        let Ok(r) = client
+            .get(format!("http://{}/metrics", s.http_addr))
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        for (i, name) in [
+            "vllm:request_queue_time_seconds",
+            "vllm:nixl_xfer_time_seconds",
+            "vllm:request_prefill_time_seconds",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (sum, n) = hist_mean(&text, name);
+            acc[i].0 += sum;
+            acc[i].1 += n;
+        }
+    }
+    acc.map(|(s, n)| if n > 0.0 { s / n * 1e3 } else { f64::NAN })
+}
+
 struct Report {
     policy: String,
     mean_running: Vec<f64>,
@@ -88,6 +131,8 @@ struct Report {
     itl_mean_ms: f64,
     ttft_p50_ms: f64,
     decode_first_token_ms: [f64; 3],
+    /// Means in the decode engines: queue, KV pull, prefill phase (ms, simulated).
+    engine_ms: [f64; 3],
     ok: usize,
     errors: usize,
 }
@@ -180,6 +225,7 @@ async fn run_policy(a: &BalanceArgs, policy: &str) -> Result<Report, BoxError> {
         })
         .sum::<f64>()
         / n;
+    let engine_ms = engine_phases(&client, &d).await;
     let mut dft: Vec<f64> = t
         .running
         .recent()
@@ -202,6 +248,7 @@ async fn run_policy(a: &BalanceArgs, policy: &str) -> Result<Report, BoxError> {
             ms(harness::pct(&mut dft, 0.9)),
             ms(harness::pct(&mut dft, 0.99)),
         ],
+        engine_ms,
         ok: all.e2e.len(),
         errors: all.errors,
     })
@@ -255,6 +302,14 @@ pub async fn run(a: BalanceArgs) -> Result<(), BoxError> {
             format!("{}/{}", r.ok, r.errors)
         );
     }
+    println!();
+    println!("decode engines' means (simulated ms): queue = c_req + wait for a step; pull = KV transfer; prefill phase = pull + wait for a step + the step that samples");
+    for r in &reports {
+        println!(
+            "{:<14} queue {:.2}  pull {:.2}  prefill phase {:.2}",
+            r.policy, r.engine_ms[0], r.engine_ms[1], r.engine_ms[2]
+        );
+    }
     if let Some(path) = &a.json {
         let v: Vec<_> = reports
             .iter()
@@ -262,7 +317,8 @@ pub async fn run(a: BalanceArgs) -> Result<(), BoxError> {
                 json!({"policy": r.policy, "mean_running": r.mean_running,
                 "mean_waiting": r.mean_waiting, "gap_over_mean": r.gap_over_mean,
                 "itl_mean_ms": r.itl_mean_ms, "ttft_p50_ms": r.ttft_p50_ms,
-                "decode_first_token_ms": r.decode_first_token_ms, "ok": r.ok, "errors": r.errors})
+                "decode_first_token_ms": r.decode_first_token_ms,
+                "engine_queue_pull_prefill_ms": r.engine_ms, "ok": r.ok, "errors": r.errors})
             })
             .collect();
         std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;

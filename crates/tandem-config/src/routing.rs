@@ -112,12 +112,16 @@ pub struct RoutingConfig {
     pub request_cost_tokens: u64,
     /// `prefix`: how many queued tokens one uncached prompt token counts as.
     pub cache_weight: f64,
-    /// `prefix`: the chosen engine may carry at most this many times the least loaded one's load...
+    /// `prefix`: the chosen engine's predicted first token may come at most this many times
+    /// later than the fastest engine's...
     pub release_ratio: f64,
-    /// `prefix`: ...plus this many tokens, or the request goes to the least loaded engine.
+    /// `prefix`: ...plus this many tokens' worth of time, or the fastest engine gets it.
     pub release_slack_tokens: u64,
     /// `kv-capacity`: output tokens reserved per request, or `max_tokens` if smaller.
     pub expected_output_tokens: u64,
+    /// `prefix`: a client's session key (`x-session-id` header, else the body's `user`) breaks
+    /// ties toward the engine it hashes to, within the release bound.
+    pub session_affinity: bool,
 }
 
 impl Default for RoutingConfig {
@@ -128,6 +132,7 @@ impl Default for RoutingConfig {
             release_ratio: 1.5,
             release_slack_tokens: 65_536,
             expected_output_tokens: 256,
+            session_affinity: true,
         }
     }
 }

@@ -81,6 +81,7 @@ fn decide(
         prompt_tokens: tokens,
         cached,
         kv_blocks_needed: keys.len() as u64 + 16,
+        session: None,
     };
     let a = prefix.choose(p, facts, rng).map_or(0, |c| c.index);
     let b = KvCapacity.choose(d, facts, rng).map_or(0, |c| c.index);

@@ -4,6 +4,7 @@
 //! routing facts and an injected RNG. Nothing does IO, reads a clock or keeps hidden state, so a
 //! decision can be replayed from its inputs and tested exhaustively.
 
+pub mod affinity;
 mod capacity;
 mod disagg;
 mod plan;

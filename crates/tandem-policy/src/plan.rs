@@ -25,6 +25,8 @@ pub struct RouteRequest<'a> {
     pub decode_cached: &'a [(usize, u64)],
     /// KV blocks the request will occupy on its decode engine.
     pub kv_blocks_needed: u64,
+    /// The client's hashed session key, if any (prefill affinity).
+    pub session: Option<u64>,
 }
 
 /// One engine pick: the engine id and the policy's reason.
@@ -107,6 +109,7 @@ pub fn plan(
         prompt_tokens: req.prompt_tokens,
         cached: req.prefill_cached,
         kv_blocks_needed: req.kv_blocks_needed,
+        session: req.session,
     };
     let d_facts = RouteFacts {
         cached: req.decode_cached,
@@ -228,6 +231,7 @@ mod tests {
             prefill_cached: &[],
             decode_cached: &[],
             kv_blocks_needed: 0,
+            session: None,
         }
     }
 

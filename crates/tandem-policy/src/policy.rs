@@ -30,8 +30,12 @@ pub enum RouteReason {
     PrefixHit,
     /// `prefix`: no engine holds any of the prompt; the least loaded one.
     PrefixMiss,
-    /// `prefix`: the cache-preferred engine was too far above the least loaded one; released.
+    /// `prefix`: the cache-preferred engine's first token was predicted too far past the
+    /// fastest engine's; released to the fastest.
     LoadRelease,
+    /// `prefix`: the engine the client's session key names, no worse cached than the cost's
+    /// pick and within the release bound.
+    SessionAffinity,
     /// `kv-capacity`: KV is scarce; the most free KV relative to capacity, after reservations.
     KvHeadroom,
     /// `kv-capacity`: KV is plentiful; the least loaded of the engines with room to spare.
@@ -60,6 +64,7 @@ impl RouteReason {
             RouteReason::PrefixHit => "prefix_hit",
             RouteReason::PrefixMiss => "prefix_miss",
             RouteReason::LoadRelease => "load_release",
+            RouteReason::SessionAffinity => "session_affinity",
             RouteReason::KvHeadroom => "kv_headroom",
             RouteReason::KvBalanced => "kv_balanced",
             RouteReason::KvUnknown => "kv_unknown",
@@ -94,6 +99,8 @@ pub struct RouteFacts<'a> {
     /// KV blocks the request will occupy on a decode engine: its prompt plus the output it is
     /// expected to write.
     pub kv_blocks_needed: u64,
+    /// The client's session key, hashed ([`crate::affinity::hash_key`]), when it sent one.
+    pub session: Option<u64>,
 }
 
 impl RouteFacts<'_> {
@@ -104,6 +111,7 @@ impl RouteFacts<'_> {
             prompt_tokens,
             cached: &[],
             kv_blocks_needed: 0,
+            session: None,
         }
     }
 
@@ -322,6 +330,7 @@ mod tests {
         prompt_tokens: 100,
         cached: &[],
         kv_blocks_needed: 0,
+        session: None,
     };
 
     #[test]

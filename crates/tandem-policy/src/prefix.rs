@@ -1,5 +1,6 @@
-//! The `prefix` prefill policy: expected prefill work, counting what each engine already holds,
-//! with a load-balance release.
+//! The `prefix` prefill policy: the predicted time to this request's first token on each
+//! engine, counting what each engine already holds and how fast it has been computing, with a
+//! release guard against hot spots.
 //!
 //! # The formula
 //!
@@ -7,24 +8,29 @@
 //! the first `h_e` of them:
 //!
 //! ```text
-//! load_e = (queued_e + c·inflight_e) / weight_e          queued_e: uncached prefill tokens Tandem has
-//!                                                        sent to e and not seen finish
-//! cost_e = load_e + w·(P − h_e) / weight_e               the prefill work ahead of this request's
-//!                                                        last token, in tokens, with the work it
-//!                                                        adds to the pool counted w times
-//! pick   = argmin cost_e                                 ties: the RNG
-//! release: if load_pick > r·load_min + s, pick = argmin load_e instead
+//! rate_e  = prefill tokens/s Tandem measured on e (uncached tokens per second busy with its
+//!           prefill legs, decayed over 30 s); unmeasured: the candidates' mean of rate/weight
+//!           times weight_e; none measured: weight_e (every figure below is then in tokens)
+//! ahead_e = queued_e + c·inflight_e                 uncached prefill tokens Tandem has sent to e
+//!                                                   and not seen finish, plus c per request
+//! T_e     = (ahead_e + (P − h_e)) / rate_e          predicted time to this request's first token
+//! cost_e  = (ahead_e + w·(P − h_e)) / rate_e        the same, with the work it adds to the pool
+//!                                                   counted w times
+//! pick    = argmin cost_e                           ties: the RNG
+//! release: if T_pick > r·min_e T_e + s / mean_e rate_e, pick = argmin T_e instead
 //! ```
 //!
 //! Defaults: `c = 256` tokens per in-flight request (vLLM's fixed per-request cost, ~10 ms on an
 //! 8B H100, is about 300 tokens of prefill), `w = 2`, `r = 1.5`, `s = 65536` tokens (~2.5 s of
-//! 8B H100 prefill).
+//! 8B H100 prefill). The KV transfer to the decode engine is the same whichever prefill engine
+//! runs the prompt, so it is left out of the comparison.
 //!
-//! Why a cost in tokens: a cached token is prefill work not done, and a queued token is work done
-//! first. Comparing the two in one unit lets overlap win while it saves more than the extra
-//! queueing costs, so a long shared document stays where it is cached, and a short shared system
-//! prompt (every request of the Mooncake conversation trace shares its first block) hardly moves
-//! anything.
+//! Why a measured rate: tokens are not seconds. A prefill engine on a slower GPU, one whose
+//! host-memory tier keeps its PCIe link busy loading long cached conversations, or one slowed by
+//! a neighbour computes fewer tokens per second, and a queue of equal length takes it longer.
+//! Counting the queue in tokens sent the next long conversation to the engine that held it even
+//! when that engine was the slowest in the pool; the measured rate prices that in without a
+//! constant per GPU, and it follows the engine as its load changes.
 //!
 //! Why `w = 2`: recomputing a cached prefix elsewhere costs twice. The request waits for it, and
 //! so does every request queued behind it on that engine, whose load grows by the same tokens;
@@ -34,16 +40,23 @@
 //! model of 8 engines, loses 3–4 points of hit rate and 2–4 % of p90 TTFT against `w = 2`; the
 //! measured runs are in benches/README.md).
 //!
+//! Session affinity, a tie-breaker: when the client names its conversation (`x-session-id`, or
+//! the body's `user`), the engine the key hashes to ([`crate::affinity`]) takes the request if it
+//! is predicted to hold at least as much of the prompt as the pick and its first token is within
+//! the release bound. It matters where the index cannot see the history (the first turn after a
+//! coordinator restart, an approximate feed that expired): the conversation goes back to the
+//! engine its earlier turns went to, whose cache likely still holds them.
+//!
 //! The release is the guard for what a prediction can get wrong: however large the saving looks,
-//! no engine runs more than `r·min + s` tokens ahead of the least loaded one, so a hot prefix
-//! never piles onto one engine. `s` is large because a release throws the cached prefix away: the
-//! released request recomputes all of it, so a small `s` turns every long cached conversation
-//! that meets a busy engine into the longest prefill of the hour (16,384 lost ~8 points of hit
-//! rate on that trace).
+//! no request is sent where its own first token is predicted to come more than `r` times (plus
+//! `s` tokens' worth of time) later than on the engine that would serve it first. A hot prefix
+//! therefore stays only while its engine's queue costs less than recomputing the prefix
+//! elsewhere; `s` is large because a release throws the cached prefix away.
 
-use rand::RngCore;
+use rand::{Rng, RngCore};
 
-use crate::policy::{argmin_by, Choice, Policy, RouteFacts, RouteReason};
+use crate::affinity;
+use crate::policy::{Choice, Policy, RouteFacts, RouteReason};
 use crate::snapshot::EngineView;
 
 /// The `prefix` policy's parameters; one set of defaults, documented above.
@@ -53,9 +66,9 @@ pub struct PrefixParams {
     pub request_cost_tokens: u64,
     /// `w`: how many queued tokens one uncached prompt token counts as.
     pub cache_weight: f64,
-    /// `r`: how many times the least loaded engine's load the chosen one may carry.
+    /// `r`: how many times the fastest predicted first token the chosen engine's may take.
     pub release_ratio: f64,
-    /// `s`: tokens of load the chosen engine may carry beyond `r·min`.
+    /// `s`: tokens of time the chosen engine's first token may take beyond `r·min`.
     pub release_slack_tokens: u64,
 }
 
@@ -74,8 +87,11 @@ impl PrefixParams {
     /// The formula with these parameters, for `tandem config check`.
     pub fn describe(&self) -> String {
         format!(
-            "cost(e) = (queued_tokens(e) + {c}·inflight(e) + {w}·(prompt_tokens − cached_tokens(e))) / weight(e); \
-             pick argmin cost; release to the least loaded engine when load(pick) > {r}·load(min) + {s} tokens",
+            "rate(e) = measured prefill tokens/s of e (busy time, 30 s decay; unmeasured: pool mean × weight); \
+             ahead(e) = queued_tokens(e) + {c}·inflight(e); \
+             T(e) = (ahead(e) + prompt_tokens − cached_tokens(e)) / rate(e); \
+             cost(e) = (ahead(e) + {w}·(prompt_tokens − cached_tokens(e))) / rate(e); pick argmin cost; \
+             release to argmin T when T(pick) > {r}·min T + {s} tokens / mean rate",
             c = self.request_cost_tokens,
             w = self.cache_weight,
             r = self.release_ratio,
@@ -90,15 +106,79 @@ pub struct PrefixPolicy {
     params: PrefixParams,
 }
 
+/// One candidate's figures, in seconds (tokens when no rate is measured).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Predicted time to the request's first token.
+    pub first_token: f64,
+    /// The policy's cost.
+    pub cost: f64,
+    /// Prompt tokens the engine is predicted not to hold.
+    pub uncached: f64,
+}
+
+/// Argmin over `n` candidates of `key`, exact ties broken uniformly by the RNG (reservoir).
+fn argmin(n: usize, rng: &mut dyn RngCore, key: impl Fn(usize) -> f64) -> usize {
+    let (mut best, mut best_key, mut ties) = (0, f64::INFINITY, 0u32);
+    for i in 0..n {
+        let k = key(i);
+        if k < best_key {
+            (best, best_key, ties) = (i, k, 1);
+        } else if k == best_key {
+            ties += 1;
+            if rng.random_range(0..ties) == 0 {
+                best = i;
+            }
+        }
+    }
+    best
+}
+
 impl PrefixPolicy {
     pub fn new(params: PrefixParams) -> Self {
         PrefixPolicy { params }
     }
 
-    fn load(&self, e: &EngineView) -> f64 {
-        (e.queued_prefill_tokens as f64
-            + self.params.request_cost_tokens as f64 * f64::from(e.inflight))
-            / e.weight
+    /// `rate_e` for each candidate (module docs).
+    fn rates(c: &[&EngineView]) -> Vec<f64> {
+        let measured: Vec<f64> = c
+            .iter()
+            .filter_map(|e| e.prefill_tokens_per_sec.map(|r| r / e.weight))
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .collect();
+        let per_weight = if measured.is_empty() {
+            1.0
+        } else {
+            measured.iter().sum::<f64>() / measured.len() as f64
+        };
+        c.iter()
+            .map(|e| match e.prefill_tokens_per_sec {
+                Some(r) if r.is_finite() && r > 0.0 => r,
+                _ => per_weight * e.weight,
+            })
+            .collect()
+    }
+
+    /// Each candidate's predicted first token and cost, and the release slack in the same unit.
+    pub fn estimates(&self, c: &[&EngineView], f: &RouteFacts) -> (Vec<Estimate>, f64) {
+        let cached = f.cached_by_id(c.iter().map(|e| e.id).max().unwrap_or(0));
+        let rates = Self::rates(c);
+        let est = c
+            .iter()
+            .zip(&rates)
+            .map(|(e, &rate)| {
+                let ahead = e.queued_prefill_tokens as f64
+                    + self.params.request_cost_tokens as f64 * f64::from(e.inflight);
+                let uncached = f.prompt_tokens.saturating_sub(cached[e.id]) as f64;
+                Estimate {
+                    first_token: (ahead + uncached) / rate,
+                    cost: (ahead + self.params.cache_weight * uncached) / rate,
+                    uncached,
+                }
+            })
+            .collect();
+        let mean_rate = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+        (est, self.params.release_slack_tokens as f64 / mean_rate)
     }
 }
 
@@ -111,20 +191,32 @@ impl Policy for PrefixPolicy {
         if c.len() == 1 {
             return Choice::new(0, RouteReason::OnlyCandidate);
         }
-        let cached = f.cached_by_id(c.iter().map(|e| e.id).max().unwrap_or(0));
-        let cost = |e: &EngineView| {
-            self.load(e)
-                + self.params.cache_weight * f.prompt_tokens.saturating_sub(cached[e.id]) as f64
-                    / e.weight
+        let (est, slack) = self.estimates(c, &f);
+        let pick = argmin(c.len(), rng, |i| est[i].cost);
+        let fastest = argmin(c.len(), rng, |i| est[i].first_token);
+        let limit = self.params.release_ratio * est[fastest].first_token + slack;
+        let (pick, released) = if est[pick].first_token > limit {
+            (fastest, true)
+        } else {
+            (pick, false)
         };
-        let (pick, _) = argmin_by(c, rng, cost);
-        let (least, _) = argmin_by(c, rng, |e| self.load(e));
-        let limit = self.params.release_ratio * self.load(c[least])
-            + self.params.release_slack_tokens as f64;
-        if self.load(c[pick]) > limit {
-            return Choice::new(least, RouteReason::LoadRelease);
+        // Session affinity breaks ties the index cannot see: the session's engine takes the
+        // request when it holds at least as much of the prompt as the pick, within the bound.
+        let session = f
+            .session
+            .and_then(|k| affinity::rendezvous(k, c.iter().map(|e| &*e.url)));
+        if let Some(s) = session.filter(|&s| s != pick) {
+            if est[s].uncached <= est[pick].uncached && est[s].first_token <= limit {
+                return Choice::new(s, RouteReason::SessionAffinity);
+            }
         }
-        let hit = cached[c[pick].id] > 0;
+        if released {
+            return Choice::new(pick, RouteReason::LoadRelease);
+        }
+        let hit = f
+            .cached
+            .iter()
+            .any(|&(id, t)| id == c[pick].id && t > 0);
         Choice::new(
             pick,
             if hit {
@@ -155,6 +247,7 @@ mod tests {
             prompt_tokens: 10_000,
             cached,
             kv_blocks_needed: 0,
+            session: None,
         }
     }
 
@@ -176,18 +269,43 @@ mod tests {
     }
 
     #[test]
-    fn a_hot_prefix_is_released_to_the_least_loaded_engine() {
+    fn a_hot_prefix_is_released_when_its_first_token_would_come_far_later() {
         let p = PrefixPolicy::new(PrefixParams::default());
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        // A 100k-token cached document: cost says engine 1 even at 100k queued (100,000 vs
-        // 10,000 + 2·100,000), but that is past 1.5·10,000 + 65,536.
+        // A 400k-token cached document on engine 1 behind 700k queued: cost 700k against
+        // 2·400k = 800k says stay, but its first token (700k) is past 1.5·400k + 65,536.
         let f = RouteFacts {
-            prompt_tokens: 100_000,
-            ..facts(&[(1, 100_000)])
+            prompt_tokens: 400_000,
+            ..facts(&[(1, 400_000)])
         };
-        let es = [e(0, 10_000), e(1, 100_000)];
+        let es = [e(0, 0), e(1, 700_000)];
         let c = p.choose(&[&es[0], &es[1]], f, &mut rng).unwrap();
         assert_eq!((c.index, c.reason), (0, RouteReason::LoadRelease));
+        // 600k queued: 600k ≤ 665,536, the cache keeps it.
+        let es = [e(0, 0), e(1, 600_000)];
+        let c = p.choose(&[&es[0], &es[1]], f, &mut rng).unwrap();
+        assert_eq!((c.index, c.reason), (1, RouteReason::PrefixHit));
+    }
+
+    #[test]
+    fn measured_rates_turn_queues_into_time() {
+        let p = PrefixPolicy::new(PrefixParams::default());
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let rated = |id, queued, rate| EngineView {
+            prefill_tokens_per_sec: Some(rate),
+            ..e(id, queued)
+        };
+        // Fewer queued tokens on engine 1, but it computes a quarter as fast (a slower GPU, or
+        // its PCIe link busy with host-tier loads): (20k + 20k)/5k = 8 s against
+        // (40k + 20k)/20k = 3 s.
+        let es = [rated(0, 40_000, 20_000.0), rated(1, 20_000, 5_000.0)];
+        let c = p.choose(&[&es[0], &es[1]], facts(&[]), &mut rng).unwrap();
+        assert_eq!(c.index, 0);
+        // An engine not measured yet is priced at the pool's mean rate per unit of weight.
+        let es = [rated(0, 0, 10_000.0), e(1, 0)];
+        let (est, _) = p.estimates(&[&es[0], &es[1]], &facts(&[]));
+        assert!((est[0].first_token - 1.0).abs() < 1e-9, "{est:?}");
+        assert!((est[1].first_token - 1.0).abs() < 1e-9, "{est:?}");
     }
 
     #[test]
@@ -216,28 +334,81 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The same inputs and seed give the same choice, and a release never picks an engine
-        /// more loaded than the least loaded one.
+        /// The same inputs and seed give the same choice; the choice's predicted first token is
+        /// never worse than the release bound (r·fastest + s at the pool's mean rate), and a
+        /// release goes to the fastest.
         #[test]
-        fn deterministic_and_releases_to_the_least_loaded(
-            queued in proptest::collection::vec(0u64..200_000, 2..16),
-            hits in proptest::collection::vec((0usize..16, 0u64..20_000), 0..8),
-            prompt in 1u64..20_000,
+        fn deterministic_and_never_past_the_release_bound(
+            engines in proptest::collection::vec(
+                (0u64..400_000, 0u32..64, proptest::option::of(500.0f64..100_000.0), 1u32..4),
+                2..16,
+            ),
+            hits in proptest::collection::vec((0usize..16, 0u64..120_000), 0..8),
+            prompt in 1u64..120_000,
             seed in proptest::prelude::any::<u64>(),
+            session in proptest::option::of(proptest::prelude::any::<u64>()),
         ) {
-            let es: Vec<EngineView> = queued.iter().enumerate().map(|(i, &q)| e(i, q)).collect();
+            let es: Vec<EngineView> = engines
+                .iter()
+                .enumerate()
+                .map(|(i, &(q, inflight, rate, w))| EngineView {
+                    inflight,
+                    prefill_tokens_per_sec: rate,
+                    weight: f64::from(w),
+                    ..e(i, q)
+                })
+                .collect();
             let refs: Vec<&EngineView> = es.iter().collect();
-            let f = RouteFacts { seq: 0, prompt_tokens: prompt, cached: &hits, kv_blocks_needed: 0 };
+            let f = RouteFacts { seq: 0, prompt_tokens: prompt, cached: &hits, kv_blocks_needed: 0, session };
             let p = PrefixPolicy::new(PrefixParams::default());
             let a = p.choose(&refs, f, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
             let b = p.choose(&refs, f, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
             proptest::prop_assert_eq!(a, b);
+            let (est, slack) = p.estimates(&refs, &f);
+            let fastest = est.iter().map(|x| x.first_token).fold(f64::INFINITY, f64::min);
+            let bound = 1.5 * fastest + slack;
+            proptest::prop_assert!(
+                est[a.index].first_token <= bound * (1.0 + 1e-12),
+                "picked {} with T {} past {}", a.index, est[a.index].first_token, bound
+            );
             if a.reason == RouteReason::LoadRelease {
-                let min = queued.iter().min().copied().unwrap();
-                proptest::prop_assert_eq!(queued[a.index], min);
+                proptest::prop_assert_eq!(est[a.index].first_token, fastest);
             }
-            let min = queued.iter().min().copied().unwrap() as f64;
-            proptest::prop_assert!(queued[a.index] as f64 <= 1.5 * min + 65_536.0);
+            if a.reason == RouteReason::SessionAffinity {
+                let home = affinity::rendezvous(session.unwrap(), refs.iter().map(|e| &*e.url));
+                proptest::prop_assert_eq!(Some(a.index), home);
+            }
         }
+    }
+
+    #[test]
+    fn a_session_key_breaks_ties_within_the_bound_only() {
+        let p = PrefixPolicy::new(PrefixParams::default());
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let es: Vec<EngineView> = (0..8).map(|i| e(i, 1_000 * i as u64)).collect();
+        let refs: Vec<&EngineView> = es.iter().collect();
+        // Find a session whose engine is not the least loaded one (engine 0).
+        let (key, home) = (0u64..)
+            .map(|k| (k, affinity::rendezvous(k, refs.iter().map(|e| &*e.url)).unwrap()))
+            .find(|&(_, h)| h >= 3)
+            .unwrap();
+        let f = RouteFacts {
+            session: Some(key),
+            ..facts(&[])
+        };
+        // Nothing cached anywhere (the index has not seen this conversation): its engine.
+        let c = p.choose(&refs, f, &mut rng).unwrap();
+        assert_eq!((c.index, c.reason), (home, RouteReason::SessionAffinity));
+        // A cache elsewhere wins over the key.
+        let other = (home + 1) % 8;
+        let hits = [(other, 8_000)];
+        let c = p.choose(&refs, RouteFacts { cached: &hits, ..f }, &mut rng).unwrap();
+        assert_eq!(c.index, other);
+        // Past the release bound the key does not hold it.
+        let mut es = es.clone();
+        es[home].queued_prefill_tokens = 200_000;
+        let refs: Vec<&EngineView> = es.iter().collect();
+        let c = p.choose(&refs, f, &mut rng).unwrap();
+        assert_ne!(c.index, home);
     }
 }

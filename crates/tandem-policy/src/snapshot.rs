@@ -64,6 +64,9 @@ pub struct EngineView {
     pub kv_used_blocks: Option<u64>,
     /// Blocks the coordinator has promised to requests the last scrape cannot have seen yet.
     pub kv_reserved_blocks: u64,
+    /// Prefill throughput the coordinator measured on this engine (tokens/s of uncached prompt
+    /// per second busy with its prefill legs, decayed); `None` until measured.
+    pub prefill_tokens_per_sec: Option<f64>,
 }
 
 impl EngineView {
@@ -81,6 +84,7 @@ impl EngineView {
             kv_total_blocks: None,
             kv_used_blocks: None,
             kv_reserved_blocks: 0,
+            prefill_tokens_per_sec: None,
         }
     }
 

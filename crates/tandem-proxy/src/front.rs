@@ -35,6 +35,8 @@ pub struct Parsed {
     pub prompt_ids: Vec<u32>,
     /// `max_tokens` (or chat's `max_completion_tokens`), when given.
     pub max_tokens: Option<u64>,
+    /// The client's session key, hashed: the `x-session-id` header, else the body's `user`.
+    pub session: Option<u64>,
     /// The prefill leg's body (vllm-pd-protocol.md §1.2).
     pub prefill_body: Bytes,
     /// The client's body without any `kv_transfer_params` and without its closing brace, so the
@@ -66,7 +68,15 @@ fn bad(msg: impl Into<String>) -> ProxyError {
 }
 
 /// Parse, validate and tokenise one request body.
-pub fn parse(kind: Kind, raw: &[u8], tok: &Tokenizer) -> Result<Parsed, ProxyError> {
+/// The header a client names its conversation with (OpenAI's body field `user` also counts).
+pub const SESSION_HEADER: &str = "x-session-id";
+
+pub fn parse(
+    kind: Kind,
+    raw: &[u8],
+    tok: &Tokenizer,
+    session_header: Option<&[u8]>,
+) -> Result<Parsed, ProxyError> {
     let mut body: Map<String, Value> = match serde_json::from_slice::<Value>(raw) {
         Ok(Value::Object(m)) => m,
         Ok(_) => return Err(bad("the request body must be a JSON object")),
@@ -89,6 +99,15 @@ pub fn parse(kind: Kind, raw: &[u8], tok: &Tokenizer) -> Result<Parsed, ProxyErr
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(bad("`model` must be a string")),
     };
+    let user = match body.get("user") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.as_bytes()),
+        Some(_) => return Err(bad("`user` must be a string")),
+    };
+    let session = session_header
+        .filter(|h| !h.is_empty())
+        .or(user.filter(|u| !u.is_empty()))
+        .map(tandem_policy::affinity::hash_key);
     let max_tokens = ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_u64));
@@ -136,6 +155,7 @@ pub fn parse(kind: Kind, raw: &[u8], tok: &Tokenizer) -> Result<Parsed, ProxyErr
         prompt_tokens,
         prompt_ids,
         max_tokens,
+        session,
         prefill_body,
         decode_prefix: decode,
         decode_empty,
@@ -232,7 +252,7 @@ mod tests {
     #[test]
     fn prefill_body_follows_the_reference_proxy() {
         let raw = br#"{"model":"m","prompt":"hello","max_tokens":50,"stream":true,"stream_options":{"include_usage":true},"min_tokens":3}"#;
-        let p = parse(Kind::Completions, raw, &tok()).unwrap();
+        let p = parse(Kind::Completions, raw, &tok(), None).unwrap();
         let v: Value = serde_json::from_slice(&p.prefill_body).unwrap();
         assert_eq!(v["stream"], false);
         assert_eq!(v["max_tokens"], 1);
@@ -247,7 +267,7 @@ mod tests {
     #[test]
     fn decode_body_is_the_original_plus_params_verbatim() {
         let raw = br#"{"model":"m","prompt":"hi","kv_transfer_params":{"evil":1},"max_tokens":5}"#;
-        let p = parse(Kind::Completions, raw, &tok()).unwrap();
+        let p = parse(Kind::Completions, raw, &tok(), None).unwrap();
         let params = r#"{"do_remote_prefill":true,"remote_block_ids":[1,2]}"#;
         let d = p.decode_body(Some(params));
         assert_eq!(
@@ -263,6 +283,7 @@ mod tests {
             Kind::Chat,
             br#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":9}"#,
             &tok(),
+            None,
         )
         .unwrap();
         let v: Value = serde_json::from_slice(&chat.prefill_body).unwrap();
@@ -284,12 +305,25 @@ mod tests {
             (Kind::Chat, br#"{"messages":"hi"}"#),
             (Kind::Chat, br#"{"messages":[{"content":"no role"}]}"#),
         ] {
-            let e = parse(kind, raw, &tok()).unwrap_err();
+            let e = parse(kind, raw, &tok(), None).unwrap_err();
             assert!(matches!(e, ProxyError::BadRequest(_)), "{e:?}");
         }
-        let batch = parse(Kind::Completions, br#"{"prompt":["a","b"]}"#, &tok()).unwrap();
+        let batch = parse(Kind::Completions, br#"{"prompt":["a","b"]}"#, &tok(), None).unwrap();
         assert!(batch.batch);
-        let ids = parse(Kind::Completions, br#"{"prompt":[1,2,3]}"#, &tok()).unwrap();
+        let ids = parse(Kind::Completions, br#"{"prompt":[1,2,3]}"#, &tok(), None).unwrap();
         assert_eq!((ids.prompt_tokens, ids.batch), (3, false));
+    }
+
+    #[test]
+    fn the_session_key_is_the_header_else_the_user_field() {
+        let key = |raw: &[u8], h: Option<&[u8]>| parse(Kind::Completions, raw, &tok(), h).unwrap().session;
+        let with_user = br#"{"prompt":"hi","user":"alice"}"#;
+        let hash = tandem_policy::affinity::hash_key;
+        assert_eq!(key(with_user, None), Some(hash(b"alice")));
+        assert_eq!(key(with_user, Some(b"conv-7")), Some(hash(b"conv-7")));
+        assert_eq!(key(br#"{"prompt":"hi","user":""}"#, Some(b"")), None);
+        assert_eq!(key(br#"{"prompt":"hi"}"#, None), None);
+        let e = parse(Kind::Completions, br#"{"prompt":"hi","user":5}"#, &tok(), None);
+        assert!(matches!(e, Err(ProxyError::BadRequest(_))));
     }
 }

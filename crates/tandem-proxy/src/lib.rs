@@ -11,6 +11,7 @@ mod metrics;
 mod pd;
 mod pool;
 mod prefix;
+mod rate;
 mod relay;
 mod route;
 mod server;

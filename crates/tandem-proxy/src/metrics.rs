@@ -126,6 +126,7 @@ pub struct Metrics {
     engine_kv_free: Family<EngineLabels, Gauge>,
     pool_engines: Family<PoolStateLabels, Gauge>,
     pd_ratio: Family<RatioLabels, Gauge<f64, AtomicU64>>,
+    engine_prefill_rate: Family<EngineLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Metrics {
@@ -278,6 +279,12 @@ impl Metrics {
             "Engines per pool and state",
             pool_engines.clone(),
         );
+        let engine_prefill_rate = Family::<EngineLabels, Gauge<f64, AtomicU64>>::default();
+        r.register(
+            "tandem_engine_prefill_tokens_per_second",
+            "Prefill throughput Tandem measured on the engine (uncached tokens per second busy with its prefill legs, 30 s decay), which the prefix policy prices queues with",
+            engine_prefill_rate.clone(),
+        );
         let pd_ratio = Family::<RatioLabels, Gauge<f64, AtomicU64>>::default();
         r.register(
             "tandem_pd_ratio",
@@ -318,6 +325,7 @@ impl Metrics {
             engine_kv_free,
             pool_engines,
             pd_ratio,
+            engine_prefill_rate,
         }
     }
 
@@ -396,6 +404,9 @@ impl Metrics {
                 self.engine_prefix_blocks
                     .get_or_create(&l)
                     .set(indexed(kind, e.engine.id) as i64);
+                if let Some(rate) = e.engine.rate.tokens_per_sec(e.engine.secs()) {
+                    self.engine_prefill_rate.get_or_create(&l).set(rate);
+                }
             }
         }
     }

@@ -120,7 +120,13 @@ pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: 
         span.clone(),
         trace::Outgoing::new(ctx, incoming.tracestate),
     );
-    let parsed = match front::parse(kind, &raw, &st.tokenizer) {
+    let session = st
+        .cfg
+        .routing
+        .session_affinity
+        .then(|| headers.get(front::SESSION_HEADER).map(|v| v.as_bytes()))
+        .flatten();
+    let parsed = match front::parse(kind, &raw, &st.tokenizer, session) {
         Ok(p) => p,
         Err(e) => {
             fin.finish(e.outcome());
@@ -489,6 +495,7 @@ async fn prefill_leg(
 ) -> Result<PrefillDone, LegError> {
     // Queued work is what the engine must compute: the prompt less what it is predicted to hold.
     let _load = engine.track(work_tokens);
+    let mut rate = RateLeg::begin(engine);
     let leg = async {
         let mut conn = engine
             .upstream
@@ -534,12 +541,15 @@ async fn prefill_leg(
                 false,
             )
         })?;
+        let cached = parsed
+            .usage
+            .and_then(|u| u.prompt_tokens_details)
+            .and_then(|d| d.cached_tokens);
+        // What the engine computed: the prompt less what it says it had (any tier).
+        rate.work = cached.map_or(work_tokens, |c| req.prompt_tokens.saturating_sub(c));
         Ok(PrefillDone {
             params: parsed.kv_transfer_params,
-            cached: parsed
-                .usage
-                .and_then(|u| u.prompt_tokens_details)
-                .and_then(|d| d.cached_tokens),
+            cached,
         })
     };
     match tokio::time::timeout(st.deadlines.prefill, leg).await {
@@ -553,6 +563,26 @@ async fn prefill_leg(
             ),
             false,
         )),
+    }
+}
+
+/// One prefill leg in the engine's throughput estimate: begun when made, ended when dropped with
+/// the work the leg reported computing (none if it failed or was abandoned).
+struct RateLeg<'a> {
+    engine: &'a Engine,
+    work: u64,
+}
+
+impl<'a> RateLeg<'a> {
+    fn begin(engine: &'a Engine) -> Self {
+        engine.rate.begin(engine.secs());
+        RateLeg { engine, work: 0 }
+    }
+}
+
+impl Drop for RateLeg<'_> {
+    fn drop(&mut self) {
+        self.engine.rate.end(self.engine.secs(), self.work);
     }
 }
 

@@ -21,6 +21,7 @@ use tandem_policy::{EngineView, Health, PoolKind, PoolSnapshot};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::metrics::Metrics;
+use crate::rate::PrefillRate;
 use crate::upstream::Upstream;
 
 /// One engine Tandem routes to. Lives as long as any snapshot or request refers to it.
@@ -45,6 +46,10 @@ pub struct Engine {
     scrapes_sent: AtomicU64,
     /// Wakes requests waiting for KV room when a reservation is released.
     freed: Arc<Notify>,
+    /// Prefill throughput measured from this engine's prefill legs.
+    pub rate: PrefillRate,
+    /// Origin of the seconds `rate` is fed with.
+    born: Instant,
 }
 
 /// Reservations by id: blocks, and the scrape count when the engine began the request (`None`
@@ -66,6 +71,11 @@ impl Engine {
 
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
+    }
+
+    /// Seconds since this engine entered the table, the clock its `rate` runs on.
+    pub fn secs(&self) -> f64 {
+        self.born.elapsed().as_secs_f64()
     }
 
     pub fn reserved_blocks(&self) -> u64 {
@@ -277,6 +287,7 @@ impl Pools {
                     kv_total_blocks: e.status.num_gpu_blocks,
                     kv_used_blocks: e.status.kv_used_blocks(),
                     kv_reserved_blocks: e.engine.reserved_blocks(),
+                    prefill_tokens_per_sec: e.engine.rate.tokens_per_sec(e.engine.secs()),
                 })
                 .collect()
         }
@@ -406,6 +417,8 @@ fn new_entry(
             inflight: AtomicU32::new(0),
             queued_prefill_tokens: AtomicU64::new(0),
             served: AtomicU64::new(0),
+            rate: PrefillRate::default(),
+            born: Instant::now(),
             reservations: Mutex::new(Reservations::default()),
             reserved_blocks: AtomicU64::new(0),
             scrapes_sent: AtomicU64::new(0),

@@ -152,6 +152,7 @@ pub async fn plan_admitted(
         prefill_cached: &pred.prefill,
         decode_cached: &pred.decode,
         kv_blocks_needed: need,
+        session: req.session,
     };
     wait_for_room(st, |pools| {
         // Under the lock every decision holds, so the snapshot has every admission before it.
@@ -211,6 +212,7 @@ pub async fn admit_decode(
         prompt_tokens: req.prompt_tokens,
         cached: &pred.decode,
         kv_blocks_needed: need,
+        session: req.session,
     };
     wait_for_room(st, |pools| {
         // The snapshot is taken under the RNG lock, which every decision holds, so it includes

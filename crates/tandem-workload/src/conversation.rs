@@ -29,6 +29,7 @@
 //! | `output_mean_tokens`, `output_sigma`, `max_output_tokens` | 345, 0.6, 2,000 | the trace's mean 343, p90 597, p99 1,120 and max 2,000 (its median, 350, is higher than any lognormal with that mean allows: 289 here) |
 //! | `think_time_ms`, `think_time_sigma` | 300,000 (5 min), 0.95 | the trace's LRU capacity sweep: reuse comes minutes later (10.2 M tokens, ~6 min of the trace's new blocks, are needed for 28.8 %), and hardly ever within seconds (0.5 M: 4.5 %, nearly all block 0); a lognormal with median ~3 min fits all four points, a mean of 45 s puts 13 % at 0.5 M and 39 % at 10.2 M |
 //! | `max_prompt_tokens` | 120,000 | what `tandem bench trace` keeps by default (a 131,072-token model); the trace has 17 requests above it |
+//! | `timestamp_bucket_ms` | 3,000 | the recording's timestamps are 3 s buckets (1,180 distinct, up to 28 requests in one); replayed as they are, arrivals come in bursts, which is what loads a router's queue estimates and the decode handoffs unevenly. The busiest bucket here holds 15–40 requests |
 //!
 //! # Measured statistics of the default trace
 //!
@@ -96,6 +97,10 @@ pub struct ConversationParams {
     pub think_time_sigma: f64,
     /// No prompt is longer: a session ends before a turn that would exceed it.
     pub max_prompt_tokens: u32,
+    /// Arrival times are floored to multiples of this (0: exact), as the recorded trace's
+    /// timestamps are to 3,000 ms buckets (up to 28 requests share one): replayed as they are,
+    /// its arrivals come in bursts, and so do these.
+    pub timestamp_bucket_ms: f64,
 }
 
 impl Default for ConversationParams {
@@ -119,6 +124,7 @@ impl Default for ConversationParams {
             think_time_ms: 300_000.0,
             think_time_sigma: 0.95,
             max_prompt_tokens: 120_000,
+            timestamp_bucket_ms: 3_000.0,
         }
     }
 }
@@ -210,6 +216,11 @@ pub fn synthetic_conversation(params: &ConversationParams, seed: u64) -> Result<
                 break;
             }
             if at_ms >= 0.0 {
+                let at_ms = if p.timestamp_bucket_ms > 0.0 {
+                    (at_ms / p.timestamp_bucket_ms).floor() * p.timestamp_bucket_ms
+                } else {
+                    at_ms
+                };
                 requests.push(Request {
                     at_ms,
                     input: PromptSpec {
@@ -241,6 +252,7 @@ fn validate(p: &ConversationParams) -> Result<()> {
     };
     positive("duration_ms", p.duration_ms)?;
     non_negative("warmup_ms", p.warmup_ms)?;
+    non_negative("timestamp_bucket_ms", p.timestamp_bucket_ms)?;
     positive("session_rate_per_s", p.session_rate_per_s)?;
     positive("context_mean_tokens", p.context_mean_tokens)?;
     positive("user_mean_tokens", p.user_mean_tokens)?;
@@ -390,6 +402,14 @@ mod tests {
         assert!(long > 10 && at_cap <= 1, "{long} {at_cap}");
         assert_eq!(t.block_tokens, None);
         assert_eq!(t.name, "conversation");
+        // Timestamps in 3 s buckets, several requests sharing one, as in the recording.
+        assert!(t.requests.iter().all(|r| r.at_ms % 3_000.0 == 0.0));
+        let mut per_bucket: HashMap<u64, u32> = HashMap::new();
+        for r in &t.requests {
+            *per_bucket.entry(r.at_ms as u64).or_default() += 1;
+        }
+        let busiest = per_bucket.values().copied().max().unwrap();
+        assert!((15..=40).contains(&busiest), "{busiest} in one bucket");
     }
 
     #[test]

@@ -177,7 +177,19 @@ async fn pull(
             .await;
         (blocks, clock.now() - started)
     };
-    let ((blocks, post_s), ()) = tokio::join!(read, e.link.transfer(bytes));
+    let link = e.link.transfer(bytes);
+    tokio::pin!(read, link);
+    let mut moved = false;
+    let (blocks, post_s) = loop {
+        tokio::select! {
+            r = &mut read => break r,
+            () = &mut link, if !moved => moved = true,
+        }
+    };
+    // A failed read ends the pull at once; a good one waits for its bytes through this NIC.
+    if blocks.is_ok() && !moved {
+        link.await;
+    }
     let blocks = blocks.map_err(|source| TransferError::Read {
         addr: addr.clone(),
         source,

@@ -1,0 +1,134 @@
+//! Each prefill engine's measured prefill throughput, for the `prefix` policy's time estimates.
+//!
+//! Tandem sees every prefill leg it sends: when it starts, when it ends, and how much of the
+//! prompt the engine had to compute (the prompt less the cached tokens the engine reports, host
+//! tier included). The estimate is the work completed per second the engine was busy with
+//! Tandem's legs (at least one in flight), both decayed with a time constant of
+//! [`DECAY_SECS`], so a slow GPU, a busy host-memory link or a noisy neighbour shows within
+//! seconds and is forgotten as fast once it passes. Busy time, not leg duration, is the
+//! denominator: with several legs in flight a leg's duration includes the others' work, so
+//! dividing by it would count the same second many times.
+//!
+//! Time is an argument (seconds on the caller's monotonic clock), so the arithmetic is pure.
+
+use std::sync::Mutex;
+
+/// Decay time constant of the work and busy-time sums.
+pub const DECAY_SECS: f64 = 30.0;
+/// Busy time needed before the estimate is used (the first legs of a cold engine say little).
+pub const MIN_BUSY_SECS: f64 = 0.25;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct State {
+    /// Decayed tokens of prefill work completed.
+    work: f64,
+    /// Decayed seconds with at least one leg in flight.
+    busy: f64,
+    active: u32,
+    /// Time of the last event.
+    last: Option<f64>,
+}
+
+impl State {
+    fn advance(&mut self, now: f64) {
+        if let Some(last) = self.last {
+            let dt = (now - last).max(0.0);
+            let decay = (-dt / DECAY_SECS).exp();
+            self.work *= decay;
+            self.busy *= decay;
+            if self.active > 0 {
+                self.busy += dt;
+            }
+        }
+        self.last = Some(self.last.map_or(now, |l| l.max(now)));
+    }
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct PrefillRate {
+    state: Mutex<State>,
+}
+
+impl PrefillRate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update leaves the numbers consistent, so a panicked holder changes nothing.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A prefill leg starts at `now`.
+    pub fn begin(&self, now: f64) {
+        let mut s = self.lock();
+        s.advance(now);
+        s.active += 1;
+    }
+
+    /// A prefill leg that began ends at `now`, having computed `work_tokens` (0 if it failed).
+    pub fn end(&self, now: f64, work_tokens: u64) {
+        let mut s = self.lock();
+        s.advance(now);
+        s.active = s.active.saturating_sub(1);
+        s.work += work_tokens as f64;
+    }
+
+    /// Tokens per second, once the engine has been busy long enough to say.
+    pub fn tokens_per_sec(&self, now: f64) -> Option<f64> {
+        let mut s = *self.lock();
+        s.advance(now);
+        (s.busy >= MIN_BUSY_SECS && s.work > 0.0).then(|| s.work / s.busy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_time_not_leg_time_is_the_denominator() {
+        let r = PrefillRate::default();
+        assert_eq!(r.tokens_per_sec(0.0), None, "nothing measured");
+        // Four legs of 1,000 tokens in flight together for one second: 4,000 tok/s, not 1,000.
+        for _ in 0..4 {
+            r.begin(0.0);
+        }
+        for _ in 0..4 {
+            r.end(1.0, 1000);
+        }
+        let rate = r.tokens_per_sec(1.0).unwrap();
+        assert!((rate - 4000.0).abs() < 1.0, "{rate}");
+        // Idle time does not count: an hour later the ratio is the same, only decayed.
+        let later = r.tokens_per_sec(3600.0);
+        assert!(later.is_none(), "decayed below the busy threshold: {later:?}");
+    }
+
+    #[test]
+    fn a_slowdown_shows_within_the_decay_time() {
+        let r = PrefillRate::default();
+        let mut t = 0.0;
+        // 60 s at 10,000 tok/s, one leg after another...
+        for _ in 0..60 {
+            r.begin(t);
+            t += 1.0;
+            r.end(t, 10_000);
+        }
+        // ...then 60 s at 2,500 tok/s (e.g. host-tier loads on its link).
+        for _ in 0..60 {
+            r.begin(t);
+            t += 1.0;
+            r.end(t, 2_500);
+        }
+        let rate = r.tokens_per_sec(t).unwrap();
+        assert!(rate < 4_000.0 && rate > 2_500.0, "{rate}");
+    }
+
+    #[test]
+    fn failed_legs_add_busy_time_but_no_work() {
+        let r = PrefillRate::default();
+        r.begin(0.0);
+        r.end(1.0, 1000);
+        r.begin(1.0);
+        r.end(2.0, 0);
+        let rate = r.tokens_per_sec(2.0).unwrap();
+        assert!(rate < 600.0 && rate > 400.0, "{rate}");
+    }
+}
