@@ -167,3 +167,49 @@ async fn a_full_decode_pool_queues_then_refuses_with_retry_after() {
     assert!(s.next().await.is_some_and(|c| c.is_ok()));
     assert_eq!(t.metric("tandem_admission_queued_total", &[]).await, 1.0);
 }
+
+#[tokio::test]
+async fn a_burst_of_handoffs_spreads_evenly_over_the_decode_engines() {
+    // 16 requests at once: the prefill engine finishes them in the same few steps, so their
+    // handoffs arrive together. Each is placed at its handoff, seeing every admission before it,
+    // so two equal decode engines take 8 each (placing them where they were provisionally put
+    // at arrival, from one stale scrape, bunched them on one engine).
+    let (p, d1, d2) = tokio::join!(Sim::start(&[]), Sim::start(&[]), Sim::start(&[]));
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n\
+         [pools.prefill]\nendpoints = [\"{}\"]\n\n\
+         [pools.decode]\nendpoints = [\"{}\", \"{}\"]\n\n\
+         [disaggregation]\nmode = \"always\"\n\n\
+         [health]\ninterval_ms = 100\nscrape_interval_ms = 100\n",
+        p.url, d1.url, d2.url
+    );
+    let t = Tandem::start(&cfg).await;
+    for d in [&d1, &d2] {
+        t.wait_metric(
+            "tandem_engine_kv_total_blocks",
+            &[("pool", "decode"), ("engine", &d.url)],
+            |v| v > 0.0,
+        )
+        .await;
+    }
+    let streams = futures::future::join_all((0..16).map(|i| {
+        let body = json!({"model": MODEL, "prompt": format!("burst {i}: {PROMPT}"),
+            "max_tokens": 100000, "ignore_eos": true, "stream": true});
+        let (client, url) = (t.client.clone(), format!("{}/v1/completions", t.url));
+        async move {
+            let resp = client.post(url).json(&body).send().await.expect("sent");
+            assert_eq!(resp.status(), 200);
+            let mut s = resp.bytes_stream();
+            // The first chunk: the request is running on its decode engine.
+            s.next().await.expect("a first chunk").expect("bytes");
+            s
+        }
+    }))
+    .await;
+    let (r1, r2) = (
+        d1.metric("vllm:num_requests_running", &[]).await,
+        d2.metric("vllm:num_requests_running", &[]).await,
+    );
+    assert_eq!((r1, r2), (8.0, 8.0), "decode engines running {r1} and {r2}");
+    drop(streams);
+}

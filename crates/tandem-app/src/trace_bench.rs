@@ -485,12 +485,23 @@ pub async fn run(a: TraceArgs) -> Result<(), BoxError> {
         Some(capacity),
         Assignment::RoundRobin,
     )?;
+    // One LRU as large as the whole pool: what routing could keep if the pool's caches held no
+    // block twice and every request found its history (a reference, not a proof of optimum).
+    let pooled = lru_cache_hits(
+        &trace,
+        bt,
+        1,
+        Some(capacity.saturating_mul(a.prefill as u64)),
+        Assignment::RoundRobin,
+    )?;
     eprintln!(
-        "with {} LRU caches of {} tokens (each prefill engine's KV, host tier included): longest-prefix {:.1} %, round-robin {:.1} % of prompt tokens",
+        "with {} LRU caches of {} tokens (each prefill engine's KV, host tier included): longest-prefix {:.1} %, round-robin {:.1} % of prompt tokens; one LRU of all {} tokens: {:.1} %",
         a.prefill,
         capacity,
         lp.total.token_fraction() * 100.0,
-        lrr.total.token_fraction() * 100.0
+        lrr.total.token_fraction() * 100.0,
+        capacity.saturating_mul(a.prefill as u64),
+        pooled.total.token_fraction() * 100.0
     );
     let cols: Vec<(&str, &Summary)> = results.iter().map(|(n, s)| (n.as_str(), s)).collect();
     println!("{}", side_by_side(&cols));
@@ -509,6 +520,7 @@ pub async fn run(a: TraceArgs) -> Result<(), BoxError> {
             "prefill_kv_tokens": capacity,
             "lru_longest_prefix_token_hit": lp.total.token_fraction(),
             "lru_round_robin_token_hit": lrr.total.token_fraction(),
+            "lru_pooled_token_hit": pooled.total.token_fraction(),
             "runs": results.iter().map(|(n, s)| json!({"policy": n, "summary": s})).collect::<Vec<_>>(),
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;

@@ -112,10 +112,10 @@ pub struct RoutingConfig {
     pub request_cost_tokens: u64,
     /// `prefix`: how many queued tokens one uncached prompt token counts as.
     pub cache_weight: f64,
-    /// `prefix`: the chosen engine's predicted first token may come at most this many times
-    /// later than the fastest engine's...
+    /// `prefix`: the chosen engine's queue (and its predicted first token) may be at most this
+    /// many times the shortest queue's (the fastest first token's)...
     pub release_ratio: f64,
-    /// `prefix`: ...plus this many tokens' worth of time, or the fastest engine gets it.
+    /// `prefix`: ...plus this many tokens' worth of time, or the request is released.
     pub release_slack_tokens: u64,
     /// `kv-capacity`: output tokens reserved per request, or `max_tokens` if smaller.
     pub expected_output_tokens: u64,

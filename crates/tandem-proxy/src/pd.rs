@@ -545,8 +545,11 @@ async fn prefill_leg(
             .usage
             .and_then(|u| u.prompt_tokens_details)
             .and_then(|d| d.cached_tokens);
-        // What the engine computed: the prompt less what it says it had (any tier).
-        rate.work = cached.map_or(work_tokens, |c| req.prompt_tokens.saturating_sub(c));
+        // What the engine computed: the prompt less what it says it had (any tier), plus the
+        // per-request cost the `prefix` policy charges each request in flight, so the rate
+        // does not depend on how cached or short an engine's prompts happen to be.
+        let computed = cached.map_or(work_tokens, |c| req.prompt_tokens.saturating_sub(c));
+        rate.work = computed + st.cfg.routing.request_cost_tokens;
         Ok(PrefillDone {
             params: parsed.kv_transfer_params,
             cached,

@@ -2,7 +2,7 @@
 //!
 //! Tandem sees every prefill leg it sends: when it starts, when it ends, and how much of the
 //! prompt the engine had to compute (the prompt less the cached tokens the engine reports, host
-//! tier included). The estimate is the work completed per second the engine was busy with
+//! tier included; the caller adds the policy's per-request cost). The estimate is the work completed per second the engine was busy with
 //! Tandem's legs (at least one in flight), both decayed with a time constant of
 //! [`DECAY_SECS`], so a slow GPU, a busy host-memory link or a noisy neighbour shows within
 //! seconds and is forgotten as fast once it passes. Busy time, not leg duration, is the
