@@ -298,6 +298,7 @@ async fn run_one(
                 || l.starts_with("tandem_predicted_cached_tokens_total")
                 || l.starts_with("tandem_reported_cached_tokens_total")
                 || l.starts_with("tandem_admission_")
+                || l.starts_with("tandem_engine_prefill_tokens_per_second")
         }) {
             eprintln!("  {line}");
         }

@@ -8,9 +8,12 @@
 //! the first `h_e` of them:
 //!
 //! ```text
-//! rate_e  = prefill tokens/s Tandem measured on e (uncached tokens per second busy with its
-//!           prefill legs, decayed over 30 s); unmeasured: the candidates' mean of rate/weight
-//!           times weight_e; none measured: weight_e (every figure below is then in tokens)
+//! m_e     = prefill tokens/s Tandem measured on e ((uncached tokens + c) per leg, per second
+//!           busy with its prefill legs, decayed over 30 s), per unit of weight
+//! g       = the geometric mean of m over the measured candidates
+//! rate_e  = weight_e · g · exp(shrink(ln(m_e / g)))   shrink(x) = sign(x)·max(0, |x| − ln 1.5);
+//!           unmeasured: weight_e · g; none measured: weight_e (every figure below is then in
+//!           tokens)
 //! ahead_e = queued_e + c·inflight_e                 uncached prefill tokens Tandem has sent to e
 //!                                                   and not seen finish, plus c per request
 //! L_e     = ahead_e / rate_e                        the queue ahead, in time
@@ -38,6 +41,15 @@
 //! Counting the queue in tokens sent the next long conversation to the engine that held it even
 //! when that engine was the slowest in the pool; the measured rate prices that in without a
 //! constant per GPU, and it follows the engine as its load changes.
+//!
+//! Why the band: what Tandem can measure is throughput while busy, and an engine that is busy
+//! but not saturated (one short prompt in flight) shows less than one batching many. Equal GPUs
+//! measured this way differ by tens of percent with their traffic, and pricing that noise
+//! moved requests away from their caches and, since the busiest engine looks fastest, toward
+//! the busiest (Mooncake synthetic with host tiers, unshrunk rates: hit 57.5 % against 60.1 %
+//! with rates off, prefill tokens up to 1.57× the mean). A factor of 1.5 is past that noise and
+//! well inside what matters: an A100 is 3.4× slower than an H100 in compute, a PCIe link
+//! saturated by host-tier loads halves a prefill engine's rate.
 //!
 //! Why `w = 2`: recomputing a cached prefix elsewhere costs twice. The request waits for it, and
 //! so does every request queued behind it on that engine, whose load grows by the same tokens;
@@ -97,7 +109,7 @@ impl PrefixParams {
     /// The formula with these parameters, for `tandem config check`.
     pub fn describe(&self) -> String {
         format!(
-            "rate(e) = measured prefill tokens/s of e ((uncached + {c}) per leg over busy time, 30 s decay; unmeasured: pool mean × weight); \
+            "rate(e) = measured prefill tokens/s of e ((uncached + {c}) per leg over busy time, 30 s decay), its log-ratio to the pool's geometric mean shrunk by ln 1.5; unmeasured: pool mean × weight; \
              ahead(e) = queued_tokens(e) + {c}·inflight(e); \
              T(e) = (ahead(e) + prompt_tokens − cached_tokens(e)) / rate(e); \
              cost(e) = (ahead(e) + {w}·(prompt_tokens − cached_tokens(e))) / rate(e); pick argmin cost; \
@@ -116,6 +128,10 @@ impl PrefixParams {
 pub struct PrefixPolicy {
     params: PrefixParams,
 }
+
+/// Measured rates within this factor of the pool's (geometric) mean count as the mean; beyond
+/// it, only the excess counts (module docs).
+pub const RATE_BAND: f64 = 1.5;
 
 /// One candidate's figures, in seconds (tokens when no rate is measured).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -152,22 +168,25 @@ impl PrefixPolicy {
         PrefixPolicy { params }
     }
 
-    /// `rate_e` for each candidate (module docs).
+    /// `rate_e` for each candidate (module docs): relative to the candidates' geometric mean per
+    /// unit of weight, with the measured ratio's logarithm shrunk toward 0 by `ln RATE_BAND`.
     fn rates(c: &[&EngineView]) -> Vec<f64> {
-        let measured: Vec<f64> = c
-            .iter()
-            .filter_map(|e| e.prefill_tokens_per_sec.map(|r| r / e.weight))
-            .filter(|r| r.is_finite() && *r > 0.0)
-            .collect();
-        let per_weight = if measured.is_empty() {
-            1.0
-        } else {
-            measured.iter().sum::<f64>() / measured.len() as f64
+        let measured = |e: &EngineView| {
+            e.prefill_tokens_per_sec
+                .filter(|r| r.is_finite() && *r > 0.0)
+                .map(|r| (r / e.weight).ln())
         };
+        let logs: Vec<f64> = c.iter().filter_map(|e| measured(e)).collect();
+        if logs.is_empty() {
+            return c.iter().map(|e| e.weight).collect();
+        }
+        let mean = logs.iter().sum::<f64>() / logs.len() as f64;
+        let band = RATE_BAND.ln();
         c.iter()
-            .map(|e| match e.prefill_tokens_per_sec {
-                Some(r) if r.is_finite() && r > 0.0 => r,
-                _ => per_weight * e.weight,
+            .map(|e| {
+                let x = measured(e).map_or(0.0, |l| l - mean);
+                let shrunk = x.signum() * (x.abs() - band).max(0.0);
+                e.weight * (mean + shrunk).exp()
             })
             .collect()
     }
@@ -321,11 +340,18 @@ mod tests {
             ..e(id, queued)
         };
         // Fewer queued tokens on engine 1, but it computes a quarter as fast (a slower GPU, or
-        // its PCIe link busy with host-tier loads): (20k + 20k)/5k = 8 s against
-        // (40k + 20k)/20k = 3 s.
+        // its PCIe link busy with host-tier loads). Around the 10k geometric mean, ×2 and ÷2
+        // shrink to ×1.33 and ÷1.33: cost (20k + 20k)/7.5k = 5.3 s against (40k + 20k)/13.3k =
+        // 4.5 s.
         let es = [rated(0, 40_000, 20_000.0), rated(1, 20_000, 5_000.0)];
         let c = p.choose(&[&es[0], &es[1]], facts(&[]), &mut rng).unwrap();
         assert_eq!(c.index, 0);
+        // Within the band, equal engines measured 20 % apart count as equal: tokens decide.
+        let es = [rated(0, 40_000, 12_000.0), rated(1, 20_000, 10_000.0)];
+        let c = p.choose(&[&es[0], &es[1]], facts(&[]), &mut rng).unwrap();
+        assert_eq!(c.index, 1);
+        let (est, _) = p.estimates(&[&es[0], &es[1]], &facts(&[]));
+        assert!((est[0].load / est[1].load - 2.0).abs() < 1e-9, "{est:?}");
         // An engine not measured yet is priced at the pool's mean rate per unit of weight.
         let es = [rated(0, 0, 10_000.0), e(1, 0)];
         let (est, _) = p.estimates(&[&es[0], &es[1]], &facts(&[]));
