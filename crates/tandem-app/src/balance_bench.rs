@@ -94,9 +94,9 @@ fn hist_mean(text: &str, name: &str) -> (f64, f64) {
 /// The decode engines' own view (simulated seconds, averaged over all of them): queue time
 /// (arrival to the pull's start: `c_req` plus the wait for a step boundary), the KV pull, and
 /// the prefill phase (pull start to first token: pull, the wait for a step, the step that
-/// recomputes the last prompt token and samples).
-async fn engine_phases(client: &reqwest::Client, decode: &[&RunningSim]) -> [f64; 3] {
-    let mut acc = [(0.0, 0.0); 3];
+/// recomputes the last prompt token and samples), and the engines' own ITL.
+async fn engine_phases(client: &reqwest::Client, decode: &[&RunningSim]) -> [f64; 4] {
+    let mut acc = [(0.0, 0.0); 4];
     for s in decode {
         let Ok(r) = client
             .get(format!("http://{}/metrics", s.http_addr))
@@ -110,6 +110,7 @@ async fn engine_phases(client: &reqwest::Client, decode: &[&RunningSim]) -> [f64
             "vllm:request_queue_time_seconds",
             "vllm:nixl_xfer_time_seconds",
             "vllm:request_prefill_time_seconds",
+            "vllm:inter_token_latency_seconds",
         ]
         .iter()
         .enumerate()
@@ -131,8 +132,8 @@ struct Report {
     itl_mean_ms: f64,
     ttft_p50_ms: f64,
     decode_first_token_ms: [f64; 3],
-    /// Means in the decode engines: queue, KV pull, prefill phase (ms, simulated).
-    engine_ms: [f64; 3],
+    /// Means in the decode engines: queue, KV pull, prefill phase, ITL (ms, simulated).
+    engine_ms: [f64; 4],
     ok: usize,
     errors: usize,
 }
@@ -303,11 +304,11 @@ pub async fn run(a: BalanceArgs) -> Result<(), BoxError> {
         );
     }
     println!();
-    println!("decode engines' means (simulated ms): queue = c_req + wait for a step; pull = KV transfer; prefill phase = pull + wait for a step + the step that samples");
+    println!("decode engines' means (simulated ms): queue = c_req + wait for a step; pull = KV transfer; prefill phase = pull + wait for a step + the step that samples; ITL as the engines timed it");
     for r in &reports {
         println!(
-            "{:<14} queue {:.2}  pull {:.2}  prefill phase {:.2}",
-            r.policy, r.engine_ms[0], r.engine_ms[1], r.engine_ms[2]
+            "{:<14} queue {:.2}  pull {:.2}  prefill phase {:.2}  ITL {:.2}",
+            r.policy, r.engine_ms[0], r.engine_ms[1], r.engine_ms[2], r.engine_ms[3]
         );
     }
     if let Some(path) = &a.json {

@@ -95,7 +95,8 @@ pub struct SimArgs {
     /// Seconds each NIXL side-channel call (handshake, read, notification) may take.
     #[arg(long, default_value_t = 5.0)]
     nixl_handshake_timeout: f64,
-    /// Link class charged for KV pulls: nvlink, rdma400, rdma100, tcp.
+    /// Link class of this engine's NIC, which its concurrent KV transfers share: nvlink, rdma400,
+    /// rdma100, tcp.
     #[arg(long, default_value = "rdma400", value_parser = parse_link)]
     kv_link: LinkClass,
     /// Probability that a sampled token is EOS (0 = generate to max_tokens).

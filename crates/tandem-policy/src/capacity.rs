@@ -50,31 +50,46 @@ struct Roomy {
     free: u64,
 }
 
-/// The best of `c` by `better` (a strict order), exact ties broken uniformly by the RNG.
-fn best_by(
-    c: &[Roomy],
-    rng: &mut dyn RngCore,
-    better: impl Fn(&Roomy, &Roomy) -> std::cmp::Ordering,
-) -> Option<usize> {
-    let mut best: Option<Roomy> = None;
-    let mut ties = 0u32;
-    for r in c {
-        match best.map(|b| better(r, &b)) {
+/// The running best by `better` (a strict order), exact ties broken uniformly by the RNG.
+struct Best {
+    best: Option<Roomy>,
+    ties: u32,
+}
+
+impl Best {
+    fn new() -> Self {
+        Best {
+            best: None,
+            ties: 0,
+        }
+    }
+
+    fn offer(
+        &mut self,
+        r: Roomy,
+        rng: &mut dyn RngCore,
+        better: impl Fn(&Roomy, &Roomy) -> std::cmp::Ordering,
+    ) {
+        match self.best.map(|b| better(&r, &b)) {
             None | Some(std::cmp::Ordering::Greater) => {
-                best = Some(*r);
-                ties = 1;
+                self.best = Some(r);
+                self.ties = 1;
             }
             Some(std::cmp::Ordering::Equal) => {
                 // Reservoir sampling over exact ties keeps the choice uniform and seeded.
-                ties += 1;
-                if rng.random_range(0..ties) == 0 {
-                    best = Some(*r);
+                self.ties += 1;
+                if rng.random_range(0..self.ties) == 0 {
+                    self.best = Some(r);
                 }
             }
             Some(std::cmp::Ordering::Less) => {}
         }
     }
-    best.map(|b| b.i)
+}
+
+/// Fewer in flight first, then more spare KV.
+fn lighter(a: &Roomy, b: &Roomy) -> std::cmp::Ordering {
+    b.load.total_cmp(&a.load).then(a.spare.total_cmp(&b.spare))
 }
 
 impl Policy for KvCapacity {
@@ -85,48 +100,48 @@ impl Policy for KvCapacity {
     fn choose(&self, c: &[&EngineView], f: RouteFacts, rng: &mut dyn RngCore) -> Option<Choice> {
         let need = f.kv_blocks_needed;
         let known = |e: &EngineView| e.kv_total_blocks.is_some_and(|t| t > 0);
-        let roomy: Vec<Roomy> = c
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| {
-                let (total, free) = (e.kv_total_blocks?, e.kv_free_blocks()?);
-                (total > 0 && free >= need).then(|| Roomy {
-                    i,
-                    spare: e.weight * (free - need) as f64 / total as f64,
-                    load: f64::from(e.inflight) / e.weight,
-                    free,
-                })
+        let roomy = |i: usize| {
+            let e = c[i];
+            let (total, free) = (e.kv_total_blocks?, e.kv_free_blocks()?);
+            (total > 0 && free >= need).then(|| Roomy {
+                i,
+                spare: e.weight * (free - need) as f64 / total as f64,
+                load: f64::from(e.inflight) / e.weight,
+                free,
             })
-            .collect();
-        if !roomy.is_empty() {
-            let single = |r| {
-                if c.len() == 1 {
-                    RouteReason::OnlyCandidate
-                } else {
-                    r
-                }
-            };
+        };
+        // One pass: the best engine with KV to spare, and the top spare for the scarce regime
+        // (no allocation: this runs on every handoff).
+        let (mut plenty, mut top) = (Best::new(), f64::NEG_INFINITY);
+        for i in 0..c.len() {
+            let Some(r) = roomy(i) else { continue };
+            top = top.max(r.spare);
             // `spare` carries the weight; the plenty test is on the engine's own fraction.
-            let plenty: Vec<Roomy> = roomy
-                .iter()
-                .copied()
-                .filter(|r| r.spare / c[r.i].weight >= KV_PLENTY)
-                .collect();
-            if !plenty.is_empty() {
-                let i = best_by(&plenty, rng, |a, b| {
-                    b.load.total_cmp(&a.load).then(a.spare.total_cmp(&b.spare))
-                })?;
-                return Choice::new(i, single(RouteReason::KvBalanced));
+            if r.spare / c[i].weight >= KV_PLENTY {
+                plenty.offer(r, rng, lighter);
             }
-            let top = roomy.iter().map(|r| r.spare).fold(f64::MIN, f64::max);
-            let near: Vec<Roomy> = roomy
-                .into_iter()
-                .filter(|r| r.spare >= top - KV_NEAR_TIE)
-                .collect();
-            let i = best_by(&near, rng, |a, b| {
-                b.load.total_cmp(&a.load).then(a.free.cmp(&b.free))
-            })?;
-            return Choice::new(i, single(RouteReason::KvHeadroom));
+        }
+        let single = |r| {
+            if c.len() == 1 {
+                RouteReason::OnlyCandidate
+            } else {
+                r
+            }
+        };
+        if let Some(b) = plenty.best {
+            return Choice::new(b.i, single(RouteReason::KvBalanced));
+        }
+        if top.is_finite() {
+            let mut near = Best::new();
+            for r in (0..c.len()).filter_map(roomy) {
+                if r.spare >= top - KV_NEAR_TIE {
+                    near.offer(r, rng, |a, b| {
+                        b.load.total_cmp(&a.load).then(a.free.cmp(&b.free))
+                    });
+                }
+            }
+            let b = near.best.expect("the top engine is near itself");
+            return Choice::new(b.i, single(RouteReason::KvHeadroom));
         }
         let unknown: Vec<&EngineView> = c.iter().copied().filter(|e| !known(e)).collect();
         if !unknown.is_empty() {

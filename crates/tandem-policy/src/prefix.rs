@@ -146,21 +146,69 @@ pub struct Estimate {
     pub uncached: f64,
 }
 
-/// Argmin over `n` candidates of `key`, exact ties broken uniformly by the RNG (reservoir).
-fn argmin(n: usize, rng: &mut dyn RngCore, key: impl Fn(usize) -> f64) -> usize {
-    let (mut best, mut best_key, mut ties) = (0, f64::INFINITY, 0u32);
-    for i in 0..n {
-        let k = key(i);
-        if k < best_key {
-            (best, best_key, ties) = (i, k, 1);
-        } else if k == best_key {
-            ties += 1;
-            if rng.random_range(0..ties) == 0 {
-                best = i;
+/// A running argmin with exact ties broken uniformly by the RNG (reservoir sampling).
+struct Argmin {
+    best: usize,
+    key: f64,
+    ties: u32,
+}
+
+impl Argmin {
+    fn new() -> Self {
+        Argmin {
+            best: 0,
+            key: f64::INFINITY,
+            ties: 0,
+        }
+    }
+
+    fn offer(&mut self, i: usize, k: f64, rng: &mut dyn RngCore) {
+        if k < self.key {
+            (self.best, self.key, self.ties) = (i, k, 1);
+        } else if k == self.key {
+            self.ties += 1;
+            if rng.random_range(0..self.ties) == 0 {
+                self.best = i;
             }
         }
     }
-    best
+}
+
+/// How measured rates turn into `rate_e`: the candidates' mean log rate per unit of weight, or
+/// `None` when none is measured (then `rate_e = weight_e`).
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    mean_log: Option<f64>,
+}
+
+impl Rates {
+    fn measured(e: &EngineView) -> Option<f64> {
+        e.prefill_tokens_per_sec
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .map(|r| (r / e.weight).ln())
+    }
+
+    fn of(c: &[&EngineView]) -> Self {
+        let (mut sum, mut n) = (0.0, 0u32);
+        for l in c.iter().filter_map(|e| Self::measured(e)) {
+            sum += l;
+            n += 1;
+        }
+        Rates {
+            mean_log: (n > 0).then(|| sum / f64::from(n)),
+        }
+    }
+
+    /// `rate_e` (module docs): relative to the geometric mean, the log-ratio shrunk toward 0 by
+    /// `ln RATE_BAND`.
+    fn rate(&self, e: &EngineView) -> f64 {
+        let Some(mean) = self.mean_log else {
+            return e.weight;
+        };
+        let x = Self::measured(e).map_or(0.0, |l| l - mean);
+        let shrunk = x.signum() * (x.abs() - RATE_BAND.ln()).max(0.0);
+        e.weight * (mean + shrunk).exp()
+    }
 }
 
 impl PrefixPolicy {
@@ -168,50 +216,33 @@ impl PrefixPolicy {
         PrefixPolicy { params }
     }
 
-    /// `rate_e` for each candidate (module docs): relative to the candidates' geometric mean per
-    /// unit of weight, with the measured ratio's logarithm shrunk toward 0 by `ln RATE_BAND`.
-    fn rates(c: &[&EngineView]) -> Vec<f64> {
-        let measured = |e: &EngineView| {
-            e.prefill_tokens_per_sec
-                .filter(|r| r.is_finite() && *r > 0.0)
-                .map(|r| (r / e.weight).ln())
-        };
-        let logs: Vec<f64> = c.iter().filter_map(|e| measured(e)).collect();
-        if logs.is_empty() {
-            return c.iter().map(|e| e.weight).collect();
+    fn estimate(&self, e: &EngineView, cached: u64, prompt: u64, rate: f64) -> Estimate {
+        let ahead = e.queued_prefill_tokens as f64
+            + self.params.request_cost_tokens as f64 * f64::from(e.inflight);
+        let uncached = prompt.saturating_sub(cached) as f64;
+        Estimate {
+            first_token: (ahead + uncached) / rate,
+            load: ahead / rate,
+            cost: (ahead + self.params.cache_weight * uncached) / rate,
+            uncached,
         }
-        let mean = logs.iter().sum::<f64>() / logs.len() as f64;
-        let band = RATE_BAND.ln();
-        c.iter()
-            .map(|e| {
-                let x = measured(e).map_or(0.0, |l| l - mean);
-                let shrunk = x.signum() * (x.abs() - band).max(0.0);
-                e.weight * (mean + shrunk).exp()
-            })
-            .collect()
+    }
+
+    /// The release slack `S` in the estimates' unit.
+    fn slack(&self, c: &[&EngineView], rates: Rates) -> f64 {
+        let mean_rate = c.iter().map(|e| rates.rate(e)).sum::<f64>() / c.len().max(1) as f64;
+        self.params.release_slack_tokens as f64 / mean_rate
     }
 
     /// Each candidate's predicted first token and cost, and the release slack in the same unit.
     pub fn estimates(&self, c: &[&EngineView], f: &RouteFacts) -> (Vec<Estimate>, f64) {
         let cached = f.cached_by_id(c.iter().map(|e| e.id).max().unwrap_or(0));
-        let rates = Self::rates(c);
+        let rates = Rates::of(c);
         let est = c
             .iter()
-            .zip(&rates)
-            .map(|(e, &rate)| {
-                let ahead = e.queued_prefill_tokens as f64
-                    + self.params.request_cost_tokens as f64 * f64::from(e.inflight);
-                let uncached = f.prompt_tokens.saturating_sub(cached[e.id]) as f64;
-                Estimate {
-                    first_token: (ahead + uncached) / rate,
-                    load: ahead / rate,
-                    cost: (ahead + self.params.cache_weight * uncached) / rate,
-                    uncached,
-                }
-            })
+            .map(|e| self.estimate(e, cached[e.id], f.prompt_tokens, rates.rate(e)))
             .collect();
-        let mean_rate = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
-        (est, self.params.release_slack_tokens as f64 / mean_rate)
+        (est, self.slack(c, rates))
     }
 }
 
@@ -224,20 +255,35 @@ impl Policy for PrefixPolicy {
         if c.len() == 1 {
             return Choice::new(0, RouteReason::OnlyCandidate);
         }
-        let (est, slack) = self.estimates(c, &f);
-        let pick = argmin(c.len(), rng, |i| est[i].cost);
-        let r = self.params.release_ratio;
-        let least = argmin(c.len(), rng, |i| est[i].load);
-        let load_limit = r * est[least].load + slack;
-        let (pick, released) = if est[pick].load > load_limit {
-            (least, true)
-        } else {
-            (pick, false)
+        // One pass for the three minima, estimating each candidate once (no per-candidate
+        // allocation: this runs on every request, with up to hundreds of engines).
+        let cached = f.cached_by_id(c.iter().map(|e| e.id).max().unwrap_or(0));
+        let rates = Rates::of(c);
+        let est = |i: usize| {
+            let e = c[i];
+            self.estimate(e, cached[e.id], f.prompt_tokens, rates.rate(e))
         };
-        let fastest = argmin(c.len(), rng, |i| est[i].first_token);
-        let limit = r * est[fastest].first_token + slack;
-        let (pick, released) = if est[pick].first_token > limit {
-            (fastest, true)
+        let (mut by_cost, mut by_load, mut by_time) = (Argmin::new(), Argmin::new(), Argmin::new());
+        let mut rate_sum = 0.0;
+        for (i, e) in c.iter().enumerate() {
+            let rate = rates.rate(e);
+            rate_sum += rate;
+            let x = self.estimate(e, cached[e.id], f.prompt_tokens, rate);
+            by_cost.offer(i, x.cost, rng);
+            by_load.offer(i, x.load, rng);
+            by_time.offer(i, x.first_token, rng);
+        }
+        let slack = self.params.release_slack_tokens as f64 / (rate_sum / c.len() as f64);
+        let r = self.params.release_ratio;
+        let load_limit = r * by_load.key + slack;
+        let (pick, released) = if est(by_cost.best).load > load_limit {
+            (by_load.best, true)
+        } else {
+            (by_cost.best, false)
+        };
+        let limit = r * by_time.key + slack;
+        let (pick, released) = if est(pick).first_token > limit {
+            (by_time.best, true)
         } else {
             (pick, released)
         };
@@ -247,9 +293,10 @@ impl Policy for PrefixPolicy {
             .session
             .and_then(|k| affinity::rendezvous(k, c.iter().map(|e| &*e.url)));
         if let Some(s) = session.filter(|&s| s != pick) {
-            if est[s].uncached <= est[pick].uncached
-                && est[s].first_token <= limit
-                && est[s].load <= load_limit
+            let (home, chosen) = (est(s), est(pick));
+            if home.uncached <= chosen.uncached
+                && home.first_token <= limit
+                && home.load <= load_limit
             {
                 return Choice::new(s, RouteReason::SessionAffinity);
             }
@@ -257,10 +304,7 @@ impl Policy for PrefixPolicy {
         if released {
             return Choice::new(pick, RouteReason::LoadRelease);
         }
-        let hit = f
-            .cached
-            .iter()
-            .any(|&(id, t)| id == c[pick].id && t > 0);
+        let hit = f.cached.iter().any(|&(id, t)| id == c[pick].id && t > 0);
         Choice::new(
             pick,
             if hit {
@@ -444,7 +488,12 @@ mod tests {
         let refs: Vec<&EngineView> = es.iter().collect();
         // Find a session whose engine is not the least loaded one (engine 0).
         let (key, home) = (0u64..)
-            .map(|k| (k, affinity::rendezvous(k, refs.iter().map(|e| &*e.url)).unwrap()))
+            .map(|k| {
+                (
+                    k,
+                    affinity::rendezvous(k, refs.iter().map(|e| &*e.url)).unwrap(),
+                )
+            })
             .find(|&(_, h)| h >= 3)
             .unwrap();
         let f = RouteFacts {
@@ -457,7 +506,9 @@ mod tests {
         // A cache elsewhere wins over the key.
         let other = (home + 1) % 8;
         let hits = [(other, 8_000)];
-        let c = p.choose(&refs, RouteFacts { cached: &hits, ..f }, &mut rng).unwrap();
+        let c = p
+            .choose(&refs, RouteFacts { cached: &hits, ..f }, &mut rng)
+            .unwrap();
         assert_eq!(c.index, other);
         // Past the release bound the key does not hold it.
         let mut es = es.clone();

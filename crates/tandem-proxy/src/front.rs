@@ -316,14 +316,21 @@ mod tests {
 
     #[test]
     fn the_session_key_is_the_header_else_the_user_field() {
-        let key = |raw: &[u8], h: Option<&[u8]>| parse(Kind::Completions, raw, &tok(), h).unwrap().session;
+        let key = |raw: &[u8], h: Option<&[u8]>| {
+            parse(Kind::Completions, raw, &tok(), h).unwrap().session
+        };
         let with_user = br#"{"prompt":"hi","user":"alice"}"#;
         let hash = tandem_policy::affinity::hash_key;
         assert_eq!(key(with_user, None), Some(hash(b"alice")));
         assert_eq!(key(with_user, Some(b"conv-7")), Some(hash(b"conv-7")));
         assert_eq!(key(br#"{"prompt":"hi","user":""}"#, Some(b"")), None);
         assert_eq!(key(br#"{"prompt":"hi"}"#, None), None);
-        let e = parse(Kind::Completions, br#"{"prompt":"hi","user":5}"#, &tok(), None);
+        let e = parse(
+            Kind::Completions,
+            br#"{"prompt":"hi","user":5}"#,
+            &tok(),
+            None,
+        );
         assert!(matches!(e, Err(ProxyError::BadRequest(_))));
     }
 }

@@ -350,8 +350,9 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
             let guard = match admitted.take() {
                 Some(r) => r,
                 None => {
-                    // Confirm the provisional decode engine now that the request needs its KV
-                    // room, or move to one that has room, or wait for room.
+                    // Decide the decode engine again now that the request needs its KV room,
+                    // from the state at this handoff (the provisional one only if the policy
+                    // picks it again), or wait for room.
                     let (pools, reason, id, r) =
                         route::admit_decode(st, req, &pred, seq, &ex_d, prefill_id, d_engine.id)
                             .await

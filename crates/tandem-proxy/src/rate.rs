@@ -98,7 +98,10 @@ mod tests {
         assert!((rate - 4000.0).abs() < 1.0, "{rate}");
         // Idle time does not count: an hour later the ratio is the same, only decayed.
         let later = r.tokens_per_sec(3600.0);
-        assert!(later.is_none(), "decayed below the busy threshold: {later:?}");
+        assert!(
+            later.is_none(),
+            "decayed below the busy threshold: {later:?}"
+        );
     }
 
     #[test]

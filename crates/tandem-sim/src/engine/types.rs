@@ -44,7 +44,7 @@ pub struct EngineConfig {
     /// Prefill side: how long pinned blocks wait for a read notification (simulated time).
     pub abort_timeout: Duration,
     pub kv_load_failure_policy: KvLoadFailurePolicy,
-    /// Link class charged for KV pulls by this (decode) engine.
+    /// Link class of this engine's NIC: its pulls (decode) and answered reads (prefill) share it.
     pub link: LinkClass,
     /// Real-time limit for each side-channel call (vLLM's handshake uses 5 s).
     pub side_channel_timeout: Duration,
