@@ -113,11 +113,11 @@ impl Policy for KvCapacity {
         // One pass: the best engine with KV to spare, and the top spare for the scarce regime
         // (no allocation: this runs on every handoff).
         let (mut plenty, mut top) = (Best::new(), f64::NEG_INFINITY);
-        for i in 0..c.len() {
+        for (i, e) in c.iter().enumerate() {
             let Some(r) = roomy(i) else { continue };
             top = top.max(r.spare);
             // `spare` carries the weight; the plenty test is on the engine's own fraction.
-            if r.spare / c[i].weight >= KV_PLENTY {
+            if r.spare / e.weight >= KV_PLENTY {
                 plenty.offer(r, rng, lighter);
             }
         }

@@ -20,15 +20,17 @@ use crate::faults::Faults;
 use crate::side_channel::SideRequest;
 
 type Content = [u8; 32];
+/// One pinned request's blocks: block id to content.
+type Blocks = Arc<HashMap<u32, Content>>;
 
 /// The contents of pinned blocks by request id; written only by the engine task.
 #[derive(Clone, Debug, Default)]
 pub(super) struct PinnedReads {
-    inner: Arc<Mutex<HashMap<String, Arc<HashMap<u32, Content>>>>>,
+    inner: Arc<Mutex<HashMap<String, Blocks>>>,
 }
 
 impl PinnedReads {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<HashMap<u32, Content>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Blocks>> {
         // Each operation is one insert, remove or lookup, so a panicked holder left it whole.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
