@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{invalid, Result};
-use crate::trace::{PromptSpec, Request, Segment, Source, Trace};
+use crate::trace::{PromptSpec, Request, Segment, Source, Trace, UniqueSegments};
 
 /// Shape of [`synthetic_chat`]'s workload.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,14 +67,8 @@ impl Default for ChatParams {
 pub fn synthetic_chat(params: &ChatParams, seed: u64) -> Result<Trace> {
     validate(params)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut next_unique = 0u64;
-    let mut unique = |len: u32| {
-        next_unique += 1;
-        Segment {
-            source: Source::Unique(next_unique - 1),
-            len,
-        }
-    };
+    let mut ids = UniqueSegments::default();
+    let mut unique = |len: u32| ids.take(len);
     let mut requests = Vec::new();
     let mut start_ms = 0.0;
     for _ in 0..params.conversations {

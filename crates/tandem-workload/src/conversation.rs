@@ -48,7 +48,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{invalid, Result};
-use crate::trace::{PromptSpec, Request, Segment, Source, Trace};
+use crate::trace::{PromptSpec, Request, Segment, Source, Trace, UniqueSegments};
 
 /// Shape of [`synthetic_conversation`]'s workload. Lengths are in tokens; lognormal lengths are
 /// given by their mean and the standard deviation `sigma` of their logarithm.
@@ -148,14 +148,8 @@ pub fn synthetic_conversation(params: &ConversationParams, seed: u64) -> Result<
     validate(params)?;
     let p = params;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut next_unique = 0u64;
-    let mut unique = |len: u32| {
-        next_unique += 1;
-        Segment {
-            source: Source::Unique(next_unique - 1),
-            len,
-        }
-    };
+    let mut ids = UniqueSegments::default();
+    let mut unique = |len: u32| ids.take(len);
     let continue_p = 1.0 - 1.0 / p.mean_turns;
     let mut requests = Vec::new();
     let mut start_ms = -p.warmup_ms;

@@ -84,6 +84,23 @@ pub struct Request {
     pub output_tokens: u32,
 }
 
+/// Hands out [`Source::Unique`] segments with fresh ids, in order (the synthetic generators'
+/// answers and new messages).
+#[derive(Debug, Default)]
+pub(crate) struct UniqueSegments {
+    next: u64,
+}
+
+impl UniqueSegments {
+    pub(crate) fn take(&mut self, len: u32) -> Segment {
+        self.next += 1;
+        Segment {
+            source: Source::Unique(self.next - 1),
+            len,
+        }
+    }
+}
+
 /// A named workload: requests in arrival order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trace {

@@ -73,24 +73,7 @@ fn engine(model: &str) -> EngineHandle {
 }
 
 fn submit(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> RequestStream {
-    e.submit(Submit {
-        internal_id: "r".into(),
-        prompt: prompt.into(),
-        params: SeqParams {
-            max_tokens,
-            min_tokens: 0,
-            ignore_eos: true,
-            stop: vec![],
-            stop_token_ids: vec![],
-            include_stop_str_in_output: false,
-            seed: None,
-        },
-        n: 1,
-        role: Role::Colocated,
-        arrival: e.clock().now(),
-        force_eos_first: false,
-        max_tokens_param: max_tokens as u64,
-    })
+    e.submit(submit_body(e, prompt, max_tokens))
 }
 
 /// (TTFT, mean ITL) of one request, in simulated seconds.
