@@ -213,3 +213,48 @@ async fn a_burst_of_handoffs_spreads_evenly_over_the_decode_engines() {
     assert_eq!((r1, r2), (8.0, 8.0), "decode engines running {r1} and {r2}");
     drop(streams);
 }
+
+#[tokio::test]
+async fn a_session_key_keeps_unseen_turns_on_one_prefill_engine() {
+    // Turns whose prompts share no block (nothing for the index to see, as after a coordinator
+    // restart) tie on cost between two idle engines; a session key sends every turn of its
+    // session to the engine the key hashes to. Without it each turn would be a coin flip (all
+    // three turns of both sessions together: 1 in 16).
+    let (p1, p2, d) = tokio::join!(Sim::start(&[]), Sim::start(&[]), Sim::start(&[]));
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n\
+         [pools.prefill]\nendpoints = [\"{}\", \"{}\"]\n\n\
+         [pools.decode]\nendpoints = [\"{}\"]\n\n\
+         [disaggregation]\nmode = \"always\"\n",
+        p1.url, p2.url, d.url
+    );
+    let t = Tandem::start(&cfg).await;
+    let mut seen: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    for turn in 0..6 {
+        let session = turn % 2;
+        let id = format!("s{turn}");
+        let mut body = json!({"model": MODEL, "prompt": format!("turn {turn} {PROMPT}"),
+            "max_tokens": 2});
+        let mut req = t
+            .client
+            .post(format!("{}/v1/completions", t.url))
+            .header("x-request-id", &id);
+        // One session names itself by header, the other by OpenAI's `user` field.
+        if session == 0 {
+            req = req.header("x-session-id", "conversation-7");
+        } else {
+            body["user"] = json!("alice");
+        }
+        let resp = req.json(&body).send().await.expect("sent");
+        assert_eq!(resp.status(), 200);
+        let _ = resp.bytes().await;
+        let rec = t.record(&id).await;
+        seen[session].push(rec["prefill_engine"].as_str().expect("engine").to_string());
+    }
+    for (s, engines) in seen.iter().enumerate() {
+        assert!(
+            engines.iter().all(|e| e == &engines[0]),
+            "session {s} moved: {engines:?}"
+        );
+    }
+}
