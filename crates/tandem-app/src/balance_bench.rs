@@ -57,38 +57,31 @@ pub struct BalanceArgs {
     json: Option<std::path::PathBuf>,
 }
 
-/// The running and waiting counts a sim reports.
-async fn queues(client: &reqwest::Client, sim: &RunningSim) -> Option<(f64, f64)> {
-    let text = client
+/// A sim's `/metrics` exposition.
+async fn scrape(client: &reqwest::Client, sim: &RunningSim) -> Option<String> {
+    let r = client
         .get(format!("http://{}/metrics", sim.http_addr))
         .send()
         .await
-        .ok()?
-        .text()
-        .await
         .ok()?;
-    let value = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    Some((
-        value("vllm:num_requests_running")?,
-        value("vllm:num_requests_waiting")?,
-    ))
+    r.text().await.ok()
 }
 
-/// Mean of a histogram over all its label sets: Σ`_sum` ÷ Σ`_count` in one exposition.
-fn hist_mean(text: &str, name: &str) -> (f64, f64) {
-    let total = |suffix: &str| {
-        let key = format!("{name}{suffix}");
-        text.lines()
-            .filter(|l| l.starts_with(&key) && l[key.len()..].starts_with(['{', ' ']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
-    (total("_sum"), total("_count"))
+/// The sum of `name` over all its label sets in an exposition; `None` if it has no sample.
+fn total(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+/// The running and waiting counts a sim reports.
+async fn queues(client: &reqwest::Client, sim: &RunningSim) -> Option<(f64, f64)> {
+    let text = scrape(client, sim).await?;
+    Some((
+        total(&text, "vllm:num_requests_running")?,
+        total(&text, "vllm:num_requests_waiting")?,
+    ))
 }
 
 /// The decode engines' own view (simulated seconds, averaged over all of them): queue time
@@ -98,14 +91,9 @@ fn hist_mean(text: &str, name: &str) -> (f64, f64) {
 async fn engine_phases(client: &reqwest::Client, decode: &[&RunningSim]) -> [f64; 4] {
     let mut acc = [(0.0, 0.0); 4];
     for s in decode {
-        let Ok(r) = client
-            .get(format!("http://{}/metrics", s.http_addr))
-            .send()
-            .await
-        else {
+        let Some(text) = scrape(client, s).await else {
             continue;
         };
-        let text = r.text().await.unwrap_or_default();
         for (i, name) in [
             "vllm:request_queue_time_seconds",
             "vllm:nixl_xfer_time_seconds",
@@ -115,9 +103,9 @@ async fn engine_phases(client: &reqwest::Client, decode: &[&RunningSim]) -> [f64
         .iter()
         .enumerate()
         {
-            let (sum, n) = hist_mean(&text, name);
-            acc[i].0 += sum;
-            acc[i].1 += n;
+            // A histogram's mean over its label sets: Σ_sum ÷ Σ_count.
+            acc[i].0 += total(&text, &format!("{name}_sum")).unwrap_or(0.0);
+            acc[i].1 += total(&text, &format!("{name}_count")).unwrap_or(0.0);
         }
     }
     acc.map(|(s, n)| if n > 0.0 { s / n * 1e3 } else { f64::NAN })

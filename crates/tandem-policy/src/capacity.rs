@@ -27,9 +27,9 @@
 //! than any engine has in total goes to the engine with the most free blocks, where vLLM queues or
 //! rejects it visibly.
 
-use rand::{Rng, RngCore};
+use rand::RngCore;
 
-use crate::policy::{argmin_by, load, Choice, Policy, RouteFacts, RouteReason};
+use crate::policy::{argmin_by, load, Choice, Policy, Reservoir, RouteFacts, RouteReason};
 use crate::snapshot::EngineView;
 
 /// Spare fraction of KV (after placing the request) above which load, not KV, decides.
@@ -48,43 +48,6 @@ struct Roomy {
     spare: f64,
     load: f64,
     free: u64,
-}
-
-/// The running best by `better` (a strict order), exact ties broken uniformly by the RNG.
-struct Best {
-    best: Option<Roomy>,
-    ties: u32,
-}
-
-impl Best {
-    fn new() -> Self {
-        Best {
-            best: None,
-            ties: 0,
-        }
-    }
-
-    fn offer(
-        &mut self,
-        r: Roomy,
-        rng: &mut dyn RngCore,
-        better: impl Fn(&Roomy, &Roomy) -> std::cmp::Ordering,
-    ) {
-        match self.best.map(|b| better(&r, &b)) {
-            None | Some(std::cmp::Ordering::Greater) => {
-                self.best = Some(r);
-                self.ties = 1;
-            }
-            Some(std::cmp::Ordering::Equal) => {
-                // Reservoir sampling over exact ties keeps the choice uniform and seeded.
-                self.ties += 1;
-                if rng.random_range(0..self.ties) == 0 {
-                    self.best = Some(r);
-                }
-            }
-            Some(std::cmp::Ordering::Less) => {}
-        }
-    }
 }
 
 /// Fewer in flight first, then more spare KV.
@@ -112,7 +75,7 @@ impl Policy for KvCapacity {
         };
         // One pass: the best engine with KV to spare, and the top spare for the scarce regime
         // (no allocation: this runs on every handoff).
-        let (mut plenty, mut top) = (Best::new(), f64::NEG_INFINITY);
+        let (mut plenty, mut top) = (Reservoir::new(), f64::NEG_INFINITY);
         for (i, e) in c.iter().enumerate() {
             let Some(r) = roomy(i) else { continue };
             top = top.max(r.spare);
@@ -128,11 +91,11 @@ impl Policy for KvCapacity {
                 r
             }
         };
-        if let Some(b) = plenty.best {
+        if let Some(b) = plenty.best() {
             return Choice::new(b.i, single(RouteReason::KvBalanced));
         }
         if top.is_finite() {
-            let mut near = Best::new();
+            let mut near = Reservoir::new();
             for r in (0..c.len()).filter_map(roomy) {
                 if r.spare >= top - KV_NEAR_TIE {
                     near.offer(r, rng, |a, b| {
@@ -140,7 +103,7 @@ impl Policy for KvCapacity {
                     });
                 }
             }
-            let b = near.best.expect("the top engine is near itself");
+            let b = near.best().expect("the top engine is near itself");
             return Choice::new(b.i, single(RouteReason::KvHeadroom));
         }
         let unknown: Vec<&EngineView> = c.iter().copied().filter(|e| !known(e)).collect();

@@ -179,6 +179,59 @@ pub fn load(e: &EngineView) -> f64 {
     (f64::from(e.inflight) + e.queued_prefill_tokens as f64 / TOKENS_PER_REQUEST_LOAD) / e.weight
 }
 
+/// The best of a stream of candidates under `better` (`Greater`: the first argument is better),
+/// exact ties broken uniformly by the RNG (reservoir sampling), in one pass and without
+/// allocating: every policy's decision runs on the request path.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reservoir<T> {
+    best: Option<T>,
+    ties: u32,
+}
+
+impl<T: Copy> Reservoir<T> {
+    pub(crate) fn new() -> Self {
+        Reservoir {
+            best: None,
+            ties: 0,
+        }
+    }
+
+    pub(crate) fn offer(
+        &mut self,
+        x: T,
+        rng: &mut dyn RngCore,
+        better: impl Fn(&T, &T) -> std::cmp::Ordering,
+    ) {
+        match self.best.as_ref().map(|b| better(&x, b)) {
+            None | Some(std::cmp::Ordering::Greater) => {
+                self.best = Some(x);
+                self.ties = 1;
+            }
+            Some(std::cmp::Ordering::Equal) => {
+                self.ties += 1;
+                if rng.random_range(0..self.ties) == 0 {
+                    self.best = Some(x);
+                }
+            }
+            Some(std::cmp::Ordering::Less) => {}
+        }
+    }
+
+    pub(crate) fn best(&self) -> Option<T> {
+        self.best
+    }
+
+    /// Whether the best was tied with another candidate.
+    pub(crate) fn tied(&self) -> bool {
+        self.ties > 1
+    }
+}
+
+/// Smaller keys first: the order [`Reservoir::offer`] takes for an argmin.
+pub(crate) fn lower(a: &(usize, f64), b: &(usize, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1)
+}
+
 /// The index of the minimum of `score` over `c`, ties broken uniformly by the RNG; also whether
 /// there was a tie.
 pub(crate) fn argmin_by(
@@ -186,14 +239,11 @@ pub(crate) fn argmin_by(
     rng: &mut dyn RngCore,
     score: impl Fn(&EngineView) -> f64,
 ) -> (usize, bool) {
-    let scores: Vec<f64> = c.iter().map(|e| score(e)).collect();
-    let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
-    let tied: Vec<usize> = (0..c.len()).filter(|&i| scores[i] <= min).collect();
-    match tied.len() {
-        0 => (0, false), // all NaN: cannot happen with finite inputs, pick the first
-        1 => (tied[0], false),
-        n => (tied[rng.random_range(0..n)], true),
+    let mut r = Reservoir::new();
+    for (i, e) in c.iter().enumerate() {
+        r.offer((i, score(e)), rng, lower);
     }
+    (r.best().map_or(0, |(i, _)| i), r.tied())
 }
 
 /// Lowest weighted load; ties broken uniformly by the RNG so equal engines share traffic.

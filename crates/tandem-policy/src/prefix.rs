@@ -75,10 +75,10 @@
 //! conversation that meets a busy engine into the longest prefill of the hour (16,384 lost ~8
 //! points of hit rate on the Mooncake synthetic trace).
 
-use rand::{Rng, RngCore};
+use rand::RngCore;
 
 use crate::affinity;
-use crate::policy::{Choice, Policy, RouteFacts, RouteReason};
+use crate::policy::{lower, Choice, Policy, Reservoir, RouteFacts, RouteReason};
 use crate::snapshot::EngineView;
 
 /// The `prefix` policy's parameters; one set of defaults, documented above.
@@ -146,34 +146,6 @@ pub struct Estimate {
     pub uncached: f64,
 }
 
-/// A running argmin with exact ties broken uniformly by the RNG (reservoir sampling).
-struct Argmin {
-    best: usize,
-    key: f64,
-    ties: u32,
-}
-
-impl Argmin {
-    fn new() -> Self {
-        Argmin {
-            best: 0,
-            key: f64::INFINITY,
-            ties: 0,
-        }
-    }
-
-    fn offer(&mut self, i: usize, k: f64, rng: &mut dyn RngCore) {
-        if k < self.key {
-            (self.best, self.key, self.ties) = (i, k, 1);
-        } else if k == self.key {
-            self.ties += 1;
-            if rng.random_range(0..self.ties) == 0 {
-                self.best = i;
-            }
-        }
-    }
-}
-
 /// How measured rates turn into `rate_e`: the candidates' mean log rate per unit of weight, or
 /// `None` when none is measured (then `rate_e = weight_e`).
 #[derive(Debug, Clone, Copy)]
@@ -228,9 +200,8 @@ impl PrefixPolicy {
         }
     }
 
-    /// The release slack `S` in the estimates' unit.
-    fn slack(&self, c: &[&EngineView], rates: Rates) -> f64 {
-        let mean_rate = c.iter().map(|e| rates.rate(e)).sum::<f64>() / c.len().max(1) as f64;
+    /// The release slack `S` in the estimates' unit, at the candidates' mean rate.
+    fn slack(&self, mean_rate: f64) -> f64 {
         self.params.release_slack_tokens as f64 / mean_rate
     }
 
@@ -242,7 +213,8 @@ impl PrefixPolicy {
             .iter()
             .map(|e| self.estimate(e, cached[e.id], f.prompt_tokens, rates.rate(e)))
             .collect();
-        (est, self.slack(c, rates))
+        let mean_rate = c.iter().map(|e| rates.rate(e)).sum::<f64>() / c.len().max(1) as f64;
+        (est, self.slack(mean_rate))
     }
 }
 
@@ -263,27 +235,30 @@ impl Policy for PrefixPolicy {
             let e = c[i];
             self.estimate(e, cached[e.id], f.prompt_tokens, rates.rate(e))
         };
-        let (mut by_cost, mut by_load, mut by_time) = (Argmin::new(), Argmin::new(), Argmin::new());
+        let (mut by_cost, mut by_load, mut by_time) =
+            (Reservoir::new(), Reservoir::new(), Reservoir::new());
         let mut rate_sum = 0.0;
         for (i, e) in c.iter().enumerate() {
             let rate = rates.rate(e);
             rate_sum += rate;
             let x = self.estimate(e, cached[e.id], f.prompt_tokens, rate);
-            by_cost.offer(i, x.cost, rng);
-            by_load.offer(i, x.load, rng);
-            by_time.offer(i, x.first_token, rng);
+            by_cost.offer((i, x.cost), rng, lower);
+            by_load.offer((i, x.load), rng, lower);
+            by_time.offer((i, x.first_token), rng, lower);
         }
-        let slack = self.params.release_slack_tokens as f64 / (rate_sum / c.len() as f64);
+        let [(cheapest, _), (least, least_load), (fastest, fastest_time)] =
+            [by_cost, by_load, by_time].map(|r| r.best().expect("candidates are never empty"));
+        let slack = self.slack(rate_sum / c.len() as f64);
         let r = self.params.release_ratio;
-        let load_limit = r * by_load.key + slack;
-        let (pick, released) = if est(by_cost.best).load > load_limit {
-            (by_load.best, true)
+        let load_limit = r * least_load + slack;
+        let (pick, released) = if est(cheapest).load > load_limit {
+            (least, true)
         } else {
-            (by_cost.best, false)
+            (cheapest, false)
         };
-        let limit = r * by_time.key + slack;
+        let limit = r * fastest_time + slack;
         let (pick, released) = if est(pick).first_token > limit {
-            (by_time.best, true)
+            (fastest, true)
         } else {
             (pick, released)
         };

@@ -404,7 +404,7 @@ impl Metrics {
                 self.engine_prefix_blocks
                     .get_or_create(&l)
                     .set(indexed(kind, e.engine.id) as i64);
-                if let Some(rate) = e.engine.rate.tokens_per_sec(e.engine.secs()) {
+                if let Some(rate) = e.engine.rate.tokens_per_sec() {
                     self.engine_prefill_rate.get_or_create(&l).set(rate);
                 }
             }

@@ -287,7 +287,7 @@ impl Pools {
                     kv_total_blocks: e.status.num_gpu_blocks,
                     kv_used_blocks: e.status.kv_used_blocks(),
                     kv_reserved_blocks: e.engine.reserved_blocks(),
-                    prefill_tokens_per_sec: e.engine.rate.tokens_per_sec(e.engine.secs()),
+                    prefill_tokens_per_sec: e.engine.rate.tokens_per_sec(),
                 })
                 .collect()
         }

@@ -10,7 +10,14 @@
 //! dividing by it would count the same second many times.
 //!
 //! Time is an argument (seconds on the caller's monotonic clock), so the arithmetic is pure.
+//!
+//! The estimate is published at each leg's start and end into an atomic, which is what
+//! snapshots, `/metrics` and `/admin/engines` read: a routing decision, which builds a snapshot
+//! of every engine, takes no lock and does no arithmetic for it. Between two events the work and
+//! busy sums decay by the same factor, so the ratio moves only by the busy time of legs still
+//! running, which the next event counts.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Decay time constant of the work and busy-time sums.
@@ -45,9 +52,26 @@ impl State {
 }
 
 /// See the module docs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PrefillRate {
     state: Mutex<State>,
+    /// The estimate at the last event, as `f64` bits; NaN while there is none.
+    published: AtomicU64,
+}
+
+impl Default for PrefillRate {
+    fn default() -> Self {
+        PrefillRate {
+            state: Mutex::new(State::default()),
+            published: AtomicU64::new(f64::NAN.to_bits()),
+        }
+    }
+}
+
+impl State {
+    fn estimate(&self) -> Option<f64> {
+        (self.busy >= MIN_BUSY_SECS && self.work > 0.0).then(|| self.work / self.busy)
+    }
 }
 
 impl PrefillRate {
@@ -56,11 +80,17 @@ impl PrefillRate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn publish(&self, s: &State) {
+        let v = s.estimate().unwrap_or(f64::NAN);
+        self.published.store(v.to_bits(), Ordering::Relaxed);
+    }
+
     /// A prefill leg starts at `now`.
     pub fn begin(&self, now: f64) {
         let mut s = self.lock();
         s.advance(now);
         s.active += 1;
+        self.publish(&s);
     }
 
     /// A prefill leg that began ends at `now`, having computed `work_tokens` (0 if it failed).
@@ -69,13 +99,22 @@ impl PrefillRate {
         s.advance(now);
         s.active = s.active.saturating_sub(1);
         s.work += work_tokens as f64;
+        self.publish(&s);
     }
 
-    /// Tokens per second, once the engine has been busy long enough to say.
-    pub fn tokens_per_sec(&self, now: f64) -> Option<f64> {
+    /// Tokens per second as of the last leg event, once the engine has been busy long enough to
+    /// say (module docs).
+    pub fn tokens_per_sec(&self) -> Option<f64> {
+        let v = f64::from_bits(self.published.load(Ordering::Relaxed));
+        (!v.is_nan()).then_some(v)
+    }
+
+    /// The estimate decayed to `now` (what the next event would publish if no leg were running).
+    #[cfg(test)]
+    fn tokens_per_sec_at(&self, now: f64) -> Option<f64> {
         let mut s = *self.lock();
         s.advance(now);
-        (s.busy >= MIN_BUSY_SECS && s.work > 0.0).then(|| s.work / s.busy)
+        s.estimate()
     }
 }
 
@@ -86,7 +125,8 @@ mod tests {
     #[test]
     fn busy_time_not_leg_time_is_the_denominator() {
         let r = PrefillRate::default();
-        assert_eq!(r.tokens_per_sec(0.0), None, "nothing measured");
+        assert_eq!(r.tokens_per_sec_at(0.0), None, "nothing measured");
+        assert_eq!(r.tokens_per_sec(), None, "nothing published");
         // Four legs of 1,000 tokens in flight together for one second: 4,000 tok/s, not 1,000.
         for _ in 0..4 {
             r.begin(0.0);
@@ -94,10 +134,12 @@ mod tests {
         for _ in 0..4 {
             r.end(1.0, 1000);
         }
-        let rate = r.tokens_per_sec(1.0).unwrap();
+        let rate = r.tokens_per_sec_at(1.0).unwrap();
         assert!((rate - 4000.0).abs() < 1.0, "{rate}");
+        // What readers see is the estimate at that last event.
+        assert_eq!(r.tokens_per_sec(), Some(rate));
         // Idle time does not count: an hour later the ratio is the same, only decayed.
-        let later = r.tokens_per_sec(3600.0);
+        let later = r.tokens_per_sec_at(3600.0);
         assert!(
             later.is_none(),
             "decayed below the busy threshold: {later:?}"
@@ -120,7 +162,7 @@ mod tests {
             t += 1.0;
             r.end(t, 2_500);
         }
-        let rate = r.tokens_per_sec(t).unwrap();
+        let rate = r.tokens_per_sec_at(t).unwrap();
         assert!(rate < 4_000.0 && rate > 2_500.0, "{rate}");
     }
 
@@ -131,7 +173,7 @@ mod tests {
         r.end(1.0, 1000);
         r.begin(1.0);
         r.end(2.0, 0);
-        let rate = r.tokens_per_sec(2.0).unwrap();
+        let rate = r.tokens_per_sec_at(2.0).unwrap();
         assert!(rate < 600.0 && rate > 400.0, "{rate}");
     }
 }

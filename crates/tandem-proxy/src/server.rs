@@ -188,7 +188,7 @@ async fn engines(AxState(st): AxState<Arc<State>>) -> Response {
                 "block_size": s.block_size,
                 "inflight": e.engine.inflight(),
                 "prefill_queue_tokens": e.engine.queued_prefill_tokens(),
-                "prefill_tokens_per_sec": e.engine.rate.tokens_per_sec(e.engine.secs()),
+                "prefill_tokens_per_sec": e.engine.rate.tokens_per_sec(),
                 "kv_total_blocks": s.num_gpu_blocks,
                 "kv_free_blocks": s.kv_free_blocks(),
                 "kv_reserved_blocks": e.engine.reserved_blocks(),

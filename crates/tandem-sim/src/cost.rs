@@ -148,8 +148,8 @@ pub struct CostModel {
     sec_weights: f64,
     /// Seconds to read one token's KV: kv_b/(TP·BW·η).
     sec_per_kv_token: f64,
-    /// Seconds to load one token's KV from host memory: kv_b/(TP·B_h2d) (each rank its shard).
-    sec_per_host_token: f64,
+    /// Host-to-GPU bytes/s: TP·B_h2d (each rank loads its shard over its own link).
+    host_link_rate: f64,
     /// c_step in seconds.
     sec_step: f64,
     /// L·c_tp_per_layer in seconds, zero at TP1.
@@ -177,7 +177,7 @@ impl CostModel {
                 / flops,
             sec_weights: profile.weight_bytes() / bw,
             sec_per_kv_token: profile.kv_bytes_per_token() as f64 / bw,
-            sec_per_host_token: profile.kv_bytes_per_token() as f64 / (tp * gpu.h2d_bw),
+            host_link_rate: tp * gpu.h2d_bw,
             sec_step: profile.c_step.as_secs_f64(),
             sec_tp,
             net_efficiency: DEFAULT_NET_EFFICIENCY,
@@ -227,16 +227,11 @@ impl CostModel {
         secs(self.sec_step + t_mem.max(t_comp) + self.sec_tp)
     }
 
-    /// Time to load `tokens` tokens of KV from the host-memory tier (`c_load`) over an idle link.
-    /// vLLM's offloading connector copies asynchronously, beside the steps, while the loading
-    /// request waits; concurrent loads share the link ([`Self::host_link_rate`]).
-    pub fn host_load_time(&self, tokens: u64) -> Duration {
-        secs(tokens as f64 * self.sec_per_host_token)
-    }
-
-    /// Bytes/s of the host-to-GPU link all of this instance's host-tier loads share.
+    /// Bytes/s of the host-to-GPU link all of this instance's host-tier loads share: a load of
+    /// `n` tokens alone takes `c_load = n · kv_bytes / rate`. vLLM's offloading connector copies
+    /// asynchronously, beside the steps, while the loading request waits.
     pub fn host_link_rate(&self) -> f64 {
-        self.profile.kv_bytes_per_token() as f64 / self.sec_per_host_token
+        self.host_link_rate
     }
 
     /// Time to prefill `n` prompt tokens of which `cached` are prefix-cached, for a request alone:
@@ -635,15 +630,13 @@ mod tests {
     }
 
     /// perf-model §2.4's c_load = c·kv_b/B_h2d: 4k tokens of 8B KV (512 MiB) over PCIe Gen5 at
-    /// 55 GB/s is ~9.8 ms, about 8 % of recomputing them; the link rate gives the same.
+    /// 55 GB/s is ~9.8 ms, about 8 % of recomputing them.
     #[test]
-    fn host_tier_load_time_and_link_rate_agree() {
+    fn host_tier_load_is_a_fraction_of_recompute() {
         let m = h100("llama-3.1-8b");
-        let load = m.host_load_time(4096).as_secs_f64();
+        let load = 4096.0 * 131_072.0 / m.host_link_rate();
         assert!((load - 4096.0 * 131_072.0 / 55e9).abs() < 1e-9, "{load}");
         assert!(load < 0.1 * m.prefill_time(4096, 0).as_secs_f64());
-        let by_rate = 4096.0 * 131_072.0 / m.host_link_rate();
-        assert!((by_rate - load).abs() < 1e-9, "{by_rate} vs {load}");
     }
 
     #[test]
