@@ -5,7 +5,9 @@
 
 mod coordinator;
 mod engine_surface;
+mod fault_suite;
 mod faults;
+mod front_door;
 mod kv_events;
 mod observability;
 #[cfg(feature = "otel")]

@@ -35,8 +35,8 @@ pub use routing::{
 };
 pub use schema::{
     Config, DisaggregationConfig, DisaggregationMode, DnsConfig, Endpoint, EndpointSpec,
-    HealthConfig, LogFormat, LoggingConfig, ModelConfig, OtlpProtocol, PoolConfig, PoolsConfig,
-    Protocol, Ratio, RetryConfig, ServerConfig, TelemetryConfig, TimeoutsConfig,
+    HealthConfig, LimitsConfig, LogFormat, LoggingConfig, ModelConfig, OtlpProtocol, PoolConfig,
+    PoolsConfig, Protocol, Ratio, RetryConfig, ServerConfig, TelemetryConfig, TimeoutsConfig,
 };
 
 /// Why a configuration could not be used.

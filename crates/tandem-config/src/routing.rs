@@ -147,14 +147,19 @@ pub struct AdmissionConfig {
     pub max_wait_ms: u64,
     /// The Retry-After value sent with those 503s, seconds.
     pub retry_after_secs: u64,
+    /// Most uncached prompt tokens queued on one prefill engine; a request whose prefill would
+    /// go past it on every engine waits in the admission queue like one without decode room
+    /// (0 = no limit).
+    pub max_prefill_queue_tokens: u64,
 }
 
 impl Default for AdmissionConfig {
     fn default() -> Self {
         Self {
             max_queued: 1024,
-            max_wait_ms: 30_000,
+            max_wait_ms: 5_000,
             retry_after_secs: 1,
+            max_prefill_queue_tokens: 262_144,
         }
     }
 }

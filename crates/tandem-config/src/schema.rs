@@ -42,6 +42,8 @@ pub struct Config {
     #[serde(default)]
     pub admission: AdmissionConfig,
     #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
@@ -61,6 +63,7 @@ impl Config {
             disaggregation: DisaggregationConfig::default(),
             routing: RoutingConfig::default(),
             admission: AdmissionConfig::default(),
+            limits: LimitsConfig::default(),
             health: HealthConfig::default(),
             logging: LoggingConfig::default(),
             telemetry: TelemetryConfig::default(),
@@ -79,6 +82,20 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Per-request timing records kept for `GET /admin/requests`.
     pub recent_requests: usize,
+    /// Largest accepted request header block (request line and header fields), in bytes;
+    /// larger ones get 431. Past twice this the HTTP parser itself refuses the request.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request; more get 431.
+    pub max_headers: usize,
+    /// A client must send a request's whole header block within this many milliseconds of
+    /// starting it, or of its previous response on a keep-alive connection (which is also how
+    /// long an idle keep-alive connection stays open); otherwise the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A request body must arrive in full within this many milliseconds of its headers, or the
+    /// request gets 408.
+    pub body_read_timeout_ms: u64,
+    /// Most client connections open at once; connections beyond it are closed on accept.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +105,36 @@ impl Default for ServerConfig {
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_grace_secs: 30,
             recent_requests: 1024,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Bounds on what one request may ask for, checked before any engine work (vLLM itself has
+/// none on `n` or `best_of`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest `n` (choices per request).
+    pub max_n: u32,
+    /// Largest `best_of` (at least `max_n`).
+    pub max_best_of: u32,
+    /// Largest `max_tokens` / `max_completion_tokens` a request may name; `None` = no cap
+    /// beyond the engines' own (a request that names none is not capped here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_n: 16,
+            max_best_of: 16,
+            max_tokens: None,
         }
     }
 }
@@ -413,6 +460,14 @@ pub struct TimeoutsConfig {
     /// after VLLM_NIXL_ABORT_REQUEST_TIMEOUT (480 s); the default keeps a
     /// 30 s margin so we never pull blocks that were already released.
     pub prefill_lease_ms: u64,
+    /// How long a non-streaming decode leg may take per requested token, on top of
+    /// `first_token_ms` (nothing arrives until the whole answer is ready).
+    pub per_token_ms: u64,
+    /// Longest a release leg (a dropped handoff's params sent to a decode engine with one
+    /// token, to free the prefill's pinned KV) may run before it is cut, which makes the decode
+    /// engine abort and notify the prefill engine. Keep it below the engines' NIXL handshake
+    /// timeout (5 s) so a handshake that hangs cannot outlast it.
+    pub release_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -424,6 +479,8 @@ impl Default for TimeoutsConfig {
             first_token_ms: 60_000,
             idle_ms: 30_000,
             prefill_lease_ms: 450_000,
+            per_token_ms: 250,
+            release_ms: 3_000,
         }
     }
 }

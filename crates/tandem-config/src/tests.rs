@@ -116,6 +116,14 @@ fn smallest_file_loads_with_all_defaults() {
     assert_eq!(cfg.server.max_body_bytes, 33_554_432);
     assert_eq!(cfg.server.shutdown_grace_secs, 30);
     assert_eq!(cfg.server.recent_requests, 1024);
+    assert_eq!(cfg.server.max_header_bytes, 65_536);
+    assert_eq!(cfg.server.max_headers, 100);
+    assert_eq!(cfg.server.header_read_timeout_ms, 10_000);
+    assert_eq!(cfg.server.body_read_timeout_ms, 30_000);
+    assert_eq!(cfg.server.max_connections, 10_000);
+    assert_eq!(cfg.limits.max_n, 16);
+    assert_eq!(cfg.limits.max_best_of, 16);
+    assert_eq!(cfg.limits.max_tokens, None);
     assert_eq!(cfg.model.block_size, 16);
     assert_eq!(cfg.model.tokenizer, None);
     assert_eq!(cfg.pools.ratio_tolerance, 0.25);
@@ -579,6 +587,7 @@ fn render_round_trips_the_smallest_file() {
         "[disaggregation]",
         "[health]",
         "[logging]",
+        "[limits]",
     ] {
         assert!(text.contains(section), "{section} missing from:\n{text}");
     }
@@ -589,6 +598,10 @@ fn render_round_trips_a_config_with_every_option_set() {
     let mut cfg = smallest_config();
     cfg.server.listen = "[::1]:9000".parse().unwrap();
     cfg.server.max_body_bytes = 1;
+    cfg.server.max_header_bytes = 4096;
+    cfg.server.header_read_timeout_ms = 300;
+    cfg.limits.max_n = 2;
+    cfg.limits.max_tokens = Some(4096);
     cfg.model.tokenizer = Some("/m/tokenizer.json".into());
     cfg.model.chat_template = Some("/m/template.jinja".into());
     cfg.model.served_model_name = Some("llama".into());

@@ -40,7 +40,8 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_integer_range()?;
 
-        positive("server.max_body_bytes", self.server.max_body_bytes as u64)?;
+        self.validate_server()?;
+        self.validate_limits()?;
 
         let block = self.model.block_size;
         if !(1..=1024).contains(&block) {
@@ -91,6 +92,8 @@ impl Config {
         positive("timeouts.first_token_ms", t.first_token_ms)?;
         positive("timeouts.idle_ms", t.idle_ms)?;
         positive("timeouts.prefill_lease_ms", t.prefill_lease_ms)?;
+        positive("timeouts.per_token_ms", t.per_token_ms)?;
+        positive("timeouts.release_ms", t.release_ms)?;
 
         // Attempts count the first try, so 0 would mean "never send it".
         let attempts = [
@@ -155,6 +158,54 @@ impl Config {
         Ok(())
     }
 
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        positive("server.max_body_bytes", s.max_body_bytes as u64)?;
+        positive("server.header_read_timeout_ms", s.header_read_timeout_ms)?;
+        positive("server.body_read_timeout_ms", s.body_read_timeout_ms)?;
+        positive("server.max_connections", s.max_connections as u64)?;
+        // The HTTP parser's own limit is twice this (see `tandem-proxy`'s front door); below
+        // 1 KiB ordinary clients' headers would not fit.
+        const MAX_HEADER_BYTES: usize = 16 * 1024 * 1024;
+        if !(1024..=MAX_HEADER_BYTES).contains(&s.max_header_bytes) {
+            return Err(invalid(
+                "server.max_header_bytes",
+                format!(
+                    "must be between 1024 and {MAX_HEADER_BYTES} bytes; got {}",
+                    s.max_header_bytes
+                ),
+            ));
+        }
+        if !(1..=10_000).contains(&s.max_headers) {
+            return Err(invalid(
+                "server.max_headers",
+                format!("must be between 1 and 10000; got {}", s.max_headers),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        positive("limits.max_n", u64::from(l.max_n))?;
+        if l.max_best_of < l.max_n {
+            return Err(invalid(
+                "limits.max_best_of",
+                format!(
+                    "must be at least limits.max_n ({}), since best_of defaults to n; got {}",
+                    l.max_n, l.max_best_of
+                ),
+            ));
+        }
+        if l.max_tokens == Some(0) {
+            return Err(invalid(
+                "limits.max_tokens",
+                "must be greater than 0; omit the key for no cap",
+            ));
+        }
+        Ok(())
+    }
+
     /// TOML integers are signed 64-bit, so a larger value (reachable only
     /// through a command-line override or code) could not be rendered by
     /// `render()`; reject it here rather than let `config check` fail later.
@@ -167,12 +218,29 @@ impl Config {
                 self.server.shutdown_grace_secs,
             ),
             ("server.recent_requests", self.server.recent_requests as u64),
+            (
+                "server.max_header_bytes",
+                self.server.max_header_bytes as u64,
+            ),
+            ("server.max_headers", self.server.max_headers as u64),
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.body_read_timeout_ms",
+                self.server.body_read_timeout_ms,
+            ),
+            ("server.max_connections", self.server.max_connections as u64),
+            ("limits.max_tokens", self.limits.max_tokens.unwrap_or(0)),
             ("timeouts.connect_ms", t.connect_ms),
             ("timeouts.prefill_ms", t.prefill_ms),
             ("timeouts.handoff_ms", t.handoff_ms),
             ("timeouts.first_token_ms", t.first_token_ms),
             ("timeouts.idle_ms", t.idle_ms),
             ("timeouts.prefill_lease_ms", t.prefill_lease_ms),
+            ("timeouts.per_token_ms", t.per_token_ms),
+            ("timeouts.release_ms", t.release_ms),
             (
                 "disaggregation.local_when_prefill_queue_tokens",
                 self.disaggregation.local_when_prefill_queue_tokens,
@@ -193,6 +261,10 @@ impl Config {
                 self.routing.expected_output_tokens,
             ),
             ("admission.max_wait_ms", self.admission.max_wait_ms),
+            (
+                "admission.max_prefill_queue_tokens",
+                self.admission.max_prefill_queue_tokens,
+            ),
             (
                 "admission.retry_after_secs",
                 self.admission.retry_after_secs,

@@ -60,6 +60,10 @@ impl Policy for KvCapacity {
         "kv-capacity"
     }
 
+    fn capacity_aware(&self) -> bool {
+        true
+    }
+
     fn choose(&self, c: &[&EngineView], f: RouteFacts, rng: &mut dyn RngCore) -> Option<Choice> {
         let need = f.kv_blocks_needed;
         let known = |e: &EngineView| e.kv_total_blocks.is_some_and(|t| t > 0);

@@ -46,9 +46,6 @@ pub enum RouteReason {
     /// with the most free blocks (it will queue or reject there, visibly, rather than wait here
     /// forever).
     KvOversize,
-    /// `kv-capacity`: no decode engine has room yet, but the request goes to prefill first; this
-    /// engine (the least loaded) is provisional and room is checked again at the handoff.
-    KvDeferred,
 }
 
 impl RouteReason {
@@ -69,7 +66,6 @@ impl RouteReason {
             RouteReason::KvBalanced => "kv_balanced",
             RouteReason::KvUnknown => "kv_unknown",
             RouteReason::KvOversize => "kv_oversize",
-            RouteReason::KvDeferred => "kv_deferred",
         }
     }
 }
@@ -133,6 +129,12 @@ impl RouteFacts<'_> {
 /// Chooses one engine among routable candidates.
 pub trait Policy: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
+    /// Whether the policy declines engines without KV room (`choose` may answer `None`); the
+    /// coordinator then also holds requests back before their prefill when the decode pool as a
+    /// whole has no room left for them.
+    fn capacity_aware(&self) -> bool {
+        false
+    }
     /// `candidates` are all routable and compatible; the slice is never empty. `None` means no
     /// candidate can take the request now (only capacity-aware policies say so); the caller
     /// holds the request until one can.

@@ -33,6 +33,30 @@ pub enum ProxyError {
     /// Every decode attempt failed before the first byte.
     #[error("decode failed on every attempt: {0}")]
     DecodeFailed(String),
+    /// No route has this path (the front door's fallback).
+    #[error("Not Found")]
+    RouteNotFound,
+    /// The route exists but is switched off in the configuration.
+    #[error("{0}")]
+    Disabled(&'static str),
+    /// The path exists but not for this method; the response carries `Allow`.
+    #[error("Method Not Allowed")]
+    MethodNotAllowed,
+    /// The request body did not arrive in full within `server.body_read_timeout_ms`.
+    #[error("the request body was not received within {ms} ms")]
+    BodyTimeout { ms: u64 },
+    /// The request body is larger than `server.max_body_bytes`.
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    /// The request's header block is past `server.max_header_bytes` or `server.max_headers`.
+    #[error("{0}")]
+    HeadersTooLarge(String),
+    /// The request body could not be read: malformed chunked encoding, or the upload broke off.
+    #[error("the request body could not be read: malformed chunked encoding or a broken upload")]
+    BadBody,
+    /// A handler panicked; the panic's text goes to the log only.
+    #[error("internal server error")]
+    Internal,
     /// An engine rejected the request as invalid; its response is relayed unchanged, since the
     /// engine knows the model's limits better than Tandem does.
     #[error("engine answered {status}")]
@@ -58,7 +82,16 @@ impl ProxyError {
     /// The `outcome` label for `tandem_requests_total`.
     pub fn outcome(&self) -> &'static str {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::ModelNotFound(_) => "client_error",
+            ProxyError::BadRequest(_)
+            | ProxyError::ModelNotFound(_)
+            | ProxyError::RouteNotFound
+            | ProxyError::Disabled(_)
+            | ProxyError::MethodNotAllowed
+            | ProxyError::BodyTimeout { .. }
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::HeadersTooLarge(_)
+            | ProxyError::BadBody => "client_error",
+            ProxyError::Internal => "internal_error",
             ProxyError::Engine { status, .. } if status.is_client_error() => "client_error",
             ProxyError::Engine { .. } => "engine_error",
             ProxyError::NoEngine(_) => "no_engine",
@@ -70,8 +103,15 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) | ProxyError::BadBody => StatusCode::BAD_REQUEST,
+            ProxyError::ModelNotFound(_) | ProxyError::RouteNotFound | ProxyError::Disabled(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NoEngine(_) | ProxyError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -93,6 +133,10 @@ pub fn error_body(message: &str, status: StatusCode) -> serde_json::Value {
     let kind = match status.as_u16() {
         400 => "BadRequestError",
         404 => "NotFoundError",
+        405 => "MethodNotAllowedError",
+        408 => "RequestTimeoutError",
+        413 => "RequestEntityTooLargeError",
+        431 => "RequestHeaderFieldsTooLargeError",
         502 => "BadGatewayError",
         503 => "ServiceUnavailableError",
         504 => "GatewayTimeoutError",
@@ -123,6 +167,18 @@ impl IntoResponse for ProxyError {
         }
         let status = self.status();
         let mut r = (status, axum::Json(self.body())).into_response();
+        if matches!(
+            self,
+            ProxyError::BodyTimeout { .. }
+                | ProxyError::BodyTooLarge { .. }
+                | ProxyError::HeadersTooLarge(_)
+                | ProxyError::BadBody
+        ) {
+            // The rest of the request may still be on its way; the connection cannot carry
+            // another one.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let ProxyError::Overloaded { retry_after, .. } = self {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));

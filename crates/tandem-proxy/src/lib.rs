@@ -6,6 +6,7 @@
 
 mod error;
 mod front;
+mod handoff;
 mod kvfeed;
 mod metrics;
 mod pd;
@@ -19,7 +20,7 @@ mod timing;
 pub mod trace;
 mod upstream;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -59,6 +60,8 @@ pub(crate) struct Deadlines {
     pub first_token: Duration,
     pub idle: Duration,
     pub lease: Duration,
+    pub per_token: Duration,
+    pub release: Duration,
 }
 
 /// Everything a request needs, built once.
@@ -79,6 +82,11 @@ pub(crate) struct State {
     pub feeds: Arc<kvfeed::Feeds>,
     /// Requests in the admission queue now.
     pub admission_waiting: std::sync::atomic::AtomicU32,
+    /// Decode KV blocks promised, pool-wide, to requests whose prefill is running (see
+    /// `route::PendingDecode`).
+    pub pending_decode_blocks: AtomicU64,
+    /// Prefill KV handoffs pinned now, for `/admin/requests/pinned`.
+    pub handoffs: handoff::Registry,
     /// Tie-breaking and random policies; seeded so a run can be replayed.
     pub rng: Mutex<ChaCha8Rng>,
     pub seq: AtomicU64,
@@ -86,8 +94,25 @@ pub(crate) struct State {
     pub deadlines: Deadlines,
     /// Set when shutdown begins: `/ready` fails from then on.
     pub shutting_down: std::sync::atomic::AtomicBool,
+    /// Turns `true` when the shutdown grace period ends with responses still open (see
+    /// [`State::grace_over`]).
+    pub grace_rx: tokio::sync::watch::Receiver<bool>,
     /// Ties each request span to the client's W3C trace.
     pub trace_link: Arc<dyn trace::TraceLink>,
+}
+
+impl State {
+    /// Resolves once the shutdown grace period has ended with responses still open: streams
+    /// then end with an error event. Never resolves if the server stops some other way.
+    pub(crate) fn grace_over(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.grace_rx.clone();
+        async move {
+            let closed = rx.wait_for(|over| *over).await.is_err();
+            if closed {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 /// The effects a host process may swap: how pool DNS names resolve, and how request spans join
@@ -145,7 +170,11 @@ impl Running {
     }
 }
 
-fn build(cfg: Config, edges: Edges) -> Result<Arc<State>, StartError> {
+fn build(
+    cfg: Config,
+    edges: Edges,
+    grace_rx: tokio::sync::watch::Receiver<bool>,
+) -> Result<Arc<State>, StartError> {
     let mut tokenizer = match &cfg.model.tokenizer {
         Some(p) => Tokenizer::from_file(p)?,
         None => Tokenizer::byte_level(),
@@ -178,6 +207,8 @@ fn build(cfg: Config, edges: Edges) -> Result<Arc<State>, StartError> {
         first_token: Duration::from_millis(t.first_token_ms),
         idle: Duration::from_millis(t.idle_ms),
         lease: Duration::from_millis(t.prefill_lease_ms),
+        per_token: Duration::from_millis(t.per_token_ms),
+        release: Duration::from_millis(t.release_ms),
     };
     let prefill_policy = tandem_policy::policy_for(policy_kind(
         cfg.pools.prefill.policy_or(PolicyName::default_prefill()),
@@ -208,6 +239,8 @@ fn build(cfg: Config, edges: Edges) -> Result<Arc<State>, StartError> {
         decode_index,
         feeds,
         admission_waiting: std::sync::atomic::AtomicU32::new(0),
+        pending_decode_blocks: AtomicU64::new(0),
+        handoffs: handoff::Registry::default(),
         recent: Arc::new(timing::Recent::new(cfg.server.recent_requests)),
         rng: Mutex::new(ChaCha8Rng::seed_from_u64(0x7a4d_e35e)),
         seq: AtomicU64::new(0),
@@ -217,6 +250,7 @@ fn build(cfg: Config, edges: Edges) -> Result<Arc<State>, StartError> {
         disagg,
         deadlines,
         shutting_down: std::sync::atomic::AtomicBool::new(false),
+        grace_rx,
         trace_link: edges.trace_link,
         cfg,
     }))
@@ -240,49 +274,10 @@ pub fn start_with(
     edges: Edges,
 ) -> Result<Running, StartError> {
     let addr = listener.local_addr()?;
-    let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
-    let state = build(cfg, edges)?;
-    let app = server::router(state.clone());
-    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
-    let st = state.clone();
+    let (grace_tx, grace_rx) = tokio::sync::watch::channel(false);
+    let state = build(cfg, edges, grace_rx)?;
     // On the signal: fail `/ready`, stop accepting, let in-flight responses finish; after the
-    // grace period, return anyway (whatever is still streaming is cut when the process exits).
-    let signal = async move {
-        shutdown.await;
-        st.shutting_down
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        tracing::info!(
-            grace_s = grace.as_secs(),
-            "shutting down: not ready, not accepting, draining"
-        );
-        let _ = began_tx.send(());
-    };
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(
-            // Token chunks are small writes; Nagle plus the peer's delayed ACK would hold
-            // some back by ~40 ms. (Python's asyncio, under vLLM, sets TCP_NODELAY too.)
-            axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            app,
-        )
-        .with_graceful_shutdown(signal)
-        .into_future();
-        tokio::pin!(serve);
-        let deadline = async {
-            if began_rx.await.is_ok() {
-                tokio::time::sleep(grace).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            r = &mut serve => r,
-            _ = deadline => {
-                tracing::warn!("grace period over with responses still in flight; closing them");
-                Ok(())
-            }
-        }
-    });
+    // grace period, end the streams still open with an error event and return.
+    let task = tokio::spawn(server::serve(listener, state.clone(), shutdown, grace_tx));
     Ok(Running { addr, state, task })
 }

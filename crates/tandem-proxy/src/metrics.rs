@@ -72,6 +72,11 @@ pub struct RetryLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EngineLabels {
     pub pool: &'static str,
     pub engine: String,
@@ -115,6 +120,8 @@ pub struct Metrics {
     pub admission_queued: Counter,
     pub admission_rejected: Counter,
     pub admission_waiting: Gauge,
+    handoffs: Family<OutcomeLabels, Counter>,
+    pub handoffs_pinned: Gauge,
     pub kv_feed_batches: Counter,
     kv_feed_up: Family<EngineLabels, Gauge>,
     engine_kv_reserved: Family<EngineLabels, Gauge>,
@@ -222,6 +229,18 @@ impl Metrics {
             "Requests waiting now for decode KV room",
             admission_waiting.clone(),
         );
+        let handoffs = Family::<OutcomeLabels, Counter>::default();
+        r.register(
+            "tandem_handoffs",
+            "Prefill KV handoffs ended, by outcome: delivered to a decode engine, rejected by one (which frees it), released by a release leg (released, release_aborted, release_error), or leaked (pinned until the engine's lease)",
+            handoffs.clone(),
+        );
+        let handoffs_pinned = Gauge::default();
+        r.register(
+            "tandem_handoffs_pinned",
+            "Prefill KV handoffs pinned now: prefilled, not yet taken by a decode engine or released",
+            handoffs_pinned.clone(),
+        );
         let kv_feed_batches = Counter::default();
         r.register(
             "tandem_kv_feed_batches",
@@ -314,6 +333,8 @@ impl Metrics {
             admission_queued,
             admission_rejected,
             admission_waiting,
+            handoffs,
+            handoffs_pinned,
             kv_feed_batches,
             kv_feed_up,
             engine_kv_reserved,
@@ -331,6 +352,15 @@ impl Metrics {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// Count one handoff's end (see `handoff::Outcome`).
+    pub fn handoff(&self, outcome: &'static str) {
+        if self.enabled {
+            self.handoffs
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc();
+        }
     }
 
     /// Refresh the per-engine and per-pool gauges from a pool view.

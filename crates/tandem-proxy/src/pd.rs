@@ -28,10 +28,11 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tandem_policy::{DisaggReason, PlanError, PoolKind};
+use tandem_policy::{DisaggReason, Health, PlanError, PoolKind};
 
 use crate::error::{sse_error, ProxyError};
 use crate::front::{self, Kind, Parsed};
+use crate::handoff::{self, Handoff};
 use crate::metrics::{RetryLabels, RouteLabels};
 use crate::pool::{Engine, LoadGuard, Suspect};
 use crate::relay::{rewrite_body, Event, EventReader, RelayError};
@@ -64,6 +65,18 @@ fn retry(reason: &'static str, message: impl Into<String>, suspect: bool) -> Leg
         suspect,
         undelivered: false,
     }
+}
+
+/// A transport failure: worth another engine, and a re-probe of this one. The error itself (it
+/// names the engine's address) goes to the log only; the client's message names no engine.
+fn failed(
+    engine: &Engine,
+    reason: &'static str,
+    message: &'static str,
+    e: &dyn std::fmt::Display,
+) -> LegError {
+    tracing::warn!(engine = %engine.url, reason, error = %e, "{message}");
+    retry(reason, message, true)
 }
 
 fn undelivered(message: impl Into<String>) -> LegError {
@@ -126,7 +139,7 @@ pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: 
         .session_affinity
         .then(|| headers.get(front::SESSION_HEADER).map(|v| v.as_bytes()))
         .flatten();
-    let parsed = match front::parse(kind, &raw, &st.tokenizer, session) {
+    let parsed = match front::parse(kind, &raw, &st.tokenizer, &st.cfg.limits, session) {
         Ok(p) => p,
         Err(e) => {
             fin.finish(e.outcome());
@@ -152,6 +165,7 @@ pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: 
 
 fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Finisher) -> Response {
     let idle = st.deadlines.idle;
+    let mut grace_over = Box::pin(st.grace_over());
     let StreamParts {
         mut reader,
         conn,
@@ -165,7 +179,18 @@ fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Finisher) -> Re
         }
         yield Ok::<Bytes, std::io::Error>(first.bytes().clone());
         loop {
-            match reader.next(idle).await {
+            let next = tokio::select! {
+                r = reader.next(idle) => Some(r),
+                () = &mut grace_over => None,
+            };
+            let Some(next) = next else {
+                // The shutdown grace period is over: end the stream the way vLLM ends one that
+                // fails after its first byte.
+                fin.finish("shutdown");
+                yield Ok(sse_error("the server is shutting down"));
+                break;
+            };
+            match next {
                 Ok(Some(ev)) => {
                     // Whatever else already arrived goes out in the same write.
                     let mut out = bytes::BytesMut::new();
@@ -238,6 +263,7 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
     let pred = route::predict(st, req);
     // Each pass spends at least one attempt, so this bounds re-planning.
     for _ in 0..(retries.prefill_attempts + retries.decode_attempts) {
+        relax_decode_exclusions(st, &mut ex_d);
         let attempt = route::Attempt {
             seq,
             exclude_prefill: &ex_p,
@@ -251,6 +277,7 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
             pools,
             plan,
             admitted,
+            mut pending,
         } = routed;
         let mut admitted = admitted;
         fin.decision = Some((plan.decision.as_str(), plan.decision_reason.as_str()));
@@ -264,7 +291,7 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
         // Approximate feed: the decode engine caches the prompt's blocks too (pulled or local).
         st.decode_index.routed(d_engine.id, &pred.keys);
 
-        let mut params: Option<Box<RawValue>> = None;
+        let mut handoff: Option<Handoff> = None;
         let mut cached: Option<u64> = None;
         let mut warm: Option<Conn> = None;
         let mut prefill_id = None;
@@ -298,8 +325,19 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                     match done.params {
                         Some(p) => {
                             fin.disaggregated = true;
+                            handoff = Some(Handoff::new(
+                                st,
+                                p,
+                                handoff::Origin {
+                                    kind: req.kind,
+                                    prefill_body: &req.prefill_body,
+                                    blocks: route::blocks_needed(st, req),
+                                    request_id: &fin.request_id,
+                                    trace: &fin.trace,
+                                    prefill_engine: pp.id,
+                                },
+                            ));
                             prefill_id = Some(pp.id);
-                            params = Some(p);
                         }
                         None => {
                             if st.disagg.enforce {
@@ -343,7 +381,7 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
         }
 
         // The decode leg, retried on other decode engines while the KV can still be read.
-        let body = req.decode_body(params.as_deref().map(RawValue::get));
+        let body = req.decode_body(handoff.as_ref().map(Handoff::params));
         let params_at = Instant::now();
         loop {
             fin.decode_attempts += 1;
@@ -352,11 +390,15 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                 None => {
                     // Decide the decode engine again now that the request needs its KV room,
                     // from the state at this handoff (the provisional one only if the policy
-                    // picks it again), or wait for room.
+                    // picks it again), or wait for room. A refusal drops the handoff, which
+                    // releases the prefill's KV.
+                    relax_decode_exclusions(st, &mut ex_d);
                     let (pools, reason, id, r) =
                         route::admit_decode(st, req, &pred, seq, &ex_d, prefill_id, d_engine.id)
                             .await
                             .map_err(|e| route_error(e, &last_err))?;
+                    // The request's own reservation now stands for its pool-wide room.
+                    drop(pending.take());
                     if let Some(reason) = reason {
                         count_route(st, PoolKind::Decode, reason.as_str());
                         d_engine = pools
@@ -377,9 +419,21 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                 warm: conn,
                 guard,
             };
+            let seen_before = handoff.as_mut().map(Handoff::sending);
             match decode_leg(st, target, body.clone(), req, fin, cached).await {
-                Ok(done) => return Ok(done),
-                Err(LegError::Relay(e)) => return Err(e),
+                Ok(done) => {
+                    if let Some(h) = handoff.take() {
+                        h.delivered();
+                    }
+                    return Ok(done);
+                }
+                Err(LegError::Relay(e)) => {
+                    // The decode engine's serving layer refused it, which frees the KV.
+                    if let Some(h) = handoff.take() {
+                        h.rejected();
+                    }
+                    return Err(e);
+                }
                 Err(LegError::Retry {
                     reason,
                     message,
@@ -392,12 +446,28 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                         report(st, &d_engine);
                     }
                     ex_d.push(d_engine.id);
+                    if let (Some(h), Some(seen)) = (handoff.as_mut(), seen_before) {
+                        h.avoid(d_engine.id);
+                        if undelivered {
+                            h.unsent(seen);
+                        }
+                    }
                     last_err = message.clone();
                     if fin.decode_attempts >= retries.decode_attempts {
                         return Err(ProxyError::DecodeFailed(message));
                     }
-                    if params.is_none() || !undelivered || params_at.elapsed() >= st.deadlines.lease
+                    if handoff.is_none()
+                        || !undelivered
+                        || params_at.elapsed() >= st.deadlines.lease
                     {
+                        if let (Some(p), false) = (prefill_id, undelivered) {
+                            // The decode engine had the params and failed: the fault may be the
+                            // prefill side's (a handshake or a KV read that fails), so the fresh
+                            // prefill goes to another prefill engine if there is one.
+                            if another_prefill_engine(st, &ex_p, p) {
+                                ex_p.push(p);
+                            }
+                        }
                         break; // re-plan: a local request anywhere, or a fresh prefill
                     }
                     // Another decode engine, same params: the admission at the top of the loop
@@ -405,8 +475,43 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                 }
             }
         }
+        // Dropping the handoff here releases its KV before the fresh prefill runs.
+        drop(handoff);
     }
     Err(ProxyError::DecodeFailed(last_err))
+}
+
+/// Decode exclusions are soft: an engine that failed this request is skipped while another
+/// decode engine can take it, so one failure on each engine does not exhaust the request's
+/// budget; when every healthy decode engine is excluded, the oldest exclusions lapse until one is
+/// not. (Prefill exclusions stay: with every prefill engine excluded the request falls back to a
+/// local prefill, or fails if disaggregation is enforced.)
+fn relax_decode_exclusions(st: &State, ex_d: &mut Vec<usize>) {
+    if ex_d.is_empty() {
+        return;
+    }
+    let pools = st.pools.pools.borrow().clone();
+    let healthy: Vec<usize> = pools
+        .pool(PoolKind::Decode)
+        .iter()
+        .filter(|e| e.status.health == Health::Healthy)
+        .map(|e| e.engine.id)
+        .collect();
+    while !ex_d.is_empty() && healthy.iter().all(|id| ex_d.contains(id)) {
+        ex_d.remove(0);
+    }
+}
+
+/// Whether a healthy prefill engine other than `id` is not excluded.
+fn another_prefill_engine(st: &State, ex_p: &[usize], id: usize) -> bool {
+    st.pools
+        .pools
+        .borrow()
+        .pool(PoolKind::Prefill)
+        .iter()
+        .any(|e| {
+            e.engine.id != id && e.status.health == Health::Healthy && !ex_p.contains(&e.engine.id)
+        })
 }
 
 /// A routing failure as the client sees it, worded with the last leg failure if there was one.
@@ -498,32 +603,32 @@ async fn prefill_leg(
     let _load = engine.track(work_tokens);
     let mut rate = RateLeg::begin(engine);
     let leg = async {
-        let mut conn = engine
-            .upstream
-            .acquire()
-            .await
-            .map_err(|e| retry("connect", e.to_string(), true))?;
+        let mut conn = engine.upstream.acquire().await.map_err(|e| {
+            failed(
+                engine,
+                "connect",
+                "could not connect to the prefill engine",
+                &e,
+            )
+        })?;
         let r = conn.post_json(req.kind.path(), req.prefill_body.clone(), request_id, trace);
         let resp = conn
             .send(r)
             .await
-            .map_err(|e| retry("send", e.to_string(), true))?;
+            .map_err(|e| failed(engine, "send", "the prefill engine did not answer", &e))?;
         let status = resp.status();
         let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
         let body = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| retry("read", e.to_string(), true))?
+            .map_err(|e| failed(engine, "read", "the prefill engine's answer broke off", &e))?
             .to_bytes();
         if status.is_server_error() {
+            tracing::warn!(engine = %engine.url, %status, body = %snippet(&body), "prefill engine error");
             return Err(retry(
                 "status_5xx",
-                format!(
-                    "prefill engine {} answered {status}: {}",
-                    engine.url,
-                    snippet(&body)
-                ),
+                format!("the prefill engine answered {status}"),
                 false,
             ));
         }
@@ -536,9 +641,10 @@ async fn prefill_leg(
         }
         conn.release();
         let parsed: PrefillResponse = serde_json::from_slice(&body).map_err(|e| {
+            tracing::warn!(engine = %engine.url, error = %e, body = %snippet(&body), "prefill engine sent unreadable JSON");
             retry(
                 "bad_response",
-                format!("prefill engine {} sent unreadable JSON: {e}", engine.url),
+                "the prefill engine sent an unreadable answer",
                 false,
             )
         })?;
@@ -561,8 +667,7 @@ async fn prefill_leg(
         Err(_) => Err(retry(
             "timeout",
             format!(
-                "prefill engine {} did not answer within {} ms",
-                engine.url,
+                "the prefill engine did not answer within {} ms",
                 st.deadlines.prefill.as_millis()
             ),
             false,
@@ -593,7 +698,7 @@ impl Drop for RateLeg<'_> {
 /// How long a non-streaming decode may take: nothing arrives until the whole answer is ready.
 fn full_deadline(st: &State, req: &Parsed) -> Duration {
     let tokens = req.max_tokens.unwrap_or(4096).clamp(1, 100_000) as u32;
-    st.deadlines.first_token + st.deadlines.idle.saturating_mul(tokens)
+    st.deadlines.first_token + st.deadlines.per_token.saturating_mul(tokens)
 }
 
 /// Where a decode leg goes: the engine, a connection already open to it, and its admission
@@ -619,11 +724,10 @@ async fn decode_leg(
     } = target;
     let mut conn = match warm {
         Some(c) => c,
-        None => engine
-            .upstream
-            .acquire()
-            .await
-            .map_err(|e| undelivered(e.to_string()))?,
+        None => engine.upstream.acquire().await.map_err(|e| {
+            tracing::warn!(engine = %engine.url, error = %e, "decode engine unreachable");
+            undelivered("could not connect to the decode engine")
+        })?,
     };
     let r = conn.post_json(req.kind.path(), body, &fin.request_id, &fin.trace);
     fin.mark_decode_dispatch();
@@ -636,14 +740,18 @@ async fn decode_leg(
         Err(_) => {
             return Err(retry(
                 "handoff_timeout",
-                format!(
-                    "decode engine {} sent no response headers in time",
-                    engine.url
-                ),
+                "the decode engine sent no response in time",
                 false,
             ))
         }
-        Ok(Err(e)) => return Err(retry("send", e.to_string(), true)),
+        Ok(Err(e)) => {
+            return Err(failed(
+                engine,
+                "send",
+                "the decode engine did not answer",
+                &e,
+            ))
+        }
         Ok(Ok(r)) => r,
     };
     let status = resp.status();
@@ -656,13 +764,10 @@ async fn decode_leg(
             .map(|c| c.to_bytes())
             .unwrap_or_default();
         if status.is_server_error() {
+            tracing::warn!(engine = %engine.url, %status, body = %snippet(&body), "decode engine error");
             return Err(retry(
                 "status_5xx",
-                format!(
-                    "decode engine {} answered {status}: {}",
-                    engine.url,
-                    snippet(&body)
-                ),
+                format!("the decode engine answered {status}"),
                 false,
             ));
         }
@@ -676,30 +781,40 @@ async fn decode_leg(
         let mut reader = EventReader::new(resp.into_body(), cached);
         let first = match reader.next(st.deadlines.first_token).await {
             Ok(Some(Event::Error(b))) => {
+                tracing::warn!(engine = %engine.url, event = %snippet(&b), "decode engine streamed an error first");
                 return Err(retry(
                     "error_event",
-                    format!(
-                        "decode engine {} streamed an error first: {}",
-                        engine.url,
-                        snippet(&b)
-                    ),
+                    "the decode engine streamed an error before any token",
                     false,
-                ))
+                ));
             }
             Ok(Some(ev)) => {
                 // The engine is running the request: its blocks are allocated now.
                 guard.began();
                 ev
             }
-            Ok(None) => return Err(retry("stream_broken", "empty decode stream", true)),
+            Ok(None) => {
+                return Err(retry(
+                    "stream_broken",
+                    "the decode engine's stream was empty",
+                    true,
+                ))
+            }
             Err(RelayError::Idle(_)) => {
                 return Err(retry(
                     "first_token_timeout",
-                    format!("decode engine {} sent no first token in time", engine.url),
+                    "the decode engine sent no first token in time",
                     false,
                 ))
             }
-            Err(e) => return Err(retry("stream_broken", e.to_string(), true)),
+            Err(e) => {
+                return Err(failed(
+                    engine,
+                    "stream_broken",
+                    "the decode engine's stream broke",
+                    &e,
+                ))
+            }
         };
         return Ok(Done::Stream(StreamParts {
             reader,
@@ -714,11 +829,18 @@ async fn decode_leg(
         Err(_) => {
             return Err(retry(
                 "first_token_timeout",
-                "decode answer timed out",
+                "the decode engine's answer timed out",
                 false,
             ))
         }
-        Ok(Err(e)) => return Err(retry("stream_broken", e.to_string(), true)),
+        Ok(Err(e)) => {
+            return Err(failed(
+                engine,
+                "stream_broken",
+                "the decode engine's answer broke off",
+                &e,
+            ))
+        }
         Ok(Ok(c)) => c.to_bytes(),
     };
     conn.release();

@@ -194,6 +194,10 @@ impl Drop for LoadGuard {
         self.engine
             .queued_prefill_tokens
             .fetch_sub(self.prefill_tokens, Ordering::Relaxed);
+        if self.prefill_tokens > 0 {
+            // Requests held back by `admission.max_prefill_queue_tokens` may fit now.
+            self.engine.freed.notify_waiters();
+        }
     }
 }
 

@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tandem_policy::{
-    DisaggDecision, DisaggReason, Plan, PlanError, PoolKind, RouteFacts, RouteReason, RouteRequest,
+    DisaggDecision, DisaggReason, Plan, PlanError, PoolKind, PoolSnapshot, RouteFacts, RouteReason,
+    RouteRequest,
 };
 use tokio::time::Instant;
 
@@ -67,10 +68,12 @@ pub struct Attempt<'a> {
 /// request's decode pick is provisional (it warms a connection during the prefill);
 /// [`admit_decode`] decides again, from the state at the handoff, when the KV is ready to move,
 /// since only then does the request need room and count as load there.
-pub struct Routed {
+pub struct Routed<'s> {
     pub pools: Arc<Pools>,
     pub plan: Plan,
     pub admitted: Option<LoadGuard>,
+    /// A disaggregated request's pool-wide decode room, held until its handoff is admitted.
+    pub pending: Option<PendingDecode<'s>>,
 }
 
 /// Why no plan came back.
@@ -82,11 +85,39 @@ pub enum RouteError {
     Refused(ProxyError),
 }
 
+/// Why a request is held in the admission queue; worded in its 503 if it waits too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// No decode engine has KV room for it (or, before its prefill, the decode pool as a whole
+    /// has none left once the requests already in prefill are counted).
+    DecodeKv,
+    /// Every prefill engine has `admission.max_prefill_queue_tokens` queued.
+    PrefillQueue,
+}
+
+impl Held {
+    fn queue_full(self) -> &'static str {
+        match self {
+            Held::DecodeKv => "no decode engine has KV room and the admission queue is full",
+            Held::PrefillQueue => {
+                "every prefill engine's queue is full and the admission queue is full"
+            }
+        }
+    }
+
+    fn waited(self) -> &'static str {
+        match self {
+            Held::DecodeKv => "no decode engine had KV room within admission.max_wait_ms",
+            Held::PrefillQueue => "no prefill engine's queue had room within admission.max_wait_ms",
+        }
+    }
+}
+
 /// Wait in the admission queue until `attempt` finds room (it is retried after every release and
 /// every published scrape), the queue is full, or `admission.max_wait_ms` passes.
 async fn wait_for_room<T>(
     st: &State,
-    mut attempt: impl FnMut(&Arc<Pools>) -> Result<Option<T>, PlanError>,
+    mut attempt: impl FnMut(&Arc<Pools>) -> Result<Result<T, Held>, PlanError>,
 ) -> Result<T, RouteError> {
     let mut rx = st.pools.pools.clone();
     let mut queued: Option<(QueueSlot<'_>, Instant)> = None;
@@ -96,18 +127,15 @@ async fn wait_for_room<T>(
         tokio::pin!(freed);
         freed.as_mut().enable();
         let pools = rx.borrow_and_update().clone();
-        if let Some(t) = attempt(&pools).map_err(RouteError::Plan)? {
-            return Ok(t);
-        }
+        let held = match attempt(&pools).map_err(RouteError::Plan)? {
+            Ok(t) => return Ok(t),
+            Err(h) => h,
+        };
         let deadline = match &queued {
             Some((_, d)) => *d,
             None => {
-                let slot = QueueSlot::take(st).ok_or_else(|| {
-                    RouteError::Refused(overloaded(
-                        st,
-                        "no decode engine has KV room and the admission queue is full",
-                    ))
-                })?;
+                let slot = QueueSlot::take(st)
+                    .ok_or_else(|| RouteError::Refused(overloaded(st, held.queue_full())))?;
                 let d =
                     Instant::now() + std::time::Duration::from_millis(st.cfg.admission.max_wait_ms);
                 queued = Some((slot, d));
@@ -120,24 +148,81 @@ async fn wait_for_room<T>(
                 return Err(RouteError::Plan(PlanError::NoDecodeEngine));
             },
             _ = tokio::time::sleep_until(deadline) => {
-                return Err(RouteError::Refused(overloaded(
-                    st,
-                    "no decode engine had KV room within admission.max_wait_ms",
-                )));
+                return Err(RouteError::Refused(overloaded(st, held.waited())));
             }
         }
     }
 }
 
+/// Decode KV blocks promised, pool-wide, to one request while its prefill runs: requests in
+/// prefill hold no engine's KV (the engine is decided at the handoff), but the pool as a whole
+/// must keep room for them, or a burst all admitted on the same scrape would prefill, pin its
+/// KV on the prefill engines and then find no decode room. Released at the handoff, where the
+/// request's own reservation on its decode engine replaces it, or when the request ends.
+#[derive(Debug)]
+pub struct PendingDecode<'a> {
+    st: &'a State,
+    blocks: u64,
+}
+
+impl<'a> PendingDecode<'a> {
+    fn take(st: &'a State, blocks: u64) -> Self {
+        st.pending_decode_blocks.fetch_add(blocks, Ordering::AcqRel);
+        PendingDecode { st, blocks }
+    }
+}
+
+impl Drop for PendingDecode<'_> {
+    fn drop(&mut self) {
+        self.st
+            .pending_decode_blocks
+            .fetch_sub(self.blocks, Ordering::AcqRel);
+        self.st.pools.freed.notify_waiters();
+    }
+}
+
+/// Whether the decode pool has room for `need` more blocks besides those promised to requests
+/// in prefill. Unknown capacity, and a request larger than any engine (the policy sends it on
+/// visibly), never hold a request here.
+fn decode_pool_has_room(st: &State, snap: &PoolSnapshot, exclude: &[usize], need: u64) -> bool {
+    let mut free = 0u64;
+    let mut largest = 0u64;
+    for e in snap
+        .decode
+        .iter()
+        .filter(|e| e.routable() && !exclude.contains(&e.id))
+    {
+        let (Some(f), Some(total)) = (e.kv_free_blocks(), e.kv_total_blocks) else {
+            return true;
+        };
+        free += f;
+        largest = largest.max(total);
+    }
+    need > largest || st.pending_decode_blocks.load(Ordering::Acquire) + need <= free
+}
+
+/// Whether some prefill engine is below `admission.max_prefill_queue_tokens`.
+fn prefill_pool_has_room(st: &State, snap: &PoolSnapshot, exclude: &[usize]) -> bool {
+    let max = st.cfg.admission.max_prefill_queue_tokens;
+    max == 0
+        || snap
+            .prefill
+            .iter()
+            .filter(|e| e.routable() && !exclude.contains(&e.id))
+            .any(|e| e.queued_prefill_tokens < max)
+}
+
 /// Plan the request. A local request needs decode KV room now, so it may wait for it; a
-/// disaggregated one only needs a prefill engine now, and takes the decode engine the policy
-/// would pick (or, when none has room yet, the least loaded one) as provisional.
-pub async fn plan_admitted(
-    st: &State,
+/// disaggregated one needs a prefill engine with queue room now and decode room in the pool
+/// (its decode engine is provisional: the one the policy would pick now, decided again at the
+/// handoff), so a request that would find no decode room is held (or refused) before any
+/// prefill work is spent on it.
+pub async fn plan_admitted<'s>(
+    st: &'s State,
     req: &Parsed,
     pred: &Prediction,
     a: &Attempt<'_>,
-) -> Result<Routed, RouteError> {
+) -> Result<Routed<'s>, RouteError> {
     let need = blocks_needed(st, req);
     let uncached = req
         .prompt_tokens
@@ -158,32 +243,45 @@ pub async fn plan_admitted(
         // Under the lock every decision holds, so the snapshot has every admission before it.
         let mut rng = st.rng.lock().expect("rng lock");
         let snap = pools.snapshot();
-        let plan = |d: &dyn tandem_policy::Policy, rng: &mut rand_chacha::ChaCha8Rng| {
-            tandem_policy::plan(&snap, &rr, &st.disagg, st.prefill_policy.as_ref(), d, rng)
-        };
-        let plan = match plan(st.decode_policy.as_ref(), &mut rng) {
+        let plan = match tandem_policy::plan(
+            &snap,
+            &rr,
+            &st.disagg,
+            st.prefill_policy.as_ref(),
+            st.decode_policy.as_ref(),
+            &mut *rng,
+        ) {
             Ok(p) => p,
-            Err(e) if e.is_capacity() => match plan(&tandem_policy::LeastLoaded, &mut rng) {
-                Ok(mut p) if p.decision == DisaggDecision::Disaggregate => {
-                    p.decode.reason = RouteReason::KvDeferred;
-                    p
-                }
-                Ok(_) => return Ok(None),
-                Err(e) => return Err(e),
-            },
+            Err(e) if e.is_capacity() => return Ok(Err(Held::DecodeKv)),
             Err(e) => return Err(e),
         };
-        let admitted = (plan.decision == DisaggDecision::Local).then(|| {
-            let engine = &pools
-                .find(PoolKind::Decode, plan.decode.id)
-                .expect("the plan came from this snapshot")
-                .engine;
-            engine.track(0).with_reservation(engine.reserve(need))
-        });
-        Ok(Some(Routed {
+        let mut pending = None;
+        let admitted = match plan.decision {
+            DisaggDecision::Local => {
+                let engine = &pools
+                    .find(PoolKind::Decode, plan.decode.id)
+                    .expect("the plan came from this snapshot")
+                    .engine;
+                Some(engine.track(0).with_reservation(engine.reserve(need)))
+            }
+            DisaggDecision::Disaggregate => {
+                if !prefill_pool_has_room(st, &snap, a.exclude_prefill) {
+                    return Ok(Err(Held::PrefillQueue));
+                }
+                if st.decode_policy.capacity_aware()
+                    && !decode_pool_has_room(st, &snap, a.exclude_decode, need)
+                {
+                    return Ok(Err(Held::DecodeKv));
+                }
+                pending = Some(PendingDecode::take(st, need));
+                None
+            }
+        };
+        Ok(Ok(Routed {
             pools: pools.clone(),
             plan,
             admitted,
+            pending,
         }))
     })
     .await
@@ -228,7 +326,7 @@ pub async fn admit_decode(
             &mut *rng,
         ) {
             Ok(p) => p,
-            Err(e) if e.is_capacity() => return Ok(None),
+            Err(e) if e.is_capacity() => return Ok(Err(Held::DecodeKv)),
             Err(e) => return Err(e),
         };
         let reason = (p.id != current).then_some(p.reason);
@@ -237,7 +335,7 @@ pub async fn admit_decode(
             .expect("the pick came from this snapshot")
             .engine;
         let admitted = engine.track(0).with_reservation(engine.reserve(need));
-        Ok(Some((pools.clone(), reason, p.id, admitted)))
+        Ok(Ok((pools.clone(), reason, p.id, admitted)))
     })
     .await
 }

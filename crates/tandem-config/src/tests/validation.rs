@@ -283,6 +283,45 @@ fn other_positive_settings() {
 }
 
 #[test]
+fn front_door_settings_are_checked() {
+    for key in [
+        "server.header_read_timeout_ms",
+        "server.body_read_timeout_ms",
+        "server.max_connections",
+        "limits.max_n",
+        "limits.max_tokens",
+    ] {
+        invalid_override(&[(key, "0")], key);
+    }
+    for bad in ["0", "1023", "16777217"] {
+        let reason = invalid_override(
+            &[("server.max_header_bytes", bad)],
+            "server.max_header_bytes",
+        );
+        assert!(reason.contains("between 1024 and"), "{reason}");
+    }
+    for bad in ["0", "10001"] {
+        invalid_override(&[("server.max_headers", bad)], "server.max_headers");
+    }
+    let reason = invalid_override(
+        &[("limits.max_n", "8"), ("limits.max_best_of", "4")],
+        "limits.max_best_of",
+    );
+    assert!(reason.contains("at least limits.max_n (8)"), "{reason}");
+    let doc = with_pools(
+        "[server]\nmax_header_bytes = 1024\nmax_headers = 1\n\
+         [limits]\nmax_n = 1\nmax_best_of = 1\nmax_tokens = 1",
+    );
+    let cfg = from_toml_str(&doc).unwrap();
+    assert_eq!(cfg.limits.max_tokens, Some(1));
+    let unknown = from_toml_str(&with_pools("[limits]\nmax_nn = 2"));
+    assert!(
+        matches!(&unknown, Err(ConfigError::Load(m)) if m.contains("max_nn")),
+        "{unknown:?}"
+    );
+}
+
+#[test]
 fn empty_strings_are_rejected_where_unset_is_the_way_to_say_default() {
     for key in [
         "model.tokenizer",

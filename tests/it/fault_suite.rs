@@ -1,0 +1,431 @@
+//! The fault suite: 2 prefill + 2 decode `tandem sim` engines behind `tandem serve`, one fault
+//! per test, each asserting the single terminal answer the client gets *and* that nothing is
+//! left held afterwards: every sim's KV usage back to 0 with nothing running or waiting, and
+//! Tandem's in-flight counts, KV reservations and pinned handoffs back to 0, within a few
+//! seconds. The sims' NIXL lease is set far beyond that bound, so a leaked handoff cannot hide
+//! behind lease expiry.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde_json::{json, Value};
+
+use crate::support::{metric_in, raw_post, read_sse, Sim, Tandem, PROMPT};
+
+/// Simulated seconds a pinned prefill waits for its read: 100,000 s (2,000 s of real time at the
+/// sims' ×50), so only a release can free it within a test.
+const LEASE: &str = "100000";
+
+struct Cluster {
+    prefill: Vec<Sim>,
+    decode: Vec<Sim>,
+    tandem: Tandem,
+}
+
+/// The cluster's config: fast probes, `mode = "always"`, `kv-capacity` decode routing, plus
+/// `extra` TOML (whole tables; `[timeouts]` and `[admission]` are written from `timeouts` and
+/// `admission`).
+#[derive(Default)]
+struct Setup<'a> {
+    p_flags: &'a [&'a str],
+    d_flags: &'a [&'a str],
+    timeouts: &'a [(&'a str, u64)],
+    admission: &'a [(&'a str, u64)],
+}
+
+impl Cluster {
+    async fn start(s: Setup<'_>) -> Cluster {
+        let sim = |role_flags: &[&str], seed: &'static str| {
+            let mut f = vec!["--seed", seed, "--nixl-abort-timeout", LEASE];
+            f.extend_from_slice(role_flags);
+            f.into_iter().map(str::to_string).collect::<Vec<_>>()
+        };
+        let flags = [
+            sim(s.p_flags, "1"),
+            sim(s.p_flags, "2"),
+            sim(s.d_flags, "3"),
+            sim(s.d_flags, "4"),
+        ];
+        let mut sims = join_all(flags.iter().map(|f| {
+            let refs: Vec<&str> = f.iter().map(String::as_str).collect();
+            async move { Sim::start(&refs).await }
+        }))
+        .await;
+        let decode: Vec<Sim> = sims.split_off(2);
+        let prefill = sims;
+        let urls = |v: &[Sim]| v.iter().map(|s| s.url.clone()).collect::<Vec<_>>();
+        let mut conf = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n\
+             [pools.prefill]\nendpoints = {:?}\npolicy = \"least-loaded\"\n\n\
+             [pools.decode]\nendpoints = {:?}\npolicy = \"kv-capacity\"\n\n\
+             [disaggregation]\nmode = \"always\"\n\n\
+             [health]\ninterval_ms = 100\nscrape_interval_ms = 100\n\n\
+             [timeouts]\n",
+            urls(&prefill),
+            urls(&decode),
+        );
+        if !s.timeouts.iter().any(|(k, _)| *k == "release_ms") {
+            conf.push_str("release_ms = 1000\n");
+        }
+        for (k, v) in s.timeouts {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        conf.push_str("\n[admission]\n");
+        for (k, v) in s.admission {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        let tandem = Tandem::start(&conf).await;
+        Cluster {
+            prefill,
+            decode,
+            tandem,
+        }
+    }
+
+    fn sims(&self) -> impl Iterator<Item = &Sim> {
+        self.prefill.iter().chain(self.decode.iter())
+    }
+
+    async fn faults_all(&self, sims: &[Sim], spec: Value) {
+        join_all(sims.iter().map(|s| s.faults(spec.clone()))).await;
+    }
+
+    /// What is still held anywhere, or `None` when nothing is.
+    async fn held(&self) -> Option<String> {
+        let mut held = Vec::new();
+        for (i, s) in self.sims().enumerate() {
+            let m = s.metrics().await;
+            for name in [
+                "vllm:kv_cache_usage_perc",
+                "vllm:num_requests_running",
+                "vllm:num_requests_waiting",
+            ] {
+                let v = metric_in(&m, name, &[]);
+                if v != 0.0 {
+                    held.push(format!("sim {i}: {name} = {v}"));
+                }
+            }
+        }
+        let engines: Value = self
+            .tandem
+            .get("/admin/engines")
+            .await
+            .json()
+            .await
+            .expect("/admin/engines is JSON");
+        for e in engines["engines"].as_array().expect("engines") {
+            for k in ["inflight", "kv_reserved_blocks"] {
+                if e[k].as_u64() != Some(0) {
+                    held.push(format!(
+                        "tandem {} engine {}: {k} = {}",
+                        e["pool"], e["id"], e[k]
+                    ));
+                }
+            }
+        }
+        if engines["decode_blocks_pending"] != 0 {
+            held.push(format!(
+                "tandem: {} decode blocks pending",
+                engines["decode_blocks_pending"]
+            ));
+        }
+        let m = self.tandem.metrics().await;
+        let pinned = metric_in(&m, "tandem_handoffs_pinned", &[]);
+        if pinned != 0.0 {
+            held.push(format!("tandem: {pinned} handoffs pinned"));
+        }
+        let listed: Value = self
+            .tandem
+            .get("/admin/requests/pinned")
+            .await
+            .json()
+            .await
+            .expect("/admin/requests/pinned is JSON");
+        if listed["count"] != 0 {
+            held.push(format!("tandem: pinned handoffs {listed}"));
+        }
+        (!held.is_empty()).then(|| held.join("; "))
+    }
+
+    /// Nothing held anywhere within 5 s (polled every 25 ms).
+    async fn assert_clean(&self) {
+        let mut last = None;
+        for _ in 0..200 {
+            last = self.held().await;
+            if last.is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("still held 5 s after the last answer: {}", last.unwrap());
+    }
+
+    /// Requests each prefill engine received.
+    async fn prefills(&self) -> Vec<f64> {
+        join_all(
+            self.prefill
+                .iter()
+                .map(|p| p.metric("vllm:request_success_total", &[])),
+        )
+        .await
+    }
+}
+
+fn body(max_tokens: u64, stream: bool) -> Value {
+    let mut b = json!({"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": true});
+    if stream {
+        b["stream"] = json!(true);
+    }
+    b
+}
+
+/// An error answer names no engine: no URL, address or port.
+fn assert_no_engine_named(text: &str, c: &Cluster) {
+    assert!(!text.contains("http://"), "{text}");
+    assert!(!text.contains("tcp://"), "{text}");
+    assert!(!text.contains("127.0.0.1"), "{text}");
+    for s in c.sims() {
+        let port = s.url.rsplit(':').next().expect("a port");
+        assert!(!text.contains(port), "names an engine's port: {text}");
+    }
+}
+
+/// POST and return (status, body text).
+async fn post(c: &Cluster, b: &Value) -> (u16, String) {
+    let r = c.tandem.post("/v1/completions", b, None).await;
+    let status = r.status().as_u16();
+    (status, r.text().await.expect("a body"))
+}
+
+#[tokio::test]
+async fn decode_kv_full_is_refused_before_any_prefill_and_pins_nothing() {
+    let c = Cluster::start(Setup {
+        admission: &[("max_wait_ms", 300)],
+        ..Setup::default()
+    })
+    .await;
+    c.faults_all(&c.decode, json!({"exhaust_kv": true})).await;
+    // Tandem sees both decode engines full once a scrape shows it.
+    for _ in 0..200 {
+        let e: Value = c.tandem.get("/admin/engines").await.json().await.unwrap();
+        let full = e["engines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["pool"] == "decode")
+            .all(|e| e["kv_free_blocks"] == 0);
+        if full {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (status, text) = post(&c, &body(8, false)).await;
+    assert_eq!(status, 503, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("JSON error");
+    assert_eq!(v["error"]["code"], 503, "{v}");
+    assert_no_engine_named(&text, &c);
+    assert_eq!(
+        c.prefills().await,
+        vec![0.0, 0.0],
+        "no prefill work was spent"
+    );
+    c.faults_all(&c.decode, json!({"exhaust_kv": false})).await;
+    c.assert_clean().await;
+}
+
+#[tokio::test]
+async fn decode_kv_filling_during_the_prefill_releases_the_pinned_kv() {
+    // The prefill engines take 1.5 s to accept; meanwhile both decode engines fill up, so the
+    // handoff finds no room, waits its longest and is refused after its prefill ran.
+    let c = Cluster::start(Setup {
+        p_flags: &["--fault-slow-accept-ms", "1500"],
+        admission: &[("max_wait_ms", 300)],
+        ..Setup::default()
+    })
+    .await;
+    let b = body(8, false);
+    let req = c.tandem.post("/v1/completions", &b, None);
+    let fill = async {
+        c.faults_all(&c.decode, json!({"exhaust_kv": true})).await;
+    };
+    let (resp, ()) = tokio::join!(req, fill);
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert_no_engine_named(&text, &c);
+    assert_eq!(
+        c.prefills().await.iter().sum::<f64>(),
+        1.0,
+        "the prefill ran before the refusal"
+    );
+    // The release leg waits on a full decode engine, is cut at release_ms, and the decode
+    // engine's abort tells the prefill engine to free the blocks.
+    c.faults_all(&c.decode, json!({"exhaust_kv": false})).await;
+    c.assert_clean().await;
+    let m = c.tandem.metrics().await;
+    assert_eq!(
+        metric_in(&m, "tandem_handoffs_total", &[("outcome", "leaked")]),
+        0.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn client_gone_after_the_prefill_before_the_pull_releases_the_kv() {
+    // Both decode engines take 1 s to accept, so the client leaves while its prefill's KV is
+    // pinned and no decode engine has the request yet.
+    let c = Cluster::start(Setup {
+        d_flags: &["--fault-slow-accept-ms", "1000"],
+        timeouts: &[("release_ms", 3000)],
+        ..Setup::default()
+    })
+    .await;
+    let mut conns = Vec::new();
+    for i in 0..4 {
+        conns.push(
+            raw_post(
+                &c.tandem.url,
+                "/v1/completions",
+                &body(8, i % 2 == 0),
+                &format!("gone-{i}"),
+            )
+            .await,
+        );
+    }
+    // Every prefill finished (4 requests over the two engines) and pinned its KV.
+    for _ in 0..200 {
+        if c.prefills().await.iter().sum::<f64>() >= 4.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(c.prefills().await.iter().sum::<f64>(), 4.0);
+    drop(conns);
+    c.assert_clean().await;
+    for i in 0..4 {
+        let rec = c.tandem.record(&format!("gone-{i}")).await;
+        assert_eq!(rec["outcome"], "client_disconnect", "{rec}");
+    }
+}
+
+async fn read_fault_is_replanned_and_frees_both_prefills(fault: &str) {
+    let c = Cluster::start(Setup::default()).await;
+    c.faults_all(&c.prefill, json!({ fault: 1 })).await;
+    let (status, text) = post(&c, &body(8, false)).await;
+    assert_eq!(status, 200, "{text}");
+    c.assert_clean().await;
+    let m = c.tandem.metrics().await;
+    assert!(
+        metric_in(&m, "tandem_retries_total", &[("leg", "decode")]) >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn refused_kv_read_is_replanned_and_frees_the_first_prefill() {
+    read_fault_is_replanned_and_frees_both_prefills("kv_refuse_next").await;
+}
+
+#[tokio::test]
+async fn corrupted_kv_read_is_replanned_and_frees_the_first_prefill() {
+    read_fault_is_replanned_and_frees_both_prefills("kv_corrupt_next").await;
+}
+
+#[tokio::test]
+async fn handshake_stall_on_one_prefill_engine_moves_the_prefill_to_the_other() {
+    let c = Cluster::start(Setup {
+        d_flags: &["--nixl-handshake-timeout", "1"],
+        timeouts: &[("release_ms", 500)],
+        ..Setup::default()
+    })
+    .await;
+    c.prefill[0].faults(json!({"handshake_stall": true})).await;
+    for i in 0..3 {
+        let (status, text) = post(&c, &body(8, i == 1)).await;
+        assert_eq!(status, 200, "request {i}: {text}");
+    }
+    let prefills = c.prefills().await;
+    assert!(
+        prefills[1] >= 3.0,
+        "the healthy engine served them: {prefills:?}"
+    );
+    c.prefill[0].faults(json!({"handshake_stall": false})).await;
+    c.assert_clean().await;
+}
+
+#[tokio::test]
+async fn one_500_on_each_decode_engine_is_retried_within_the_budget() {
+    let c = Cluster::start(Setup::default()).await;
+    c.faults_all(&c.decode, json!({"fail_next": 1})).await;
+    for stream in [false, true] {
+        let (status, text) = post(&c, &body(8, stream)).await;
+        assert_eq!(status, 200, "{text}");
+        c.faults_all(&c.decode, json!({"fail_next": 1})).await;
+    }
+    c.faults_all(&c.decode, json!({"fail_next": 0})).await;
+    c.assert_clean().await;
+}
+
+#[tokio::test]
+async fn decode_stall_ends_in_an_answer_from_another_engine() {
+    let c = Cluster::start(Setup {
+        timeouts: &[
+            ("handoff_ms", 1000),
+            ("first_token_ms", 1000),
+            ("per_token_ms", 50),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    for stream in [false, true] {
+        c.faults_all(&c.decode, json!({"stall_next": 1})).await;
+        let r = c
+            .tandem
+            .post("/v1/completions", &body(8, stream), None)
+            .await;
+        assert_eq!(r.status(), 200);
+        if stream {
+            let out = read_sse(r).await;
+            assert!(out.done && !out.cut, "{:?}", out.events);
+        } else {
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+        }
+    }
+    c.faults_all(&c.decode, json!({"stall_next": 0})).await;
+    c.assert_clean().await;
+}
+
+#[tokio::test]
+async fn overload_refuses_with_503_and_leaks_nothing() {
+    // Far more concurrent requests than the decode pool's KV holds, with a short queue: every
+    // answer is a 200 or an OpenAI-shaped 503, and nothing is left pinned afterwards.
+    let c = Cluster::start(Setup {
+        d_flags: &["--num-gpu-blocks-override", "64"],
+        admission: &[("max_queued", 8), ("max_wait_ms", 500)],
+        ..Setup::default()
+    })
+    .await;
+    let reqs = (0..48).map(|i| {
+        let b = body(64, i % 2 == 0);
+        let t = &c.tandem;
+        async move {
+            let r = t.post("/v1/completions", &b, None).await;
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+    });
+    let answers = join_all(reqs).await;
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    let refused = answers.iter().filter(|(s, _)| *s == 503).count();
+    assert_eq!(ok + refused, answers.len(), "{answers:?}");
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+    for (s, text) in &answers {
+        if *s == 503 {
+            let v: Value = serde_json::from_str(text).expect("JSON error");
+            assert_eq!(v["error"]["code"], 503, "{v}");
+            assert_no_engine_named(text, &c);
+        }
+    }
+    c.assert_clean().await;
+}
