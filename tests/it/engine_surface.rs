@@ -158,6 +158,21 @@ async fn errors_have_vllms_shape_and_status() {
         )
         .await;
     assert_eq!(status, 400);
+    // vLLM's `SamplingParams` rejects an empty stop string (the fuzzer found the sim crashing).
+    for stop in [json!(""), json!(["a", ""])] {
+        let (status, v) = s
+            .post_json(
+                "/v1/completions",
+                &json!({"prompt": "x", "max_tokens": 2, "stop": stop}),
+                None,
+            )
+            .await;
+        assert_eq!(status, 400);
+        assert_eq!(
+            v["error"]["message"],
+            "stop cannot contain an empty string."
+        );
+    }
     // Unknown fields are accepted and ignored.
     let (status, _) = s
         .post_json(

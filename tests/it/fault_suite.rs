@@ -16,25 +16,28 @@ use crate::support::{metric_in, raw_post, read_sse, Sim, Tandem, PROMPT};
 /// sims' ×50), so only a release can free it within a test.
 const LEASE: &str = "100000";
 
-struct Cluster {
-    prefill: Vec<Sim>,
-    decode: Vec<Sim>,
-    tandem: Tandem,
+pub struct Cluster {
+    pub prefill: Vec<Sim>,
+    pub decode: Vec<Sim>,
+    pub tandem: Tandem,
 }
 
 /// The cluster's config: fast probes, `mode = "always"`, `kv-capacity` decode routing, plus
 /// `extra` TOML (whole tables; `[timeouts]` and `[admission]` are written from `timeouts` and
 /// `admission`).
 #[derive(Default)]
-struct Setup<'a> {
-    p_flags: &'a [&'a str],
-    d_flags: &'a [&'a str],
-    timeouts: &'a [(&'a str, u64)],
-    admission: &'a [(&'a str, u64)],
+pub struct Setup<'a> {
+    pub p_flags: &'a [&'a str],
+    pub d_flags: &'a [&'a str],
+    pub timeouts: &'a [(&'a str, u64)],
+    pub admission: &'a [(&'a str, u64)],
+    pub limits: &'a [(&'a str, u64)],
+    /// The prefill policy (default `least-loaded`).
+    pub prefill_policy: Option<&'a str>,
 }
 
 impl Cluster {
-    async fn start(s: Setup<'_>) -> Cluster {
+    pub async fn start(s: Setup<'_>) -> Cluster {
         let sim = |role_flags: &[&str], seed: &'static str| {
             let mut f = vec!["--seed", seed, "--nixl-abort-timeout", LEASE];
             f.extend_from_slice(role_flags);
@@ -56,12 +59,13 @@ impl Cluster {
         let urls = |v: &[Sim]| v.iter().map(|s| s.url.clone()).collect::<Vec<_>>();
         let mut conf = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n\n\
-             [pools.prefill]\nendpoints = {:?}\npolicy = \"least-loaded\"\n\n\
+             [pools.prefill]\nendpoints = {:?}\npolicy = \"{}\"\n\n\
              [pools.decode]\nendpoints = {:?}\npolicy = \"kv-capacity\"\n\n\
              [disaggregation]\nmode = \"always\"\n\n\
              [health]\ninterval_ms = 100\nscrape_interval_ms = 100\n\n\
              [timeouts]\n",
             urls(&prefill),
+            s.prefill_policy.unwrap_or("least-loaded"),
             urls(&decode),
         );
         if !s.timeouts.iter().any(|(k, _)| *k == "release_ms") {
@@ -72,6 +76,10 @@ impl Cluster {
         }
         conf.push_str("\n[admission]\n");
         for (k, v) in s.admission {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        conf.push_str("\n[limits]\n");
+        for (k, v) in s.limits {
             conf.push_str(&format!("{k} = {v}\n"));
         }
         let tandem = Tandem::start(&conf).await;
@@ -148,7 +156,7 @@ impl Cluster {
     }
 
     /// Nothing held anywhere within 5 s (polled every 25 ms).
-    async fn assert_clean(&self) {
+    pub async fn assert_clean(&self) {
         let mut last = None;
         for _ in 0..200 {
             last = self.held().await;
@@ -180,7 +188,7 @@ fn body(max_tokens: u64, stream: bool) -> Value {
 }
 
 /// An error answer names no engine: no URL, address or port.
-fn assert_no_engine_named(text: &str, c: &Cluster) {
+pub fn assert_no_engine_named(text: &str, c: &Cluster) {
     assert!(!text.contains("http://"), "{text}");
     assert!(!text.contains("tcp://"), "{text}");
     assert!(!text.contains("127.0.0.1"), "{text}");
@@ -333,21 +341,34 @@ async fn corrupted_kv_read_is_replanned_and_frees_the_first_prefill() {
 
 #[tokio::test]
 async fn handshake_stall_on_one_prefill_engine_moves_the_prefill_to_the_other() {
+    // `prefix` prefers the engine that already holds the prompt, so a retry that does not move
+    // off the stalled engine runs there again (and again).
     let c = Cluster::start(Setup {
         d_flags: &["--nixl-handshake-timeout", "1"],
         timeouts: &[("release_ms", 500)],
+        prefill_policy: Some("prefix"),
         ..Setup::default()
     })
     .await;
     c.prefill[0].faults(json!({"handshake_stall": true})).await;
-    for i in 0..3 {
-        let (status, text) = post(&c, &body(8, i == 1)).await;
-        assert_eq!(status, 200, "request {i}: {text}");
+    // Until one request has met the stalled engine (the tie-breaks are seeded: a few at most).
+    let mut sent = 0;
+    while sent < 10 && c.prefills().await[0] == 0.0 {
+        // A prompt of its own, so no engine holds it and the tie-break decides.
+        let mut b = body(8, sent % 2 == 1);
+        b["prompt"] = json!(format!("({sent}) {PROMPT}"));
+        let (status, text) = post(&c, &b).await;
+        assert_eq!(status, 200, "request {sent}: {text}");
+        sent += 1;
     }
     let prefills = c.prefills().await;
     assert!(
-        prefills[1] >= 3.0,
-        "the healthy engine served them: {prefills:?}"
+        prefills[0] >= 1.0,
+        "no request met the stalled engine: {prefills:?}"
+    );
+    assert_eq!(
+        prefills[1], sent as f64,
+        "the healthy engine prefilled every request: {prefills:?}"
     );
     c.prefill[0].faults(json!({"handshake_stall": false})).await;
     c.assert_clean().await;

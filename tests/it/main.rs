@@ -8,6 +8,7 @@ mod engine_surface;
 mod fault_suite;
 mod faults;
 mod front_door;
+mod fuzz;
 mod kv_events;
 mod observability;
 #[cfg(feature = "otel")]

@@ -346,6 +346,15 @@ fn check_sampling(
     if int_field(body, "prompt_logprobs")?.is_some_and(|l| l < -1) {
         return Err(bad("`prompt_logprobs` must be a positive value or -1."));
     }
+    let stops: &[Value] = match body.get("stop") {
+        None | Some(Value::Null) => &[],
+        Some(v @ Value::String(_)) => std::slice::from_ref(v),
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a,
+        Some(_) => return Err(bad("`stop` must be a string or a list of strings")),
+    };
+    if stops.iter().any(|s| s.as_str() == Some("")) {
+        return Err(bad("stop cannot contain an empty string."));
+    }
     Ok(())
 }
 
@@ -552,6 +561,15 @@ mod tests {
             "temperature must be non-negative, got -1.0."
         );
         assert_eq!(c(r#""top_p":2"#), "top_p must be in (0, 1], got 2.0.");
+        assert_eq!(c(r#""stop":"""#), "stop cannot contain an empty string.");
+        assert_eq!(
+            c(r#""stop":["a",""]"#),
+            "stop cannot contain an empty string."
+        );
+        assert_eq!(
+            c(r#""stop":5"#),
+            "`stop` must be a string or a list of strings"
+        );
         assert_eq!(c(r#""top_p":0"#), "top_p must be in (0, 1], got 0.0.");
         assert_eq!(
             c(r#""top_k":-2"#),

@@ -525,7 +525,14 @@ impl Engine {
             let visible = if finish.is_some() || m.params.stop.is_empty() {
                 m.text.len()
             } else {
-                let hold = m.params.stop.iter().map(|s| s.len()).max().unwrap_or(0) - 1;
+                let hold = m
+                    .params
+                    .stop
+                    .iter()
+                    .map(|s| s.len())
+                    .max()
+                    .unwrap_or(0)
+                    .saturating_sub(1);
                 floor_char_boundary(&m.text, m.text.len().saturating_sub(hold))
             };
             let delta = if visible > m.sent_len {

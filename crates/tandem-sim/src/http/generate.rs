@@ -257,6 +257,17 @@ fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Resul
             "max_tokens must be at least 1, got 0.",
         ));
     }
+    let empty_stop = match &common.stop {
+        Some(wire::Stop::One(s)) => s.is_empty(),
+        Some(wire::Stop::Many(v)) => v.iter().any(String::is_empty),
+        None => false,
+    };
+    if empty_stop {
+        // vLLM's `SamplingParams._verify_args`.
+        return Err(ApiError::bad_request(
+            "stop cannot contain an empty string.",
+        ));
+    }
     let role = match &common.kv_transfer_params {
         Some(p) if p.get("do_remote_decode").and_then(Value::as_bool) == Some(true) => {
             Role::Prefill
