@@ -13,6 +13,7 @@ mod kv_events;
 mod observability;
 #[cfg(feature = "otel")]
 mod otel;
+mod overload;
 mod pd;
 mod routing;
 mod support;

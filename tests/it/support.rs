@@ -55,18 +55,18 @@ impl std::ops::Deref for Sim {
 impl Sim {
     /// Start `tandem sim --port 0` with a small, fast profile plus `extra` flags.
     pub async fn start(extra: &[&str]) -> Sim {
+        let mut args = vec!["--model", "qwen3-0.6b", "--time-scale", "50"];
+        args.extend_from_slice(extra);
+        Sim::spawn(&args).await
+    }
+
+    /// Start `tandem sim --port 0` with exactly `args` (the simulator's own defaults otherwise:
+    /// Llama-3.1-8B on an H100, real time).
+    pub async fn spawn(args: &[&str]) -> Sim {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
-        cmd.args([
-            "sim",
-            "--port",
-            "0",
-            "--model",
-            "qwen3-0.6b",
-            "--time-scale",
-            "50",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "error");
+        cmd.args(["sim", "--port", "0"])
+            .args(args)
+            .env("RUST_LOG", "error");
         let (child, ready, peer) = spawn_ready(cmd, "tandem-sim").await;
         Sim {
             _child: child,
