@@ -55,8 +55,15 @@ impl Pool {
              [pools.decode]\nendpoints = [{:?}, {:?}]\n\n\
              [disaggregation]\nmode = \"always\"\n\n\
              [health]\ninterval_ms = 200\nscrape_interval_ms = 200\n\n\
-             [admission]\nmax_queued = 64\n",
-            p0.url, p1.url, d0.url, d1.url
+             [admission]\nmax_queued = 64\n{}",
+            p0.url,
+            p1.url,
+            d0.url,
+            d1.url,
+            // The acceptance run also tries the issue's tight queue (`max_wait_ms = 2000`).
+            std::env::var("TANDEM_OVERLOAD_MAX_WAIT_MS")
+                .map(|v| format!("max_wait_ms = {v}\n"))
+                .unwrap_or_default()
         );
         let tandem = Tandem::start(&conf).await;
         Pool {
