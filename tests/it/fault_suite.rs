@@ -450,3 +450,148 @@ async fn overload_refuses_with_503_and_leaks_nothing() {
     }
     c.assert_clean().await;
 }
+
+#[tokio::test]
+async fn a_full_prefill_queue_holds_and_refuses_before_any_engine_work() {
+    // Prefills take 1 s to start, and one prompt fills an engine's queue bound: with both
+    // engines busy, a third request waits its longest in the admission queue, then gets 503.
+    let c = Cluster::start(Setup {
+        p_flags: &["--fault-slow-accept-ms", "1000"],
+        admission: &[("max_prefill_queue_tokens", 50), ("max_wait_ms", 200)],
+        ..Setup::default()
+    })
+    .await;
+    let (b1, b2) = (body(8, false), body(8, true));
+    let first = async {
+        let (a, b) = tokio::join!(post(&c, &b1), post(&c, &b2));
+        vec![a, b]
+    };
+    let third = async {
+        for _ in 0..200 {
+            let e: Value = c.tandem.get("/admin/engines").await.json().await.unwrap();
+            let busy = e["engines"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["pool"] == "prefill")
+                .all(|e| e["prefill_queue_tokens"].as_u64() > Some(0));
+            if busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        post(&c, &body(8, false)).await
+    };
+    let (firsts, (status, text)) = tokio::join!(first, third);
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("prefill engine's queue"), "{text}");
+    assert_no_engine_named(&text, &c);
+    for (s, t) in firsts {
+        assert_eq!(s, 200, "{t}");
+    }
+    assert_eq!(
+        c.prefills().await.iter().sum::<f64>(),
+        2.0,
+        "the third never reached one"
+    );
+    c.assert_clean().await;
+}
+
+#[tokio::test]
+async fn a_decode_engine_killed_mid_stream_ends_the_stream_cleanly_and_comes_back() {
+    let mut c = Cluster::start(Setup::default()).await;
+    // Long streams on both decode engines (kv-capacity spreads them).
+    let reqs = (0..4).map(|_| {
+        let t = &c.tandem;
+        async move {
+            let b = body(20_000, true);
+            read_sse(t.post("/v1/completions", &b, None).await).await
+        }
+    });
+    let streams = futures::future::join_all(reqs);
+    let kill = async {
+        // Once the first engine is generating, SIGKILL it.
+        c.decode[0]
+            .wait_metric("vllm:num_requests_running", &[], |v| v > 0.0)
+            .await;
+        c.decode[0].kill().await
+    };
+    let (outs, port) = tokio::join!(streams, kill);
+    for out in &outs {
+        // Cut streams end in an error event and [DONE]; the others finish normally.
+        assert!(out.done && !out.cut, "{:?}", out.events.last());
+    }
+    assert!(
+        outs.iter()
+            .any(|o| o.events.iter().any(|e| e.get("error").is_some())),
+        "a stream on the killed engine ended with an error event"
+    );
+    let ready_after_kill = c.tandem.ready().await;
+    assert_eq!(
+        ready_after_kill.0, 200,
+        "the other decode engine still serves"
+    );
+    c.decode[0] = Sim::spawn_on(
+        port,
+        &[
+            "--model",
+            "qwen3-0.6b",
+            "--time-scale",
+            "50",
+            "--seed",
+            "3",
+            "--nixl-abort-timeout",
+            LEASE,
+        ],
+    )
+    .await;
+    // Back in rotation: healthy again in Tandem's table.
+    let mut healthy = false;
+    for _ in 0..200 {
+        let e: Value = c.tandem.get("/admin/engines").await.json().await.unwrap();
+        healthy = e["engines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["pool"] == "decode")
+            .all(|e| e["state"] == "healthy");
+        if healthy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(healthy, "the restarted engine is healthy again");
+    let (status, text) = post(&c, &body(8, false)).await;
+    assert_eq!(status, 200, "{text}");
+    c.assert_clean().await;
+}
+
+#[tokio::test]
+async fn clients_leaving_at_random_points_leave_nothing_held() {
+    use rand::{Rng, SeedableRng};
+    let c = Cluster::start(Setup::default()).await;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(200);
+    // 100 clients, each gone after a seeded delay: before, during or after its prefill, while
+    // its decode engine pulls, or mid-stream.
+    let clients = (0..100).map(|i| {
+        let stream = rng.random_bool(0.5);
+        let delay = Duration::from_micros(rng.random_range(0..60_000));
+        let url = c.tandem.url.clone();
+        async move {
+            let conn = raw_post(
+                &url,
+                "/v1/completions",
+                &body(200, stream),
+                &format!("leave-{i}"),
+            )
+            .await;
+            tokio::time::sleep(delay).await;
+            drop(conn);
+        }
+    });
+    join_all(clients).await;
+    c.assert_clean().await;
+    // The pool still serves.
+    let (status, text) = post(&c, &body(8, false)).await;
+    assert_eq!(status, 200, "{text}");
+}

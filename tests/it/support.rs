@@ -63,8 +63,14 @@ impl Sim {
     /// Start `tandem sim --port 0` with exactly `args` (the simulator's own defaults otherwise:
     /// Llama-3.1-8B on an H100, real time).
     pub async fn spawn(args: &[&str]) -> Sim {
+        Sim::spawn_on(0, args).await
+    }
+
+    /// [`Sim::spawn`] on a chosen port (0: any), e.g. to restart a killed engine where its
+    /// coordinator expects it.
+    pub async fn spawn_on(port: u16, args: &[&str]) -> Sim {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
-        cmd.args(["sim", "--port", "0"])
+        cmd.args(["sim", "--port", &port.to_string()])
             .args(args)
             .env("RUST_LOG", "error");
         let (child, ready, peer) = spawn_ready(cmd, "tandem-sim").await;
@@ -73,6 +79,17 @@ impl Sim {
             ready,
             peer,
         }
+    }
+
+    /// SIGKILL the process and wait for it to exit; returns its HTTP port.
+    pub async fn kill(&mut self) -> u16 {
+        self._child.start_kill().expect("kill the sim");
+        let _ = self._child.wait().await;
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("the sim's URL ends with its port")
     }
 
     pub async fn faults(&self, spec: Value) {

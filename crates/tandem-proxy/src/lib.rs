@@ -11,6 +11,7 @@ mod kvfeed;
 mod metrics;
 mod pd;
 mod pool;
+mod prefill;
 mod prefix;
 mod rate;
 mod relay;

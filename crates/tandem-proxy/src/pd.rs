@@ -26,25 +26,24 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use tandem_policy::{DisaggReason, Health, PlanError, PoolKind};
 
 use crate::error::{sse_error, ProxyError};
 use crate::front::{self, Kind, Parsed};
-use crate::handoff::{self, Handoff};
+use crate::handoff::Handoff;
 use crate::metrics::{RetryLabels, RouteLabels};
 use crate::pool::{Engine, LoadGuard, Suspect};
+use crate::prefill;
 use crate::relay::{rewrite_body, Event, EventReader, RelayError};
 use crate::route::{self, RouteError};
 use crate::timing::Finisher;
-use crate::trace::{self, Outgoing};
+use crate::trace;
 use crate::upstream::Conn;
 use crate::State;
 
 /// A leg's failure: either worth another engine, or the engine's answer for the client.
 #[derive(Debug)]
-enum LegError {
+pub(crate) enum LegError {
     Retry {
         reason: &'static str,
         message: String,
@@ -58,7 +57,7 @@ enum LegError {
     Relay(ProxyError),
 }
 
-fn retry(reason: &'static str, message: impl Into<String>, suspect: bool) -> LegError {
+pub(crate) fn retry(reason: &'static str, message: impl Into<String>, suspect: bool) -> LegError {
     LegError::Retry {
         reason,
         message: message.into(),
@@ -69,7 +68,7 @@ fn retry(reason: &'static str, message: impl Into<String>, suspect: bool) -> Leg
 
 /// A transport failure: worth another engine, and a re-probe of this one. The error itself (it
 /// names the engine's address) goes to the log only; the client's message names no engine.
-fn failed(
+pub(crate) fn failed(
     engine: &Engine,
     reason: &'static str,
     message: &'static str,
@@ -310,8 +309,17 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
             fin.mark_dispatch();
             // Warm the decode connection while the prefill runs, so the handoff is one write.
             let work = req.prompt_tokens.saturating_sub(predicted);
+            let job = prefill::PrefillJob {
+                kind: req.kind,
+                body: req.prefill_body.clone(),
+                prompt_tokens: req.prompt_tokens,
+                work_tokens: work,
+                blocks: route::blocks_needed(st, req),
+                request_id: fin.request_id.clone(),
+                trace: fin.trace.clone(),
+            };
             let (res, w) = tokio::join!(
-                prefill_leg(st, &p_engine, req, &fin.request_id, &fin.trace, work),
+                prefill::spawn(st, &p_engine, job),
                 d_engine.upstream.acquire()
             );
             // If the engine closed it while the prefill ran, `Conn::send` resends on a fresh one.
@@ -322,21 +330,10 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                     fin.cached_tokens = done.cached;
                     // After the cached count, which the phase event carries.
                     fin.mark_params();
-                    match done.params {
-                        Some(p) => {
+                    match done.handoff {
+                        Some(h) => {
                             fin.disaggregated = true;
-                            handoff = Some(Handoff::new(
-                                st,
-                                p,
-                                handoff::Origin {
-                                    kind: req.kind,
-                                    prefill_body: &req.prefill_body,
-                                    blocks: route::blocks_needed(st, req),
-                                    request_id: &fin.request_id,
-                                    trace: &fin.trace,
-                                    prefill_engine: pp.id,
-                                },
-                            ));
+                            handoff = Some(h);
                             prefill_id = Some(pp.id);
                         }
                         None => {
@@ -562,137 +559,8 @@ fn report(st: &State, e: &Engine) {
     });
 }
 
-#[derive(Deserialize)]
-struct PrefillResponse {
-    #[serde(default)]
-    kv_transfer_params: Option<Box<RawValue>>,
-    #[serde(default)]
-    usage: Option<UsageLite>,
-}
-
-#[derive(Deserialize)]
-struct UsageLite {
-    #[serde(default)]
-    prompt_tokens_details: Option<DetailsLite>,
-}
-
-#[derive(Deserialize)]
-struct DetailsLite {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
-}
-
-struct PrefillDone {
-    params: Option<Box<RawValue>>,
-    cached: Option<u64>,
-}
-
-fn snippet(b: &[u8]) -> String {
+pub(crate) fn snippet(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned()
-}
-
-async fn prefill_leg(
-    st: &State,
-    engine: &Arc<Engine>,
-    req: &Parsed,
-    request_id: &str,
-    trace: &Outgoing,
-    work_tokens: u64,
-) -> Result<PrefillDone, LegError> {
-    // Queued work is what the engine must compute: the prompt less what it is predicted to hold.
-    let _load = engine.track(work_tokens);
-    let mut rate = RateLeg::begin(engine);
-    let leg = async {
-        let mut conn = engine.upstream.acquire().await.map_err(|e| {
-            failed(
-                engine,
-                "connect",
-                "could not connect to the prefill engine",
-                &e,
-            )
-        })?;
-        let r = conn.post_json(req.kind.path(), req.prefill_body.clone(), request_id, trace);
-        let resp = conn
-            .send(r)
-            .await
-            .map_err(|e| failed(engine, "send", "the prefill engine did not answer", &e))?;
-        let status = resp.status();
-        let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| failed(engine, "read", "the prefill engine's answer broke off", &e))?
-            .to_bytes();
-        if status.is_server_error() {
-            tracing::warn!(engine = %engine.url, %status, body = %snippet(&body), "prefill engine error");
-            return Err(retry(
-                "status_5xx",
-                format!("the prefill engine answered {status}"),
-                false,
-            ));
-        }
-        if !status.is_success() {
-            return Err(LegError::Relay(ProxyError::Engine {
-                status,
-                content_type: ct,
-                body,
-            }));
-        }
-        conn.release();
-        let parsed: PrefillResponse = serde_json::from_slice(&body).map_err(|e| {
-            tracing::warn!(engine = %engine.url, error = %e, body = %snippet(&body), "prefill engine sent unreadable JSON");
-            retry(
-                "bad_response",
-                "the prefill engine sent an unreadable answer",
-                false,
-            )
-        })?;
-        let cached = parsed
-            .usage
-            .and_then(|u| u.prompt_tokens_details)
-            .and_then(|d| d.cached_tokens);
-        // What the engine computed: the prompt less what it says it had (any tier), plus the
-        // per-request cost the `prefix` policy charges each request in flight, so the rate
-        // does not depend on how cached or short an engine's prompts happen to be.
-        let computed = cached.map_or(work_tokens, |c| req.prompt_tokens.saturating_sub(c));
-        rate.work = computed + st.cfg.routing.request_cost_tokens;
-        Ok(PrefillDone {
-            params: parsed.kv_transfer_params,
-            cached,
-        })
-    };
-    match tokio::time::timeout(st.deadlines.prefill, leg).await {
-        Ok(r) => r,
-        Err(_) => Err(retry(
-            "timeout",
-            format!(
-                "the prefill engine did not answer within {} ms",
-                st.deadlines.prefill.as_millis()
-            ),
-            false,
-        )),
-    }
-}
-
-/// One prefill leg in the engine's throughput estimate: begun when made, ended when dropped with
-/// the work the leg reported computing (none if it failed or was abandoned).
-struct RateLeg<'a> {
-    engine: &'a Engine,
-    work: u64,
-}
-
-impl<'a> RateLeg<'a> {
-    fn begin(engine: &'a Engine) -> Self {
-        engine.rate.begin(engine.secs());
-        RateLeg { engine, work: 0 }
-    }
-}
-
-impl Drop for RateLeg<'_> {
-    fn drop(&mut self) {
-        self.engine.rate.end(self.engine.secs(), self.work);
-    }
 }
 
 /// How long a non-streaming decode may take: nothing arrives until the whole answer is ready.
