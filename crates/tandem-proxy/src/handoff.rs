@@ -275,15 +275,23 @@ impl Drop for Handoff {
 /// tokens (1: pull; 0: reject, see the module docs).
 fn release_body(prefill_body: &Bytes, params: &RawValue, max_tokens: u64) -> Option<Bytes> {
     let mut m: Map<String, Value> = serde_json::from_slice(prefill_body).ok()?;
-    let p: Value = serde_json::from_str(params.get()).ok()?;
-    m.insert("kv_transfer_params".into(), p);
+    m.remove("kv_transfer_params");
     m.insert("n".into(), Value::from(1));
     m.remove("best_of");
     m.insert("max_tokens".into(), Value::from(max_tokens));
     if m.contains_key("max_completion_tokens") {
         m.insert("max_completion_tokens".into(), Value::from(max_tokens));
     }
-    serde_json::to_vec(&m).ok().map(Bytes::from)
+    // The params go in byte for byte, as on the decode leg.
+    let mut out = serde_json::to_vec(&m).ok()?;
+    out.pop();
+    if !m.is_empty() {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"kv_transfer_params\":");
+    out.extend_from_slice(params.get().as_bytes());
+    out.push(b'}');
+    Some(Bytes::from(out))
 }
 
 struct ReleaseLeg {
@@ -388,9 +396,10 @@ mod tests {
         let prefill = Bytes::from_static(
             br#"{"prompt":"hi","n":4,"best_of":5,"max_tokens":1,"stream":false,"kv_transfer_params":{"do_remote_decode":true}}"#,
         );
-        let params =
-            RawValue::from_string(r#"{"do_remote_prefill":true,"remote_block_ids":[1]}"#.into())
-                .unwrap();
+        let params = RawValue::from_string(
+            r#"{"do_remote_prefill":true,"remote_block_ids":[1],"remote_port":5600.0}"#.into(),
+        )
+        .unwrap();
         let b = release_body(&prefill, &params, 1).expect("a JSON body");
         let v: Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["kv_transfer_params"]["do_remote_prefill"], true);
@@ -400,6 +409,11 @@ mod tests {
         assert_eq!(v["max_tokens"], 1);
         assert_eq!(v["stream"], false);
         assert_eq!(v["prompt"], "hi");
+        let text = std::str::from_utf8(&b).unwrap();
+        assert!(
+            text.ends_with(&format!(r#""kv_transfer_params":{}}}"#, params.get())),
+            "{text}"
+        );
         let reject = release_body(&prefill, &params, 0).expect("a JSON body");
         let v: Value = serde_json::from_slice(&reject).unwrap();
         assert_eq!(
