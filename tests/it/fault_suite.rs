@@ -308,6 +308,29 @@ async fn client_gone_after_the_prefill_before_the_pull_releases_the_kv() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(c.prefills().await.iter().sum::<f64>(), 4.0);
+    // Pinned now, and listed as such while the decode engines are slow to accept.
+    let mut listed = Value::Null;
+    for _ in 0..200 {
+        listed = c
+            .tandem
+            .get("/admin/requests/pinned?older_than_ms=0")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if listed["count"] == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(listed["count"], 4, "{listed}");
+    let ids: Vec<&str> = listed["pinned"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["request_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.iter().all(|id| id.starts_with("gone-")), "{listed}");
     drop(conns);
     c.assert_clean().await;
     for i in 0..4 {
