@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde_json::{json, Value};
 
-use crate::support::{metric_in, raw_post, read_sse, Sim, Tandem, PROMPT};
+use crate::support::{held_by, metric_in, raw_post, read_sse, Sim, Tandem, PROMPT};
 
 /// Simulated seconds a pinned prefill waits for its read: 100,000 s (2,000 s of real time at the
 /// sims' ×50), so only a release can free it within a test.
@@ -100,37 +100,8 @@ impl Cluster {
 
     /// What is still held anywhere, or `None` when nothing is.
     async fn held(&self) -> Option<String> {
-        let mut held = Vec::new();
-        for (i, s) in self.sims().enumerate() {
-            let m = s.metrics().await;
-            for name in [
-                "vllm:kv_cache_usage_perc",
-                "vllm:num_requests_running",
-                "vllm:num_requests_waiting",
-            ] {
-                let v = metric_in(&m, name, &[]);
-                if v != 0.0 {
-                    held.push(format!("sim {i}: {name} = {v}"));
-                }
-            }
-        }
-        let engines: Value = self
-            .tandem
-            .get("/admin/engines")
-            .await
-            .json()
-            .await
-            .expect("/admin/engines is JSON");
-        for e in engines["engines"].as_array().expect("engines") {
-            for k in ["inflight", "kv_reserved_blocks"] {
-                if e[k].as_u64() != Some(0) {
-                    held.push(format!(
-                        "tandem {} engine {}: {k} = {}",
-                        e["pool"], e["id"], e[k]
-                    ));
-                }
-            }
-        }
+        let mut held = held_by(self.sims(), &self.tandem).await;
+        let engines = self.tandem.engines().await;
         if engines["decode_blocks_pending"] != 0 {
             held.push(format!(
                 "tandem: {} decode blocks pending",
@@ -165,7 +136,22 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("still held 5 s after the last answer: {}", last.unwrap());
+        let m = self.tandem.metrics().await;
+        let handoffs: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("tandem_handoffs_total{"))
+            .collect();
+        let mut failed_notifications = Vec::new();
+        for s in self.sims() {
+            failed_notifications.push(
+                s.metric("vllm:nixl_num_failed_notifications_total", &[])
+                    .await,
+            );
+        }
+        panic!(
+            "still held 5 s after the last answer: {} (handoffs: {handoffs:?}; failed NIXL notifications per sim: {failed_notifications:?})",
+            last.unwrap()
+        );
     }
 
     /// Requests each prefill engine received.
@@ -214,19 +200,11 @@ async fn decode_kv_full_is_refused_before_any_prefill_and_pins_nothing() {
     .await;
     c.faults_all(&c.decode, json!({"exhaust_kv": true})).await;
     // Tandem sees both decode engines full once a scrape shows it.
-    for _ in 0..200 {
-        let e: Value = c.tandem.get("/admin/engines").await.json().await.unwrap();
-        let full = e["engines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["pool"] == "decode")
-            .all(|e| e["kv_free_blocks"] == 0);
-        if full {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    assert!(
+        c.tandem
+            .wait_engines("decode", |e| e["kv_free_blocks"] == 0)
+            .await
+    );
     let (status, text) = post(&c, &body(8, false)).await;
     assert_eq!(status, 503, "{text}");
     let v: Value = serde_json::from_str(&text).expect("JSON error");
@@ -490,19 +468,11 @@ async fn a_full_prefill_queue_holds_and_refuses_before_any_engine_work() {
         vec![a, b]
     };
     let third = async {
-        for _ in 0..200 {
-            let e: Value = c.tandem.get("/admin/engines").await.json().await.unwrap();
-            let busy = e["engines"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|e| e["pool"] == "prefill")
-                .all(|e| e["prefill_queue_tokens"].as_u64() > Some(0));
-            if busy {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let busy = c
+            .tandem
+            .wait_engines("prefill", |e| e["prefill_queue_tokens"].as_u64() > Some(0))
+            .await;
+        assert!(busy, "both prefill engines have a prefill queued");
         post(&c, &body(8, false)).await
     };
     let (firsts, (status, text)) = tokio::join!(first, third);
@@ -569,20 +539,10 @@ async fn a_decode_engine_killed_mid_stream_ends_the_stream_cleanly_and_comes_bac
     )
     .await;
     // Back in rotation: healthy again in Tandem's table.
-    let mut healthy = false;
-    for _ in 0..200 {
-        let e: Value = c.tandem.get("/admin/engines").await.json().await.unwrap();
-        healthy = e["engines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["pool"] == "decode")
-            .all(|e| e["state"] == "healthy");
-        if healthy {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let healthy = c
+        .tandem
+        .wait_engines("decode", |e| e["state"] == "healthy")
+        .await;
     assert!(healthy, "the restarted engine is healthy again");
     let (status, text) = post(&c, &body(8, false)).await;
     assert_eq!(status, 200, "{text}");

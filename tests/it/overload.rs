@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use crate::support::{metric_in, Sim, Tandem};
+use crate::support::{held_by, Sim, Tandem};
 
 const PROMPT_CHARS: usize = 2_000;
 const MAX_TOKENS: u64 = 64;
@@ -84,35 +84,7 @@ impl Pool {
 
     /// What is still held: sims' KV or requests, Tandem's in-flight counts and reservations.
     async fn held(&self) -> Vec<String> {
-        let mut held = Vec::new();
-        for (i, s) in self.prefill.iter().chain(self.decode.iter()).enumerate() {
-            let m = s.metrics().await;
-            for name in [
-                "vllm:kv_cache_usage_perc",
-                "vllm:num_requests_running",
-                "vllm:num_requests_waiting",
-            ] {
-                let v = metric_in(&m, name, &[]);
-                if v != 0.0 {
-                    held.push(format!("sim {i}: {name} = {v}"));
-                }
-            }
-        }
-        let e: Value = self
-            .tandem
-            .get("/admin/engines")
-            .await
-            .json()
-            .await
-            .unwrap();
-        for e in e["engines"].as_array().unwrap() {
-            for k in ["inflight", "kv_reserved_blocks"] {
-                if e[k].as_u64() != Some(0) {
-                    held.push(format!("tandem engine {}: {k} = {}", e["id"], e[k]));
-                }
-            }
-        }
-        held
+        held_by(self.prefill.iter().chain(self.decode.iter()), &self.tandem).await
     }
 }
 

@@ -385,6 +385,34 @@ impl Tandem {
         (status, resp.json().await.expect("/ready answers JSON"))
     }
 
+    /// `GET /admin/engines`.
+    pub async fn engines(&self) -> Value {
+        self.get("/admin/engines")
+            .await
+            .json()
+            .await
+            .expect("/admin/engines answers JSON")
+    }
+
+    /// Poll `/admin/engines` (at most 200 times 25 ms apart) until every engine of `pool`
+    /// satisfies `done`; returns whether they did.
+    pub async fn wait_engines(&self, pool: &str, done: impl Fn(&Value) -> bool) -> bool {
+        for _ in 0..200 {
+            let e = self.engines().await;
+            let all = e["engines"]
+                .as_array()
+                .expect("engines")
+                .iter()
+                .filter(|e| e["pool"] == pool)
+                .all(&done);
+            if all {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
     /// `GET /admin/requests`.
     pub async fn records(&self) -> Vec<Value> {
         let v: Value = self
@@ -412,6 +440,39 @@ impl Tandem {
         }
         panic!("no record of request {request_id} in /admin/requests");
     }
+}
+
+/// What `sims` and `tandem` still hold: each sim's KV usage and running or waiting requests,
+/// Tandem's per-engine in-flight counts and KV reservations (empty when nothing is).
+pub async fn held_by<'a>(sims: impl Iterator<Item = &'a Sim>, tandem: &Tandem) -> Vec<String> {
+    let mut held = Vec::new();
+    for (i, s) in sims.enumerate() {
+        let m = s.metrics().await;
+        for name in [
+            "vllm:kv_cache_usage_perc",
+            "vllm:num_requests_running",
+            "vllm:num_requests_waiting",
+        ] {
+            let v = metric_in(&m, name, &[]);
+            if v != 0.0 {
+                held.push(format!("sim {i}: {name} = {v}"));
+            }
+        }
+    }
+    for e in tandem.engines().await["engines"]
+        .as_array()
+        .expect("engines")
+    {
+        for k in ["inflight", "kv_reserved_blocks"] {
+            if e[k].as_u64() != Some(0) {
+                held.push(format!(
+                    "tandem {} engine {}: {k} = {}",
+                    e["pool"], e["id"], e[k]
+                ));
+            }
+        }
+    }
+    held
 }
 
 /// Send a POST with a JSON body on a raw TCP connection and return the connection without

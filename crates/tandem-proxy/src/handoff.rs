@@ -21,7 +21,8 @@
 //!   read, so blocks already freed and reused are never pulled into the decode engine's prefix
 //!   cache; a second notification for a freed request is only logged by the prefill engine.
 //!
-//! A pull that does not finish is followed by rejects. Every handoff ends with one counted
+//! A pull that never reached its engine is followed by rejects; one that reached it and was cut
+//! is left to that engine's abort (a reject then could free the blocks mid-read). Every handoff ends with one counted
 //! outcome (`tandem_handoffs_total{outcome}`); the live ones are listed, with their age, by
 //! `GET /admin/requests/pinned`.
 
@@ -52,10 +53,11 @@ pub enum Outcome {
     Rejected,
     /// A pull release leg pulled the blocks and finished.
     Released,
-    /// A reject release leg was refused by a decode engine's serving layer, which frees them.
+    /// A release leg was refused by a decode engine's serving layer, which frees them.
     ReleaseRejected,
-    /// Every release leg was cut at `timeouts.release_ms` or answered with an error: the
-    /// blocks are free only if an aborting decode engine notified the prefill engine.
+    /// The pull was cut at `timeouts.release_ms` or answered with an error, or no reject was
+    /// answered: the blocks are free only if an aborting decode engine notified the prefill
+    /// engine (as vLLM does for a request that had not received its KV).
     ReleaseFailed,
     /// No decode engine could take a release leg: the blocks stay pinned until the lease.
     Leaked,
@@ -152,6 +154,7 @@ pub struct Handoff {
     avoid: Vec<usize>,
     /// A decode engine has seen the params (see the module docs: release by reject only).
     seen: bool,
+    prefill_engine: usize,
     done: bool,
 }
 
@@ -194,6 +197,7 @@ impl Handoff {
             trace: o.trace.clone(),
             avoid: Vec::new(),
             seen: false,
+            prefill_engine: o.prefill_engine,
             done: false,
         }
     }
@@ -265,6 +269,7 @@ impl Drop for Handoff {
             request_id: format!("{}-release", self.request_id),
             trace: self.trace.clone(),
             avoid: std::mem::take(&mut self.avoid),
+            prefill_engine: self.prefill_engine,
         };
         rt.spawn(leg.run());
     }
@@ -305,15 +310,43 @@ struct ReleaseLeg {
     request_id: String,
     trace: Outgoing,
     avoid: Vec<usize>,
+    prefill_engine: usize,
+}
+
+/// How one release leg's request went.
+enum Sent {
+    /// It never reached the engine (no connection).
+    Unsent,
+    /// The engine answered with this status.
+    Answered(StatusCode),
+    /// It reached the engine (or may have) and got no whole answer within `release_ms`.
+    Cut,
+}
+
+/// Ends the leg's registry entry and gauge however the leg ends (even dropped at shutdown).
+struct Ending<'a> {
+    leg: &'a ReleaseLeg,
+    outcome: Outcome,
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        let st = &self.leg.st;
+        st.handoffs.remove(self.leg.id);
+        st.metrics.handoffs_pinned.dec();
+        st.metrics.handoff(self.outcome.as_str());
+    }
 }
 
 impl ReleaseLeg {
     async fn run(self) {
-        let outcome = self.send().await;
-        let st = &self.st;
-        st.handoffs.remove(self.id);
-        st.metrics.handoffs_pinned.dec();
-        st.metrics.handoff(outcome.as_str());
+        let mut ending = Ending {
+            leg: &self,
+            outcome: Outcome::Leaked,
+        };
+        ending.outcome = self.send().await;
+        let outcome = ending.outcome;
+        drop(ending);
         if outcome == Outcome::Leaked {
             tracing::warn!(request_id = %self.request_id, "no decode engine could release a prefill's KV: it stays pinned until the engine's lease");
         } else {
@@ -321,69 +354,87 @@ impl ReleaseLeg {
         }
     }
 
-    /// A pull on the best decode engine; if it does not finish (or the params were already
-    /// seen), rejects on each engine in turn until one is refused (see the module docs).
+    /// A pull on the best compatible decode engine while no decode engine has seen the params;
+    /// rejects, on each engine in turn until one answers, if there is no pull or the pull never
+    /// reached its engine (see the module docs). A pull that reached its engine and was cut is
+    /// left to that engine's abort: a reject then could free the blocks while it reads them.
     async fn send(&self) -> Outcome {
         let targets = self.targets();
         if targets.is_empty() {
             return Outcome::Leaked;
         }
         if let Some(body) = &self.pull {
-            let _load = targets[0]
-                .track(0)
-                .with_reservation(targets[0].reserve(self.blocks));
-            match self.send_to(&targets[0], body.clone()).await {
-                Some(s) if s.is_success() => return Outcome::Released,
-                Some(s) if s.is_client_error() => return Outcome::ReleaseRejected,
-                _ => {}
+            if let Some((engine, _)) = targets.iter().find(|(_, compatible)| *compatible) {
+                let _load = engine
+                    .track(0)
+                    .with_reservation(engine.reserve(self.blocks));
+                match self.send_to(engine, body.clone()).await {
+                    Sent::Answered(s) if s.is_success() => return Outcome::Released,
+                    Sent::Answered(s) if s.is_client_error() => return Outcome::ReleaseRejected,
+                    Sent::Answered(_) | Sent::Cut => return Outcome::ReleaseFailed,
+                    Sent::Unsent => {}
+                }
             }
         }
         let Some(body) = &self.reject else {
             return Outcome::Leaked;
         };
-        for engine in &targets {
+        for (engine, _) in &targets {
             let _load = engine.track(0);
-            if let Some(s) = self.send_to(engine, body.clone()).await {
-                if s.is_client_error() {
-                    return Outcome::ReleaseRejected;
-                }
+            match self.send_to(engine, body.clone()).await {
+                Sent::Answered(s) if s.is_client_error() => return Outcome::ReleaseRejected,
+                Sent::Answered(_) => return Outcome::ReleaseFailed,
+                Sent::Unsent | Sent::Cut => {}
             }
         }
         Outcome::ReleaseFailed
     }
 
-    /// The engine's answer status, or `None` if it gave none within `timeouts.release_ms`.
-    async fn send_to(&self, engine: &Arc<Engine>, body: Bytes) -> Option<StatusCode> {
+    async fn send_to(&self, engine: &Arc<Engine>, body: Bytes) -> Sent {
         let leg = async {
-            let mut conn = engine.upstream.acquire().await.ok()?;
+            let Ok(mut conn) = engine.upstream.acquire().await else {
+                return Sent::Unsent;
+            };
             let r = conn.post_json(self.kind.path(), body, &self.request_id, &self.trace);
-            let resp = conn.send(r).await.ok()?;
+            let Ok(resp) = conn.send(r).await else {
+                return Sent::Cut;
+            };
             let status = resp.status();
-            resp.into_body().collect().await.ok()?;
+            if resp.into_body().collect().await.is_err() {
+                return Sent::Cut;
+            }
             conn.release();
-            Some(status)
+            Sent::Answered(status)
         };
         tokio::time::timeout(self.st.deadlines.release, leg)
             .await
-            .ok()
-            .flatten()
+            .unwrap_or(Sent::Cut)
     }
 
-    /// The healthy decode engines, fewest requests in flight first, those that failed this
-    /// handoff last.
-    fn targets(&self) -> Vec<Arc<Engine>> {
+    /// The healthy decode engines, each with whether its model and block size agree with the
+    /// prefill engine's (only those may pull): compatible first, then those that have not
+    /// failed this handoff, then the fewest requests in flight.
+    fn targets(&self) -> Vec<(Arc<Engine>, bool)> {
         let pools = self.st.pools.pools.borrow().clone();
-        let mut c: Vec<(bool, u32, Arc<Engine>)> = pools
+        let snap = pools.snapshot();
+        let prefill = snap.prefill.iter().find(|e| e.id == self.prefill_engine);
+        let mut c: Vec<(bool, bool, u32, Arc<Engine>)> = pools
             .pool(PoolKind::Decode)
             .iter()
             .filter(|e| e.status.health == Health::Healthy)
             .map(|e| {
+                let compatible = match (prefill, snap.decode.iter().find(|d| d.id == e.engine.id)) {
+                    (Some(p), Some(d)) => p.compatible_with(d),
+                    _ => true,
+                };
                 let failed = self.avoid.contains(&e.engine.id);
-                (failed, e.engine.inflight(), e.engine.clone())
+                (!compatible, failed, e.engine.inflight(), e.engine.clone())
             })
             .collect();
-        c.sort_by_key(|(failed, inflight, e)| (*failed, *inflight, e.id));
-        c.into_iter().map(|(_, _, e)| e).collect()
+        c.sort_by_key(|(incompatible, failed, inflight, e)| {
+            (*incompatible, *failed, *inflight, e.id)
+        });
+        c.into_iter().map(|(inc, _, _, e)| (e, !inc)).collect()
     }
 }
 

@@ -232,7 +232,7 @@ impl Metrics {
         let handoffs = Family::<OutcomeLabels, Counter>::default();
         r.register(
             "tandem_handoffs",
-            "Prefill KV handoffs ended, by outcome: delivered to a decode engine, rejected by one (which frees it), released by a release leg (released, release_aborted, release_error), or leaked (pinned until the engine's lease)",
+            "Prefill KV handoffs ended, by outcome: delivered to a decode engine, rejected by one (which frees it), released by a release leg (released, release_rejected, release_failed), or leaked (pinned until the engine's lease)",
             handoffs.clone(),
         );
         let handoffs_pinned = Gauge::default();

@@ -260,14 +260,16 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
     let mut force_local = req.batch.then_some(DisaggReason::BatchPrompt);
     let mut last_err = String::new();
     let pred = route::predict(st, req);
+    let queued = std::sync::atomic::AtomicBool::new(false);
     // Each pass spends at least one attempt, so this bounds re-planning.
     for _ in 0..(retries.prefill_attempts + retries.decode_attempts) {
-        relax_decode_exclusions(st, &mut ex_d);
+        relax_decode_exclusions(st, &mut ex_d, None);
         let attempt = route::Attempt {
             seq,
             exclude_prefill: &ex_p,
             exclude_decode: &ex_d,
             force_local,
+            queued: &queued,
         };
         let routed = route::plan_admitted(st, req, &pred, &attempt)
             .await
@@ -389,11 +391,21 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                     // from the state at this handoff (the provisional one only if the policy
                     // picks it again), or wait for room. A refusal drops the handoff, which
                     // releases the prefill's KV.
-                    relax_decode_exclusions(st, &mut ex_d);
-                    let (pools, reason, id, r) =
-                        route::admit_decode(st, req, &pred, seq, &ex_d, prefill_id, d_engine.id)
-                            .await
-                            .map_err(|e| route_error(e, &last_err))?;
+                    relax_decode_exclusions(st, &mut ex_d, prefill_id);
+                    let (pools, reason, id, r) = route::admit_decode(
+                        st,
+                        req,
+                        &pred,
+                        &route::HandoffAt {
+                            seq,
+                            exclude: &ex_d,
+                            prefill_id,
+                            current: d_engine.id,
+                            queued: &queued,
+                        },
+                    )
+                    .await
+                    .map_err(|e| route_error(e, &last_err))?;
                     // The request's own reservation now stands for its pool-wide room.
                     drop(pending.take());
                     if let Some(reason) = reason {
@@ -425,9 +437,12 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                     return Ok(done);
                 }
                 Err(LegError::Relay(e)) => {
-                    // The decode engine's serving layer refused it, which frees the KV.
-                    if let Some(h) = handoff.take() {
-                        h.rejected();
+                    // A 4xx is the decode engine's serving layer refusing it, which frees the
+                    // KV; any other answer drops the handoff, whose release leg frees it.
+                    if let (Some(h), ProxyError::Engine { status, .. }) = (handoff.take(), &e) {
+                        if status.is_client_error() {
+                            h.rejected();
+                        }
                     }
                     return Err(e);
                 }
@@ -480,21 +495,23 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
 
 /// Decode exclusions are soft: an engine that failed this request is skipped while another
 /// decode engine can take it, so one failure on each engine does not exhaust the request's
-/// budget; when every healthy decode engine is excluded, the oldest exclusions lapse until one is
-/// not. (Prefill exclusions stay: with every prefill engine excluded the request falls back to a
-/// local prefill, or fails if disaggregation is enforced.)
-fn relax_decode_exclusions(st: &State, ex_d: &mut Vec<usize>) {
+/// budget; when every healthy decode engine (compatible with `prefill`, the engine holding the
+/// request's KV, if any) is excluded, the oldest exclusions lapse until one is not. (Prefill
+/// exclusions stay: with every prefill engine excluded the request falls back to a local
+/// prefill, or fails if disaggregation is enforced.)
+fn relax_decode_exclusions(st: &State, ex_d: &mut Vec<usize>, prefill: Option<usize>) {
     if ex_d.is_empty() {
         return;
     }
-    let pools = st.pools.pools.borrow().clone();
-    let healthy: Vec<usize> = pools
-        .pool(PoolKind::Decode)
+    let snap = st.pools.pools.borrow().snapshot();
+    let p = prefill.and_then(|id| snap.prefill.iter().find(|e| e.id == id));
+    let candidates: Vec<usize> = snap
+        .decode
         .iter()
-        .filter(|e| e.status.health == Health::Healthy)
-        .map(|e| e.engine.id)
+        .filter(|d| d.routable() && p.is_none_or(|p| p.compatible_with(d)))
+        .map(|d| d.id)
         .collect();
-    while !ex_d.is_empty() && healthy.iter().all(|id| ex_d.contains(id)) {
+    while !ex_d.is_empty() && candidates.iter().all(|id| ex_d.contains(id)) {
         ex_d.remove(0);
     }
 }

@@ -1,7 +1,7 @@
 //! Routing one request: prefix-index lookups, the pure plan, KV reservations, and the admission
 //! queue that holds requests no decode engine has room for.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tandem_policy::{
@@ -61,6 +61,8 @@ pub struct Attempt<'a> {
     pub exclude_prefill: &'a [usize],
     pub exclude_decode: &'a [usize],
     pub force_local: Option<DisaggReason>,
+    /// Set once the request has waited in the admission queue (it is counted once).
+    pub queued: &'a AtomicBool,
 }
 
 /// A plan with the pool table it was made from and, for a request that runs whole on its decode
@@ -117,6 +119,7 @@ impl Held {
 /// every published scrape), the queue is full, or `admission.max_wait_ms` passes.
 async fn wait_for_room<T>(
     st: &State,
+    counted: &AtomicBool,
     mut attempt: impl FnMut(&Arc<Pools>) -> Result<Result<T, Held>, PlanError>,
 ) -> Result<T, RouteError> {
     let mut rx = st.pools.pools.clone();
@@ -134,7 +137,7 @@ async fn wait_for_room<T>(
         let deadline = match &queued {
             Some((_, d)) => *d,
             None => {
-                let slot = QueueSlot::take(st)
+                let slot = QueueSlot::take(st, counted)
                     .ok_or_else(|| RouteError::Refused(overloaded(st, held.queue_full())))?;
                 let d =
                     Instant::now() + std::time::Duration::from_millis(st.cfg.admission.max_wait_ms);
@@ -201,15 +204,17 @@ fn decode_pool_has_room(st: &State, snap: &PoolSnapshot, exclude: &[usize], need
     need > largest || st.pending_decode_blocks.load(Ordering::Acquire) + need <= free
 }
 
-/// Whether some prefill engine is below `admission.max_prefill_queue_tokens`.
-fn prefill_pool_has_room(st: &State, snap: &PoolSnapshot, exclude: &[usize]) -> bool {
+/// The prefill engines with `admission.max_prefill_queue_tokens` queued (none when it is 0).
+fn full_prefill_engines(st: &State, snap: &PoolSnapshot) -> Vec<usize> {
     let max = st.cfg.admission.max_prefill_queue_tokens;
-    max == 0
-        || snap
-            .prefill
-            .iter()
-            .filter(|e| e.routable() && !exclude.contains(&e.id))
-            .any(|e| e.queued_prefill_tokens < max)
+    if max == 0 {
+        return Vec::new();
+    }
+    snap.prefill
+        .iter()
+        .filter(|e| e.queued_prefill_tokens >= max)
+        .map(|e| e.id)
+        .collect()
 }
 
 /// Plan the request. A local request needs decode KV room now, so it may wait for it; a
@@ -239,22 +244,53 @@ pub async fn plan_admitted<'s>(
         kv_blocks_needed: need,
         session: req.session,
     };
-    wait_for_room(st, |pools| {
+    wait_for_room(st, a.queued, |pools| {
         // Under the lock every decision holds, so the snapshot has every admission before it.
         let mut rng = st.rng.lock().expect("rng lock");
         let snap = pools.snapshot();
-        let plan = match tandem_policy::plan(
-            &snap,
-            &rr,
-            &st.disagg,
-            st.prefill_policy.as_ref(),
-            st.decode_policy.as_ref(),
-            &mut *rng,
-        ) {
+        let mut plan_with = |rr: &RouteRequest<'_>| {
+            tandem_policy::plan(
+                &snap,
+                rr,
+                &st.disagg,
+                st.prefill_policy.as_ref(),
+                st.decode_policy.as_ref(),
+                &mut *rng,
+            )
+        };
+        let mut planned = plan_with(&rr);
+        // A prefill engine at `admission.max_prefill_queue_tokens` takes no more: plan again
+        // without the full ones while another can take it, else wait.
+        let full = full_prefill_engines(st, &snap);
+        if let Ok(p) = &planned {
+            if p.prefill.is_some_and(|pp| full.contains(&pp.id)) {
+                let mut ex = a.exclude_prefill.to_vec();
+                ex.extend_from_slice(&full);
+                let open = snap
+                    .prefill
+                    .iter()
+                    .any(|e| e.routable() && !ex.contains(&e.id));
+                if !open {
+                    return Ok(Err(Held::PrefillQueue));
+                }
+                planned = plan_with(&RouteRequest {
+                    exclude_prefill: &ex,
+                    ..rr
+                });
+            }
+        }
+        let plan = match planned {
             Ok(p) => p,
             Err(e) if e.is_capacity() => return Ok(Err(Held::DecodeKv)),
             Err(e) => return Err(e),
         };
+        // Room promised to requests in prefill counts against every new admission, local ones
+        // included, or a burst of local requests could take the room a handoff was promised.
+        if st.decode_policy.capacity_aware()
+            && !decode_pool_has_room(st, &snap, a.exclude_decode, need)
+        {
+            return Ok(Err(Held::DecodeKv));
+        }
         let mut pending = None;
         let admitted = match plan.decision {
             DisaggDecision::Local => {
@@ -265,14 +301,6 @@ pub async fn plan_admitted<'s>(
                 Some(engine.track(0).with_reservation(engine.reserve(need)))
             }
             DisaggDecision::Disaggregate => {
-                if !prefill_pool_has_room(st, &snap, a.exclude_prefill) {
-                    return Ok(Err(Held::PrefillQueue));
-                }
-                if st.decode_policy.capacity_aware()
-                    && !decode_pool_has_room(st, &snap, a.exclude_decode, need)
-                {
-                    return Ok(Err(Held::DecodeKv));
-                }
                 pending = Some(PendingDecode::take(st, need));
                 None
             }
@@ -287,6 +315,19 @@ pub async fn plan_admitted<'s>(
     .await
 }
 
+/// One handoff's admission inputs besides the request.
+#[derive(Debug, Clone, Copy)]
+pub struct HandoffAt<'a> {
+    pub seq: u64,
+    /// Decode engines this request must not use.
+    pub exclude: &'a [usize],
+    /// The prefill engine holding the KV (`None`: a local request).
+    pub prefill_id: Option<usize>,
+    /// The provisional decode engine.
+    pub current: usize,
+    pub queued: &'a AtomicBool,
+}
+
 /// The decode engine for a request whose KV is ready on prefill engine `prefill_id`: the
 /// policy's pick from the state now (every handoff admitted before this one counted in flight
 /// and in KV), else wait in the admission queue. The provisional engine chosen at arrival only
@@ -299,11 +340,15 @@ pub async fn admit_decode(
     st: &State,
     req: &Parsed,
     pred: &Prediction,
-    seq: u64,
-    exclude: &[usize],
-    prefill_id: Option<usize>,
-    current: usize,
+    h: &HandoffAt<'_>,
 ) -> Result<(Arc<Pools>, Option<RouteReason>, usize, LoadGuard), RouteError> {
+    let HandoffAt {
+        seq,
+        exclude,
+        prefill_id,
+        current,
+        queued,
+    } = *h;
     let need = blocks_needed(st, req);
     let facts = RouteFacts {
         seq,
@@ -312,7 +357,7 @@ pub async fn admit_decode(
         kv_blocks_needed: need,
         session: req.session,
     };
-    wait_for_room(st, |pools| {
+    wait_for_room(st, queued, |pools| {
         // The snapshot is taken under the RNG lock, which every decision holds, so it includes
         // every admission decided before this one.
         let mut rng = st.rng.lock().expect("rng lock");
@@ -354,14 +399,16 @@ struct QueueSlot<'a> {
 }
 
 impl<'a> QueueSlot<'a> {
-    fn take(st: &'a State) -> Option<Self> {
+    fn take(st: &'a State, counted: &AtomicBool) -> Option<Self> {
         let max = st.cfg.admission.max_queued;
         st.admission_waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        st.metrics.admission_queued.inc();
+        if !counted.swap(true, Ordering::AcqRel) {
+            st.metrics.admission_queued.inc();
+        }
         st.metrics
             .admission_waiting
             .set(i64::from(st.admission_waiting.load(Ordering::Acquire)));
