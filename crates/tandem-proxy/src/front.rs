@@ -546,16 +546,19 @@ mod tests {
         }
     }
 
+    /// The 400 message for a completions body `{"prompt":"x",<extra>}`.
+    fn completion_message(extra: &str, limits: &LimitsConfig) -> String {
+        message(
+            Kind::Completions,
+            &format!(r#"{{"prompt":"x",{extra}}}"#),
+            limits,
+        )
+    }
+
     #[test]
     fn sampling_parameters_are_checked_as_vllm_checks_them() {
         let l = LimitsConfig::default();
-        let c = |extra: &str| {
-            message(
-                Kind::Completions,
-                &format!(r#"{{"prompt":"x",{extra}}}"#),
-                &l,
-            )
-        };
+        let c = |extra: &str| completion_message(extra, &l);
         assert_eq!(
             c(r#""temperature":-1"#),
             "temperature must be non-negative, got -1.0."
@@ -655,13 +658,7 @@ mod tests {
             max_best_of: 3,
             max_tokens: Some(100),
         };
-        let c = |extra: &str| {
-            message(
-                Kind::Completions,
-                &format!(r#"{{"prompt":"x",{extra}}}"#),
-                &l,
-            )
-        };
+        let c = |extra: &str| completion_message(extra, &l);
         assert_eq!(c(r#""n":3"#), "n must be at most 2, got 3.");
         assert_eq!(c(r#""best_of":4"#), "best_of must be at most 3, got 4.");
         assert_eq!(
