@@ -547,6 +547,7 @@ mod tests {
         m.pd_ratio
             .get_or_create(&RatioLabels { kind: "live" })
             .set(1.0);
+        m.handoff("delivered");
         let names = exported(&m);
         assert!(names.iter().all(|n| n.starts_with("tandem_")), "{names:?}");
         for family in [
@@ -564,6 +565,8 @@ mod tests {
             "tandem_engine_prefill_queue_tokens",
             "tandem_pool_engines",
             "tandem_pd_ratio",
+            "tandem_handoffs_total",
+            "tandem_handoffs_pinned",
         ] {
             assert!(names.contains(family), "{family} not exported");
         }
