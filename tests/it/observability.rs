@@ -343,3 +343,40 @@ async fn with_metrics_off_requests_are_served_and_metrics_is_404() {
     let rec = t.record("off-1").await;
     assert_eq!(rec["itl_observations"], chunks - 1, "{rec}");
 }
+
+#[tokio::test]
+async fn ttft_and_its_phases_are_observed_at_the_first_token_not_at_the_end() {
+    let (p, d) = tokio::join!(Sim::start(&[]), Sim::start(&[]));
+    let t = Tandem::start(&config(&[&p], &[&d], "")).await;
+    // A long stream: read its first chunk, then scrape while it still runs.
+    let resp = t
+        .client
+        .post(format!("{}/v1/completions", t.url))
+        .json(&completion(&PROMPT.repeat(4), 20_000))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    use futures::StreamExt;
+    body.next().await.expect("a first chunk").expect("bytes");
+    let m = t.metrics().await;
+    assert_eq!(metric_in(&m, "tandem_ttft_seconds_count", &[]), 1.0, "{m}");
+    for phase in ["queue", "prefill", "handoff", "decode_first_token"] {
+        assert_eq!(
+            metric_in(&m, "tandem_phase_seconds_count", &[("phase", phase)]),
+            1.0,
+            "{phase}"
+        );
+    }
+    // The outcome and the whole-request figures wait for the end.
+    assert_eq!(metric_in(&m, "tandem_requests_total", &[]), 0.0);
+    assert_eq!(metric_in(&m, "tandem_e2e_seconds_count", &[]), 0.0);
+    drop(body);
+    let done = t
+        .wait_metric("tandem_requests_total", &[], |v| v >= 1.0)
+        .await;
+    assert_eq!(done, 1.0);
+    // Observed once: not again at the end.
+    assert_eq!(t.metric("tandem_ttft_seconds_count", &[]).await, 1.0);
+}

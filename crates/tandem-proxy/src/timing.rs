@@ -200,6 +200,11 @@ impl Finisher {
         } else {
             self.first_content = Some(now);
             tracing::debug!(parent: &self.span, phase = "decode_first_token", "first content byte to the client");
+            // As vLLM does: TTFT is observed when the first token goes out, so a scrape during
+            // a long stream already sees it.
+            if self.metrics.enabled() {
+                self.observe_first_byte();
+            }
         }
         self.last_content = Some(now);
         self.content_chunks += 1;
@@ -217,10 +222,9 @@ impl Finisher {
         }
     }
 
-    fn record(&self, outcome: &'static str) -> RequestRecord {
-        let end = Instant::now();
-        let ttft = self.first_content.map(|t| secs(self.arrival, t));
-        let phases = match (self.dispatched, self.decode_dispatch, self.first_content) {
+    /// (queue, prefill, handoff, decode_first_token), once the first content byte went out.
+    fn phases(&self) -> Option<(f64, f64, f64, f64)> {
+        match (self.dispatched, self.decode_dispatch, self.first_content) {
             (Some(d), Some(dd), Some(fc)) => {
                 // A request without a prefill leg has no prefill phase: its "params" moment is
                 // its dispatch.
@@ -228,7 +232,36 @@ impl Finisher {
                 Some((secs(self.arrival, d), secs(d, p), secs(p, dd), secs(dd, fc)))
             }
             _ => None,
-        };
+        }
+    }
+
+    /// TTFT and its phases, observed at the first content byte.
+    fn observe_first_byte(&self) {
+        let m = &self.metrics;
+        if let Some(fc) = self.first_content {
+            m.ttft
+                .get_or_create(&TtftLabels {
+                    route: self.route(),
+                    model: self.model.clone(),
+                })
+                .observe(secs(self.arrival, fc));
+        }
+        if let Some((q, p, h, d)) = self.phases() {
+            for (phase, v) in [
+                ("queue", q),
+                ("prefill", p),
+                ("handoff", h),
+                ("decode_first_token", d),
+            ] {
+                m.phase.get_or_create(&PhaseLabels { phase }).observe(v);
+            }
+        }
+    }
+
+    fn record(&self, outcome: &'static str) -> RequestRecord {
+        let end = Instant::now();
+        let ttft = self.first_content.map(|t| secs(self.arrival, t));
+        let phases = self.phases();
         RequestRecord {
             request_id: self.request_id.clone(),
             trace_id: self.trace.context.trace_id_hex(),
@@ -255,7 +288,7 @@ impl Finisher {
         }
     }
 
-    /// The request's metric observations (only when metrics are on).
+    /// The request's metric observations at its end (only when metrics are on).
     fn observe(&self, rec: &RequestRecord) {
         let m = &self.metrics;
         let outcome = rec.outcome;
@@ -270,29 +303,7 @@ impl Finisher {
                 .get_or_create(&DisaggLabels { decision, reason })
                 .inc();
         }
-        if let Some(t) = rec.ttft_s {
-            m.ttft
-                .get_or_create(&TtftLabels {
-                    route: rec.route,
-                    model: self.model.clone(),
-                })
-                .observe(t);
-        }
-        if let (Some(q), Some(p), Some(h), Some(d)) = (
-            rec.queue_s,
-            rec.prefill_s,
-            rec.handoff_s,
-            rec.decode_first_token_s,
-        ) {
-            for (phase, v) in [
-                ("queue", q),
-                ("prefill", p),
-                ("handoff", h),
-                ("decode_first_token", d),
-            ] {
-                m.phase.get_or_create(&PhaseLabels { phase }).observe(v);
-            }
-        }
+        // TTFT and its phases were observed at the first content byte.
         if let (Some(f), Some(l)) = (self.first_content, self.last_content) {
             if self.content_chunks > 1 {
                 m.tpot
