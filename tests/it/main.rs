@@ -16,4 +16,5 @@ mod otel;
 mod overload;
 mod pd;
 mod routing;
+mod side_endpoints;
 mod support;

@@ -418,7 +418,10 @@ fn completion_tokens(
     }
 }
 
-fn chat_tokens(body: &Map<String, Value>, tok: &Tokenizer) -> Result<Vec<u32>, ProxyError> {
+pub(crate) fn chat_tokens(
+    body: &Map<String, Value>,
+    tok: &Tokenizer,
+) -> Result<Vec<u32>, ProxyError> {
     let Some(Value::Array(messages)) = body.get("messages") else {
         return Err(bad("`messages` must be a list"));
     };

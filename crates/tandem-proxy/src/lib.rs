@@ -17,6 +17,7 @@ mod rate;
 mod relay;
 mod route;
 mod server;
+mod side;
 mod timing;
 pub mod trace;
 mod upstream;
