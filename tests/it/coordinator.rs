@@ -1003,3 +1003,28 @@ async fn sigterm_fails_ready_at_once_lets_the_stream_finish_and_exits_in_the_gra
         .expect("exits within the grace period");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn a_prompt_too_long_for_the_context_is_refused_in_the_clients_own_terms() {
+    let (p, d) = tokio::join!(Sim::start(&[]), Sim::start(&[]));
+    let t = Conf::new(&[&p.url], &[&d.url]).start().await;
+    let (_, info) = p
+        .post_json("/tokenize", &json!({"prompt": "x"}), None)
+        .await;
+    let max = info["max_model_len"].as_u64().expect("max_model_len");
+    // One token per byte with the built-in tokenizer: just past the context with the prompt
+    // alone, so the prefill leg (one token) is refused too.
+    let prompt = "a".repeat(max as usize + 1);
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 50});
+    let resp = t.post("/v1/completions", &body, Some("too-long")).await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("50 in the completion"),
+        "the error quotes the client's max_tokens, not the prefill leg's 1: {msg}"
+    );
+    let rec = t.record("too-long").await;
+    assert_eq!(rec["decision_reason"], "prefill_rejected", "{rec}");
+    assert_eq!(rec["outcome"], "client_error", "{rec}");
+}

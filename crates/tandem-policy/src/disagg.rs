@@ -52,6 +52,10 @@ pub enum DisaggReason {
     PrefillFailed,
     /// Several prompts in one request: vLLM's KV handoff carries one prompt.
     BatchPrompt,
+    /// The prefill engine refused the prefill leg (a 4xx): the decode engine answers the
+    /// client's own request instead, so its error names what the client sent (the prefill leg
+    /// asks for one token, which the engine's message would quote).
+    PrefillRejected,
 }
 
 impl DisaggReason {
@@ -66,6 +70,7 @@ impl DisaggReason {
             DisaggReason::NullParams => "null_params",
             DisaggReason::PrefillFailed => "prefill_failed",
             DisaggReason::BatchPrompt => "batch_prompt",
+            DisaggReason::PrefillRejected => "prefill_rejected",
         }
     }
 

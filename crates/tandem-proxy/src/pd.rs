@@ -6,7 +6,7 @@
 //!                │                    ├─ null params ─▶ decode leg, local prefill   [counted]
 //!                │                    ├─ 5xx/connect/deadline ─▶ retry elsewhere ─▶ plan
 //!                │                    │                 (budget spent: local, or error if enforced)
-//!                │                    └─ 4xx ─────────▶ relayed to the client unchanged
+//!                │                    └─ 4xx ─────────▶ the client's own body, local (enforce: relayed)
 //!                └─ local ─────────▶ decode leg (original body)
 //! decode leg ─┬─ first event ─────▶ stream to the client (mid-stream death: SSE error + [DONE])
 //!             ├─ fails before it ─▶ another decode engine, same params, while the lease holds;
@@ -350,7 +350,17 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
                         }
                     }
                 }
-                Err(LegError::Relay(e)) => return Err(e),
+                Err(LegError::Relay(e)) => {
+                    if st.disagg.enforce {
+                        return Err(e);
+                    }
+                    // The engine refused the prefill leg's body (one token, no stream options):
+                    // the decode engine answers the client's own, so an error names what the
+                    // client sent (a context-length error quotes its max_tokens, not 1).
+                    fin.mark_params();
+                    force_local = Some(DisaggReason::PrefillRejected);
+                    continue;
+                }
                 Err(LegError::Retry {
                     reason,
                     message,
