@@ -250,3 +250,34 @@ async fn prefix_cache_hits_are_counted_and_shorten_prefill() {
         2.0 * prompt_len
     );
 }
+
+#[tokio::test]
+async fn the_chat_role_chunk_comes_with_the_first_token_as_in_vllm() {
+    use futures::StreamExt;
+    let s = Sim::start(&[]).await;
+    // No KV: the request waits in the engine with no output yet.
+    s.faults(json!({"exhaust_kv": true})).await;
+    let body = json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3,
+        "ignore_eos": true, "stream": true});
+    let resp = s.post("/v1/chat/completions", &body, Some("role")).await;
+    assert_eq!(resp.status(), 200);
+    let mut chunks = resp.bytes_stream();
+    assert_eq!(
+        s.wait_metric("vllm:num_requests_waiting", &[], |v| v == 1.0)
+            .await,
+        1.0
+    );
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), chunks.next()).await;
+    assert!(
+        early.is_err(),
+        "nothing is sent before the first token: {early:?}"
+    );
+    s.faults(json!({"exhaust_kv": false})).await;
+    let mut text = String::new();
+    while let Some(Ok(b)) = chunks.next().await {
+        text.push_str(&String::from_utf8_lossy(&b));
+    }
+    let first = text.split("\n\n").next().unwrap();
+    assert!(first.contains("\"role\":\"assistant\""), "{first}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}

@@ -536,11 +536,9 @@ fn stream_response(
             if let Some(u) = usage { c["usage"] = u; }
             c
         };
-        if job.kind == Kind::Chat {
-            for i in 0..n * num_prompts {
-                yield Ok::<Bytes, std::io::Error>(sse(&chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None)));
-            }
-        }
+        // vLLM's chat stream sends the role chunks in its first iteration over the engine's
+        // outputs, i.e. with the first token, not when the request is accepted.
+        let mut role_sent = job.kind != Kind::Chat;
         // Merge the prompts' streams; each event is tagged with its prompt's position.
         let tagged = streams.into_iter().enumerate().map(|(p, rs)| {
             stream::unfold(rs, |mut rs| async move { rs.rx.recv().await.map(|e| (e, rs)) })
@@ -558,6 +556,12 @@ fn stream_response(
             };
             match ev {
                 Event::Token { index, text, finish, .. } => {
+                    if !role_sent {
+                        role_sent = true;
+                        for i in 0..n * num_prompts {
+                            yield Ok::<Bytes, std::io::Error>(sse(&chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None)));
+                        }
+                    }
                     completion_tokens += 1;
                     if die.is_some_and(|d| completion_tokens > d) {
                         // Let the server flush what was already yielded (a pending body is
