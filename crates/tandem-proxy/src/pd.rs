@@ -14,8 +14,9 @@
 //!             └─ 4xx ─────────────▶ relayed unchanged
 //! ```
 //! Every edge leaves a counted reason: retries by leg and reason, decisions by reason, outcomes.
-//! Dropping the request (the client went away) drops its connections, which is how both engines
-//! learn to abort and free KV.
+//! Dropping the request (the client went away) drops its decode connection, which is how the
+//! decode engine learns to abort; a prefill leg already sent runs on in its own task
+//! (`prefill.rs`), and the `Handoff` it returns, dropped unused, releases the prefill's KV.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
