@@ -104,6 +104,45 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// The model name clients must ask for: `model.served_model_name`, else the engines' own.
+    pub(crate) fn served_model(&self) -> Option<String> {
+        self.cfg.model.served_model_name.clone().or_else(|| {
+            self.pools
+                .pools
+                .borrow()
+                .served_model()
+                .map(|m| m.to_string())
+        })
+    }
+
+    /// A healthy decode engine's own `/v1/models` body (the first that answers 2xx).
+    pub(crate) async fn decode_models(&self) -> Option<bytes::Bytes> {
+        use http_body_util::BodyExt;
+        let pools = self.pools.pools.borrow().clone();
+        for e in pools
+            .decode
+            .iter()
+            .filter(|e| e.status.health == tandem_policy::Health::Healthy)
+        {
+            let Ok(mut conn) = e.engine.upstream.acquire().await else {
+                continue;
+            };
+            let req = conn.get("/v1/models");
+            let Ok(resp) = conn.send(req).await else {
+                continue;
+            };
+            let status = resp.status();
+            let Ok(body) = resp.into_body().collect().await else {
+                continue;
+            };
+            conn.release();
+            if status.is_success() {
+                return Some(body.to_bytes());
+            }
+        }
+        None
+    }
+
     /// Resolves once the shutdown grace period has ended with responses still open: streams
     /// then end with an error event. Never resolves if the server stops some other way.
     pub(crate) fn grace_over(&self) -> impl Future<Output = ()> + Send + 'static {

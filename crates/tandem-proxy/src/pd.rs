@@ -241,13 +241,7 @@ fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Finisher) -> Re
 }
 
 async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, ProxyError> {
-    let served = st.cfg.model.served_model_name.clone().or_else(|| {
-        st.pools
-            .pools
-            .borrow()
-            .served_model()
-            .map(|m| m.to_string())
-    });
+    let served = st.served_model();
     if let (Some(asked), Some(served)) = (&req.model, &served) {
         if asked != served {
             return Err(ProxyError::ModelNotFound(asked.clone()));

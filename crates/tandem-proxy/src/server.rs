@@ -26,7 +26,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tandem_config::{DisaggregationMode, ServerConfig};
-use tandem_policy::{Health, PoolKind};
+use tandem_policy::PoolKind;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -367,33 +367,10 @@ async fn metrics(AxState(st): AxState<Arc<State>>) -> Response {
 
 /// The decode engines' own `/v1/models`, so the answer is exactly vLLM's.
 async fn models(AxState(st): AxState<Arc<State>>) -> Response {
-    let pools = st.pools.pools.borrow().clone();
-    for e in pools
-        .decode
-        .iter()
-        .filter(|e| e.status.health == Health::Healthy)
-    {
-        let Ok(mut conn) = e.engine.upstream.acquire().await else {
-            continue;
-        };
-        let req = conn.get("/v1/models");
-        let Ok(resp) = conn.send(req).await else {
-            continue;
-        };
-        let status = resp.status();
-        let Ok(body) = resp.into_body().collect().await else {
-            continue;
-        };
-        conn.release();
-        if status.is_success() {
-            return (
-                [(header::CONTENT_TYPE, "application/json")],
-                body.to_bytes(),
-            )
-                .into_response();
-        }
+    match st.decode_models().await {
+        Some(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        None => ProxyError::NoEngine(tandem_policy::PlanError::NoDecodeEngine).into_response(),
     }
-    ProxyError::NoEngine(tandem_policy::PlanError::NoDecodeEngine).into_response()
 }
 
 async fn recent(AxState(st): AxState<Arc<State>>) -> Response {

@@ -13,7 +13,7 @@ use axum::Json;
 use futures::future::join_all;
 use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
-use tandem_policy::{Health, PoolKind};
+use tandem_policy::PoolKind;
 
 use crate::error::ProxyError;
 use crate::State;
@@ -30,14 +30,7 @@ fn body_map(raw: &[u8]) -> Result<Map<String, Value>, ProxyError> {
 
 /// vLLM's 404 for a model name the pool does not serve.
 fn check_model(st: &State, body: &Map<String, Value>) -> Result<(), ProxyError> {
-    let served = st.cfg.model.served_model_name.clone().or_else(|| {
-        st.pools
-            .pools
-            .borrow()
-            .served_model()
-            .map(|m| m.to_string())
-    });
-    match (body.get("model").and_then(Value::as_str), served) {
+    match (body.get("model").and_then(Value::as_str), st.served_model()) {
         (Some(asked), Some(served)) if asked != served => {
             Err(ProxyError::ModelNotFound(asked.to_string()))
         }
@@ -47,26 +40,9 @@ fn check_model(st: &State, body: &Map<String, Value>) -> Result<(), ProxyError> 
 
 /// A decode engine's `max_model_len` from its `/v1/models` (vLLM reports it there).
 async fn max_model_len(st: &State) -> Option<u64> {
-    let pools = st.pools.pools.borrow().clone();
-    for e in pools
-        .decode
-        .iter()
-        .filter(|e| e.status.health == Health::Healthy)
-    {
-        let Ok(mut conn) = e.engine.upstream.acquire().await else {
-            continue;
-        };
-        let Ok(resp) = conn.send(conn.get("/v1/models")).await else {
-            continue;
-        };
-        let Ok(body) = resp.into_body().collect().await else {
-            continue;
-        };
-        conn.release();
-        let v: Value = serde_json::from_slice(&body.to_bytes()).ok()?;
-        return v["data"][0]["max_model_len"].as_u64();
-    }
-    None
+    let body = st.decode_models().await?;
+    let v: Value = serde_json::from_slice(&body).ok()?;
+    v["data"][0]["max_model_len"].as_u64()
 }
 
 /// `POST /tokenize`: `{prompt}` or `{messages}` → `{count, max_model_len, tokens, token_strs}`.
