@@ -14,6 +14,24 @@ use crate::support::{Sim, PROMPT};
 /// One BlockStored: hashes, parent, token ids, block size.
 type Stored = (Vec<u64>, Option<u64>, Vec<u32>, u32);
 
+/// [`replay_from`] until `done` holds (at most 200 times 25 ms apart): an engine publishes a
+/// step's batch after the step's outputs, so a response can reach the client first.
+async fn replay_until(
+    endpoint: &str,
+    start: u64,
+    done: impl Fn(&[(u64, Vec<KvEvent>)]) -> bool,
+) -> Vec<(u64, Vec<KvEvent>)> {
+    let mut batches = replay_from(endpoint, start).await;
+    for _ in 0..200 {
+        if done(&batches) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        batches = replay_from(endpoint, start).await;
+    }
+    batches
+}
+
 async fn replay_from(endpoint: &str, start: u64) -> Vec<(u64, Vec<KvEvent>)> {
     let mut dealer = zeromq::DealerSocket::new();
     dealer.connect(endpoint).await.expect("connect replay");
@@ -65,7 +83,7 @@ async fn block_stored_token_ids_chain_and_evictions_are_published() {
         .await;
     assert_eq!(status, 200);
 
-    let batches = replay_from(&replay, 0).await;
+    let batches = replay_until(&replay, 0, |b| !b.is_empty()).await;
     assert!(!batches.is_empty());
     assert_eq!(batches[0].0, 0, "sequence numbers start at 0");
     assert!(batches.windows(2).all(|w| w[1].0 == w[0].0 + 1));
@@ -222,14 +240,17 @@ async fn host_tier_events_name_the_cpu_medium() {
     let first = "abcdefgh".repeat(20);
     let body = json!({"prompt": first, "max_tokens": 1});
     assert_eq!(s.post_json("/v1/completions", &body, None).await.0, 200);
-    let batches = replay_from(&replay, 0).await;
+    let batches = replay_until(&replay, 0, |b| by_medium(b, true, "GPU").len() >= 10).await;
     let gpu = by_medium(&batches, true, "GPU");
     assert_eq!(gpu.len(), 10);
     assert_eq!(by_medium(&batches, true, "CPU"), gpu, "written through");
 
     let other = json!({"prompt": "z".repeat(16 * 18), "max_tokens": 1});
     assert_eq!(s.post_json("/v1/completions", &other, None).await.0, 200);
-    let later = replay_from(&replay, batches.last().unwrap().0 + 1).await;
+    let later = replay_until(&replay, batches.last().unwrap().0 + 1, |b| {
+        !by_medium(b, false, "GPU").is_empty()
+    })
+    .await;
     let gone = by_medium(&later, false, "GPU");
     assert!(!gone.is_empty() && gone.iter().all(|h| gpu.contains(h)));
     assert!(
