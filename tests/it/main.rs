@@ -3,6 +3,7 @@
 //! Every process prints a JSON ready line with its bound addresses; tests wait for that line,
 //! never for a fixed time.
 
+mod batch;
 mod coordinator;
 mod engine_surface;
 mod fault_suite;

@@ -36,6 +36,8 @@ pub struct Parsed {
     pub prompt_ids: Vec<u32>,
     /// `max_tokens` (or chat's `max_completion_tokens`), when given.
     pub max_tokens: Option<u64>,
+    /// Choices per prompt (`n`, default 1; validated by `check_sampling`).
+    pub n: u64,
     /// The client's session key, hashed: the `x-session-id` header, else the body's `user`.
     pub session: Option<u64>,
     /// The prefill leg's body (vllm-pd-protocol.md §1.2).
@@ -114,6 +116,7 @@ pub fn parse(
     let max_tokens = ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_u64));
+    let n = int_field(&body, "n")?.map_or(1, |v| v.clamp(1, i128::from(u32::MAX)) as u64);
     let (prompt_ids, prompt_tokens, batch) = match kind {
         Kind::Completions => completion_tokens(&body, tok)?,
         Kind::Chat => {
@@ -158,6 +161,7 @@ pub fn parse(
         prompt_tokens,
         prompt_ids,
         max_tokens,
+        n,
         session,
         prefill_body,
         decode_prefix: decode,
@@ -395,6 +399,12 @@ fn completion_tokens(
                 let ids = ids(items).ok_or_else(|| bad("token ids must fit in 32 bits"))?;
                 let n = ids.len() as u64;
                 return Ok((ids, n, false));
+            }
+            // vLLM's request model takes a list of strings or a list of id lists, not a mix.
+            let texts = items.iter().all(Value::is_string);
+            let lists = items.iter().all(Value::is_array);
+            if !texts && !lists {
+                return Err(bad(BAD_PROMPT));
             }
             let mut all = Vec::with_capacity(items.len());
             for it in items {

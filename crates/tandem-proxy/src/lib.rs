@@ -4,6 +4,7 @@
 //! [`start`] is the whole coordinator: give it a validated [`Config`], a bound listener and a shutdown
 //! signal. Everything it needs is built here and passed down; there is no global state.
 
+mod batch;
 mod error;
 mod front;
 mod handoff;

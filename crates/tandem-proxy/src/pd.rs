@@ -29,6 +29,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use tandem_policy::{DisaggReason, Health, PlanError, PoolKind};
 
+use crate::batch;
 use crate::error::{sse_error, ProxyError};
 use crate::front::{self, Kind, Parsed};
 use crate::handoff::Handoff;
@@ -89,12 +90,12 @@ fn undelivered(message: impl Into<String>) -> LegError {
 }
 
 /// A successful decode leg, before its body is relayed.
-enum Done {
+pub(crate) enum Done {
     Full(Response),
     Stream(StreamParts),
 }
 
-struct StreamParts {
+pub(crate) struct StreamParts {
     reader: EventReader,
     conn: Conn,
     first: Event,
@@ -147,8 +148,12 @@ pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: 
         }
     };
     fin.prompt_tokens = parsed.prompt_tokens;
+    if parsed.batch {
+        let resp = run_batch(&st, &request_id, &raw, session, &parsed, fin).await;
+        return with_request_id(resp, &request_id);
+    }
     let result = tracing::Instrument::instrument(run(&st, &parsed, &mut fin), span).await;
-    let mut resp = match result {
+    let resp = match result {
         Ok(Done::Full(r)) => r,
         Ok(Done::Stream(parts)) => stream_response(&st, parts, fin),
         Err(e) => {
@@ -157,13 +162,66 @@ pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: 
             e.into_response()
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    with_request_id(resp, &request_id)
+}
+
+fn with_request_id(mut resp: Response, request_id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
 }
 
-fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Finisher) -> Response {
+/// A prompt list: one request per prompt (`batch.rs`), each with its own record.
+async fn run_batch(
+    st: &Arc<State>,
+    request_id: &str,
+    raw: &[u8],
+    session: Option<&[u8]>,
+    parsed: &Parsed,
+    mut fin: Finisher,
+) -> Response {
+    let bodies = batch::split(raw).unwrap_or_default();
+    let parts = match batch::parse_parts(st, &bodies, session) {
+        Ok(p) => p,
+        Err(e) => {
+            fin.finish(e.outcome());
+            return e.into_response();
+        }
+    };
+    // The list's own record would count its prompts twice.
+    fin.silence();
+    let parts = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let id = format!("{request_id}-{i}");
+            let span = tracing::info_span!(
+                parent: &fin.span,
+                "prompt",
+                request_id = %id,
+                route = tracing::field::Empty,
+                decision_reason = tracing::field::Empty,
+                prefill_engine = tracing::field::Empty,
+                decode_engine = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+            );
+            let mut f = Finisher::new(
+                st.metrics.clone(),
+                st.recent.clone(),
+                id,
+                span,
+                fin.trace.clone(),
+            );
+            f.prompt_tokens = p.prompt_tokens;
+            batch::Part { parsed: p, fin: f }
+        })
+        .collect();
+    let span = fin.span.clone();
+    tracing::Instrument::instrument(batch::run(st, request_id, parsed.stream, parts), span).await
+}
+
+pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Finisher) -> Response {
     let idle = st.deadlines.idle;
     let mut grace_over = Box::pin(st.grace_over());
     let StreamParts {
@@ -240,7 +298,11 @@ fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Finisher) -> Re
     r
 }
 
-async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, ProxyError> {
+pub(crate) async fn run(
+    st: &Arc<State>,
+    req: &Parsed,
+    fin: &mut Finisher,
+) -> Result<Done, ProxyError> {
     let served = st.served_model();
     if let (Some(asked), Some(served)) = (&req.model, &served) {
         if asked != served {
@@ -252,7 +314,7 @@ async fn run(st: &Arc<State>, req: &Parsed, fin: &mut Finisher) -> Result<Done, 
     let retries = &st.cfg.retries;
     let mut ex_p: Vec<usize> = Vec::new();
     let mut ex_d: Vec<usize> = Vec::new();
-    let mut force_local = req.batch.then_some(DisaggReason::BatchPrompt);
+    let mut force_local = None;
     let mut last_err = String::new();
     let pred = route::predict(st, req);
     let queued = std::sync::atomic::AtomicBool::new(false);

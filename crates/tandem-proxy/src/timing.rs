@@ -113,6 +113,8 @@ pub struct Finisher {
     pub cached_tokens: Option<u64>,
     pub predicted_cached_tokens: Option<u64>,
     outcome: Option<&'static str>,
+    /// Records nothing when dropped (a prompt list, whose prompts record themselves).
+    silent: bool,
 }
 
 fn secs(a: Instant, b: Instant) -> f64 {
@@ -153,7 +155,13 @@ impl Finisher {
             cached_tokens: None,
             predicted_cached_tokens: None,
             outcome: None,
+            silent: false,
         }
+    }
+
+    /// Leave no record: the request is recorded by the parts it was split into.
+    pub fn silence(&mut self) {
+        self.silent = true;
     }
 
     /// An upstream leg (prefill, or a local decode) is about to be sent. Only the first counts.
@@ -323,6 +331,9 @@ impl Finisher {
 
 impl Drop for Finisher {
     fn drop(&mut self) {
+        if self.silent {
+            return;
+        }
         let outcome = self.outcome.unwrap_or("client_disconnect");
         let rec = self.record(outcome);
         if self.metrics.enabled() {
