@@ -23,7 +23,7 @@ use tandem_proxy::RequestRecord;
 use tandem_sim::profile::GpuKind;
 use tandem_sim::RunningSim;
 
-use crate::harness::{pct, start_coordinator, start_sim};
+use crate::harness::{bucket_quantile, pct, scrape_buckets, start_coordinator, start_sim};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -133,6 +133,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map(|r| (r.request_id.clone(), r))
         .collect();
     report(&args, &client, &seen, &records, p, d, wall).await;
+    ttft_buckets_check(&client, &base, &records).await;
 
     let failed = seen.values().filter(|s| !s.ok).count();
     if args.serve {
@@ -451,6 +452,37 @@ async fn report(
     }
     for (id, s) in seen.iter().filter(|(_, s)| !s.ok).take(5) {
         println!("failed {id}: {}", s.error.as_deref().unwrap_or("no [DONE]"));
+    }
+}
+
+/// Tandem's TTFT histogram against the exact records: the p99 a Prometheus user computes from
+/// `/metrics` next to the p99 of the same requests' TTFTs (real time, as the metric observes).
+async fn ttft_buckets_check(
+    client: &reqwest::Client,
+    base: &str,
+    records: &HashMap<String, RequestRecord>,
+) {
+    let Ok(text) = async {
+        client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await
+    }
+    .await
+    else {
+        return;
+    };
+    let buckets = scrape_buckets(&text, "tandem_ttft_seconds");
+    let mut exact: Vec<f64> = records.values().filter_map(|r| r.ttft_s).collect();
+    if let (Some(est), Some(exact)) = (bucket_quantile(0.99, &buckets), pct(&mut exact, 0.99)) {
+        println!(
+            "TTFT p99 from /metrics buckets {:.1} ms, exact {:.1} ms ({:+.1} %)",
+            est * 1000.0,
+            exact * 1000.0,
+            100.0 * (est - exact) / exact
+        );
     }
 }
 

@@ -122,3 +122,84 @@ pub fn pct(v: &mut [f64], q: f64) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     Some(v[((v.len() - 1) as f64 * q).round() as usize])
 }
+
+/// A histogram's cumulative buckets, `(le, count)` sorted by `le` (`+Inf` last), summed over
+/// every label set of `metric` in a Prometheus text exposition.
+pub fn scrape_buckets(text: &str, metric: &str) -> Vec<(f64, f64)> {
+    let name = format!("{metric}_bucket{{");
+    let mut by_le: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with(&name)) {
+        let Some(le) = line
+            .split("le=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|s| match s {
+                "+Inf" => Some(f64::INFINITY),
+                s => s.parse::<f64>().ok(),
+            })
+        else {
+            continue;
+        };
+        let Some(n) = line.rsplit(' ').next().and_then(|s| s.parse::<f64>().ok()) else {
+            continue;
+        };
+        match by_le.iter_mut().find(|(l, _)| *l == le) {
+            Some(b) => b.1 += n,
+            None => by_le.push((le, n)),
+        }
+    }
+    by_le.sort_by(|a, b| a.0.total_cmp(&b.0));
+    by_le
+}
+
+/// The `q` quantile of cumulative buckets as Prometheus's `histogram_quantile` estimates it:
+/// linear inside the bucket that holds rank `q × count`, the first bucket starting at 0, and the
+/// highest finite edge when the rank falls in `+Inf`.
+pub fn bucket_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for &(le, cum) in buckets {
+        if cum >= rank {
+            if le.is_infinite() {
+                return Some(lo);
+            }
+            if cum == below {
+                return Some(le);
+            }
+            return Some(lo + (le - lo) * (rank - below) / (cum - below));
+        }
+        (lo, below) = (le, cum);
+    }
+    Some(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_summed_over_labels_and_interpolated_as_prometheus_does() {
+        let text = "tandem_ttft_seconds_bucket{route=\"local\",le=\"0.1\"} 1\n\
+                    tandem_ttft_seconds_bucket{route=\"local\",le=\"0.2\"} 3\n\
+                    tandem_ttft_seconds_bucket{route=\"local\",le=\"+Inf\"} 3\n\
+                    tandem_ttft_seconds_bucket{route=\"disaggregated\",le=\"0.1\"} 0\n\
+                    tandem_ttft_seconds_bucket{route=\"disaggregated\",le=\"0.2\"} 1\n\
+                    tandem_ttft_seconds_bucket{route=\"disaggregated\",le=\"+Inf\"} 1\n\
+                    tandem_ttft_seconds_count 4\n";
+        let b = scrape_buckets(text, "tandem_ttft_seconds");
+        assert_eq!(b, vec![(0.1, 1.0), (0.2, 4.0), (f64::INFINITY, 4.0)]);
+        // Rank 2 of 4 lies a third of the way into (0.1, 0.2].
+        let p50 = bucket_quantile(0.5, &b).unwrap();
+        assert!((p50 - (0.1 + 0.1 / 3.0)).abs() < 1e-12, "{p50}");
+        assert_eq!(bucket_quantile(0.1, &b), Some(0.04));
+        assert_eq!(bucket_quantile(0.5, &[]), None);
+        assert_eq!(
+            bucket_quantile(0.99, &[(1.0, 0.0), (f64::INFINITY, 2.0)]),
+            Some(1.0)
+        );
+    }
+}
