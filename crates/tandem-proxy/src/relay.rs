@@ -60,6 +60,10 @@ struct ChoiceLite<'a> {
 struct DeltaLite<'a> {
     #[serde(default, borrow)]
     content: Option<Cow<'a, str>>,
+    /// A tool call's head or argument fragment is generated output too (its tokens are the
+    /// completion's), so it counts as content for the first-token time.
+    #[serde(default)]
+    tool_calls: Option<Vec<serde::de::IgnoredAny>>,
 }
 
 /// Reads SSE events off an engine response body.
@@ -149,10 +153,10 @@ fn classify(raw: Bytes, cached_override: Option<u64>) -> Event {
             };
             chunk.choices.iter().any(|c| {
                 c.text.as_deref().is_some_and(|t| !t.is_empty())
-                    || c.delta
-                        .as_ref()
-                        .and_then(|d| d.content.as_deref())
-                        .is_some_and(|t| !t.is_empty())
+                    || c.delta.as_ref().is_some_and(|d| {
+                        d.content.as_deref().is_some_and(|t| !t.is_empty())
+                            || d.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
+                    })
             })
         }
     };
@@ -171,7 +175,11 @@ fn classify(raw: Bytes, cached_override: Option<u64>) -> Event {
 /// `"content":"` followed by anything but the closing quote. `None` when the scan cannot tell
 /// (several choices, or neither key), and the caller parses.
 fn quick_content(payload: &[u8]) -> Option<bool> {
-    if memchr::memmem::find_iter(payload, b"\"index\":").count() > 1 {
+    // A tool-call delta has no `"content"` but is content (and its `"index"`es are not
+    // choices'); a chat chunk's logprobs hold `"content":[` after the delta: let the parse judge.
+    if memchr::memmem::find_iter(payload, b"\"index\":").count() > 1
+        || memchr::memmem::find(payload, b"\"tool_calls\":[{").is_some()
+    {
         return None;
     }
     for key in [&b"\"text\":"[..], b"\"content\":"] {
@@ -283,6 +291,12 @@ mod tests {
             (b"{\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}", false),
             (b"{\"choices\":[{\"index\":0,\"delta\":{\"content\":null}}]}", false),
             (b"{\"choices\":[{\"index\":0,\"text\":\"\"},{\"index\":1,\"text\":\"b\"}]}", true),
+            // A tool-call delta (head, then argument fragments) is generated output.
+            (b"{\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"chatcmpl-tool-1\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]},\"logprobs\":null,\"finish_reason\":null}]}", true),
+            (b"{\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{\\\"\"}}]}}]}", true),
+            // Logprobs after the text do not confuse the scan.
+            (b"{\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"logprobs\":{\"content\":[{\"token\":\"\",\"logprob\":-1.0}]}}]}", false),
+            (b"{\"choices\":[{\"index\":0,\"text\":\" a\",\"logprobs\":{\"text_offset\":[0],\"tokens\":[\" a\"],\"top_logprobs\":[{\"text\":-1.0}]}}]}", true),
         ] {
             let ev = classify(Bytes::from([b"data: ", payload, b"\n\n"].concat()), None);
             assert_eq!(matches!(ev, Event::Content(_)), want, "{}", String::from_utf8_lossy(payload));

@@ -109,7 +109,7 @@ pub(crate) async fn detokenize(AxState(st): AxState<Arc<State>>, raw: Bytes) -> 
             .ok_or_else(|| ProxyError::BadRequest("`tokens` must be a list of token ids".into()))?;
         let prompt = st
             .tokenizer
-            .decode(&ids)
+            .decode_with_special_tokens(&ids)
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         Ok(json!({ "prompt": prompt }))
     };

@@ -13,6 +13,7 @@
 //! Edges (IO, clocks, tasks):
 //! - [`engine`]: the engine task that owns the scheduler, sleeps the modeled step time and fans out tokens.
 //! - [`http`]: vLLM's OpenAI-compatible HTTP surface (axum) plus `/admin/faults`.
+//! - [`grpc`]: vLLM's native gRPC surface (`vllm.Inference`, `vllm.Control`, health) on the same engine.
 //! - [`side_channel`]: the NIXL-like side channel (ZMQ ROUTER): vLLM's handshake plus a simulated block READ.
 //! - [`kv_events`]: vLLM's KV-event ZMQ PUB publisher with replay.
 //! - [`metrics`]: vLLM's Prometheus metrics, exact names, labels and buckets.
@@ -21,6 +22,7 @@
 pub mod cost;
 pub mod engine;
 pub mod faults;
+pub mod grpc;
 pub mod http;
 pub mod kv_cache;
 pub mod kv_events;
@@ -61,7 +63,10 @@ pub struct SimConfig {
     pub served_model_name: Option<String>,
     pub gpu: GpuKind,
     pub tp: Option<u32>,
+    /// HF `tokenizer.json` or a model directory holding it and `tokenizer_config.json`
+    /// ([`tandem_model::Tokenizer::load`]); `None` = the byte-level tokenizer.
     pub tokenizer: Option<PathBuf>,
+    /// Chat template file overriding the model's.
     pub chat_template: Option<PathBuf>,
     pub seed: u64,
     /// Simulated seconds per real second (1 = real time).
@@ -91,8 +96,13 @@ pub struct SimConfig {
     pub link: LinkClass,
     pub eos_rate: f64,
     pub enable_prompt_tokens_details: bool,
+    /// vLLM's `--max-logprobs` (default 20; -1 = the vocabulary size).
+    pub max_logprobs: i64,
     pub disable_request_id_randomization: bool,
     pub faults: FaultSpec,
+    /// Serve vLLM's native gRPC on this port of the HTTP listener's address (0: a free one);
+    /// `None`: no gRPC server.
+    pub grpc_port: Option<u16>,
 }
 
 impl SimConfig {
@@ -126,8 +136,10 @@ impl SimConfig {
             link: LinkClass::Rdma400,
             eos_rate: 0.0,
             enable_prompt_tokens_details: false,
+            max_logprobs: 20,
             disable_request_id_randomization: false,
             faults: FaultSpec::default(),
+            grpc_port: None,
         }
     }
 }
@@ -138,11 +150,6 @@ pub enum SimError {
     Profile(#[from] profile::ProfileError),
     #[error(transparent)]
     Tokenizer(#[from] tokenizer::TokenizerError),
-    #[error("cannot read chat template {path}: {source}")]
-    ChatTemplate {
-        path: String,
-        source: std::io::Error,
-    },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("KV events: {0}")]
@@ -158,6 +165,8 @@ pub enum SimError {
 #[derive(Debug)]
 pub struct RunningSim {
     pub http_addr: SocketAddr,
+    /// The gRPC server's bound address, when `grpc_port` was given.
+    pub grpc_addr: Option<SocketAddr>,
     pub side_channel_endpoint: String,
     pub kv_events_endpoint: Option<String>,
     pub kv_events_replay_endpoint: Option<String>,
@@ -168,6 +177,7 @@ pub struct RunningSim {
     pub served_model_name: String,
     pub engine: EngineHandle,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    grpc: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     _side: SideChannelHandle,
 }
 
@@ -177,6 +187,7 @@ impl RunningSim {
         serde_json::json!({
             "ready": "tandem-sim",
             "http": format!("http://{}", self.http_addr),
+            "grpc": self.grpc_addr.map(|a| a.to_string()),
             "side_channel": self.side_channel_endpoint,
             "kv_events": self.kv_events_endpoint,
             "kv_events_replay": self.kv_events_replay_endpoint,
@@ -188,11 +199,18 @@ impl RunningSim {
         .to_string()
     }
 
-    /// Wait until the HTTP server stops.
+    /// Wait until the HTTP server (and the gRPC server, if any) stops.
     pub async fn wait(self) -> Result<(), SimError> {
         match self.server.await {
-            Ok(r) => r.map_err(SimError::Io),
-            Err(e) => Err(SimError::Config(format!("server task failed: {e}"))),
+            Ok(r) => r.map_err(SimError::Io)?,
+            Err(e) => return Err(SimError::Config(format!("server task failed: {e}"))),
+        }
+        match self.grpc {
+            None => Ok(()),
+            Some(g) => match g.await {
+                Ok(r) => r.map_err(|e| SimError::Io(std::io::Error::other(e))),
+                Err(e) => Err(SimError::Config(format!("gRPC server task failed: {e}"))),
+            },
         }
     }
 }
@@ -239,18 +257,11 @@ pub async fn start(
         .served_model_name
         .clone()
         .unwrap_or_else(|| profile.model.served_name.to_string());
-    let mut tokenizer = match &cfg.tokenizer {
-        Some(p) => SimTokenizer::from_file(p)?,
-        None => SimTokenizer::byte_level(),
-    };
-    if let Some(p) = &cfg.chat_template {
-        let src = std::fs::read_to_string(p).map_err(|source| SimError::ChatTemplate {
-            path: p.display().to_string(),
-            source,
-        })?;
-        tokenizer = tokenizer.with_chat_template(src)?;
-    }
-    let tokenizer = Arc::new(tokenizer);
+    // Compiles the chat template and renders a plain conversation with it (start-up check).
+    let tokenizer = Arc::new(SimTokenizer::load(
+        cfg.tokenizer.as_deref(),
+        cfg.chat_template.as_deref(),
+    )?);
     let engine_id = cfg
         .engine_id
         .clone()
@@ -365,6 +376,8 @@ pub async fn start(
             tp_size: tp,
             side_channel_timeout: cfg.side_channel_timeout,
             disable_request_id_randomization: cfg.disable_request_id_randomization,
+            seed: cfg.seed,
+            max_logprobs: cfg.max_logprobs,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -375,6 +388,33 @@ pub async fn start(
         seen: http::Seen::default(),
     });
     let http_addr = listener.local_addr()?;
+    // Both servers stop on the one shutdown signal.
+    let shutdown = futures::FutureExt::shared(futures::FutureExt::boxed(shutdown));
+    let (grpc_addr, grpc) = match cfg.grpc_port {
+        None => (None, None),
+        Some(port) => {
+            let l = tokio::net::TcpListener::bind((http_addr.ip(), port)).await?;
+            let addr = l.local_addr()?;
+            let info = grpc::GrpcInfo {
+                model_id: profile.model.served_name.to_string(),
+                block_size: cfg.block_size,
+                num_gpu_blocks,
+                max_num_seqs: cfg.max_num_seqs,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                kv_events: cfg.kv_events.as_ref().zip(kv_bound.as_ref()).map(|(c, b)| {
+                    grpc::KvEventSourceInfo {
+                        endpoint: b.endpoint.clone(),
+                        replay_endpoint: b.replay_endpoint.clone(),
+                        topic: c.topic.clone(),
+                        buffer_steps: c.buffer_steps,
+                        data_parallel_rank: c.data_parallel_rank,
+                    }
+                }),
+            };
+            let task = grpc::spawn(state.clone(), info, l, shutdown.clone());
+            (Some(addr), Some(task))
+        }
+    };
     let app = http::router(state);
     let server = tokio::spawn(async move {
         axum::serve(
@@ -390,6 +430,7 @@ pub async fn start(
     });
     Ok(RunningSim {
         http_addr,
+        grpc_addr,
         side_channel_endpoint: side_endpoint,
         kv_events_endpoint: kv_bound.as_ref().map(|b| b.endpoint.clone()),
         kv_events_replay_endpoint: kv_bound.and_then(|b| b.replay_endpoint),
@@ -399,6 +440,7 @@ pub async fn start(
         served_model_name: served,
         engine,
         server,
+        grpc,
         _side: side,
     })
 }

@@ -7,7 +7,7 @@
 #[derive(Debug, Clone)]
 pub struct SampleVocab {
     /// Ids to draw ordinary tokens from (non-special).
-    pub ids: Vec<u32>,
+    pub ids: std::sync::Arc<[u32]>,
     pub eos: u32,
     /// Probability, in millionths, that a position draws EOS (0 = never).
     pub eos_ppm: u32,
@@ -31,8 +31,9 @@ pub fn sample(vocab: &SampleVocab, seed: u64, prompt: u64, position: usize, inde
     vocab.ids[(h % vocab.ids.len() as u64) as usize]
 }
 
-/// splitmix64's finaliser: a cheap, well-distributed 64-bit mix.
-fn mix(mut z: u64) -> u64 {
+/// splitmix64's finaliser: a cheap, well-distributed 64-bit mix (also keys the HTTP layer's
+/// derived outputs: logprobs, structured values, tool-call ids).
+pub fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -52,6 +52,8 @@ pub struct EngineHandle {
     clock: SimClock,
     overhead: Duration,
     serving: reads::ReadServing,
+    /// The ids the sampler draws from (the HTTP layer draws logprob alternatives from them).
+    sample_ids: Arc<[u32]>,
 }
 
 impl std::fmt::Debug for Command {
@@ -139,6 +141,10 @@ impl EngineHandle {
         self.clock
     }
 
+    pub fn sample_ids(&self) -> Arc<[u32]> {
+        self.sample_ids.clone()
+    }
+
     /// The modeled per-request overhead (HTTP, tokenisation, scheduling), in real time.
     pub fn overhead(&self) -> Duration {
         self.clock.real(self.overhead)
@@ -213,6 +219,7 @@ pub fn spawn(
     let link = link::LinkHandle::spawn(cfg.cost.link_rate(cfg.link), clock);
     let host_link = link::LinkHandle::spawn(cfg.cost.host_link_rate(), clock);
     let reads = reads::PinnedReads::default();
+    let vocab = crate::tokenizer::sample_vocab(&tokenizer, cfg.eos_ppm);
     let handle = EngineHandle {
         tx: tx.clone(),
         next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
@@ -224,8 +231,8 @@ pub fn spawn(
             link: link.clone(),
             block_bytes: cfg.kv_bytes_per_token * u64::from(cfg.sched.block_size),
         },
+        sample_ids: vocab.ids.clone(),
     };
-    let vocab = crate::tokenizer::sample_vocab(&tokenizer, cfg.eos_ppm);
     let sched = Scheduler::new(cfg.sched.clone());
     let engine = Engine {
         cfg: Arc::new(cfg),

@@ -17,8 +17,17 @@ pub(super) fn decide(
     prompt_len: usize,
 ) -> (u32, Option<FinishReason>) {
     let position = tokens.len() - prompt_len;
+    let forced = m
+        .params
+        .forced
+        .as_ref()
+        .and_then(|f| f.get(m.index as usize));
+    // A forced sequence ends with its last token ("stop"), whatever min_tokens says.
+    let forced_end = forced.is_some_and(|f| position + 1 >= f.len());
     let token = if position == 0 && m.force_eos_first {
         vocab.eos
+    } else if let Some(f) = forced {
+        f.get(position).copied().unwrap_or(vocab.eos)
     } else {
         sample(vocab, m.seed, m.fingerprint, position, m.index)
     };
@@ -59,7 +68,7 @@ pub(super) fn decide(
         }
     }
     m.text = text;
-    (token, None)
+    (token, forced_end.then_some(FinishReason::Stop))
 }
 
 /// vLLM's incremental detokenizer: decode a short window (`prefix..` against `prefix..read`) so

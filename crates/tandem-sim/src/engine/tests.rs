@@ -171,6 +171,7 @@ fn submit_body(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Submit 
             stop_token_ids: vec![],
             include_stop_str_in_output: false,
             seed: None,
+            forced: None,
         },
         n: 1,
         role: Role::Colocated,

@@ -65,7 +65,14 @@ pub struct SeqParams {
     pub include_stop_str_in_output: bool,
     /// The request's `seed`, else the engine's.
     pub seed: Option<u64>,
+    /// Structured output (JSON, a tool call's arguments): per choice index, the exact output
+    /// tokens, emitted one per step instead of sampled ones; the sequence stops after the last
+    /// (as a grammar that has completed only admits EOS). Built by the HTTP layer.
+    pub forced: Option<Forced>,
 }
+
+/// Per choice index, the output tokens a constrained request must produce.
+pub type Forced = Arc<[Arc<[u32]>]>;
 
 /// Which side of a P/D pair a request is on.
 #[derive(Debug, Clone)]

@@ -11,13 +11,15 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
+use super::fields::{ChoiceState, Extras, PromptCtx, Render};
+use super::logprobs::Lp;
 use super::wire::{self, ApiError, ChatRequest, CommonParams, CompletionRequest, Prompt};
 use super::{check_model, parse_body, AppState};
 use crate::engine::{random_suffix, Event, KvHandle, RemoteKv, Role, SeqParams, Submit};
 use crate::scheduler::FinishReason;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Completion,
     Chat,
 }
@@ -43,6 +45,10 @@ struct Job {
     model: String,
     created: u64,
     prompts: Vec<Arc<[u32]>>,
+    /// The prompts as the renderer sees them (same order as `prompts`).
+    ctx: Vec<PromptCtx>,
+    /// Logprobs, echo, structured output, tool call.
+    extras: Extras,
     params: SeqParams,
     n: u32,
     stream: bool,
@@ -167,10 +173,14 @@ fn parse_remote(p: &Value) -> Result<Option<RemoteKv>, String> {
 }
 
 fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Result<Job, ApiError> {
+    let vocab = s.tokenizer.vocab_size();
+    // Logprobs, echo, structured output, tool call: read from the parsed body in each arm.
+    let extras: Extras;
     let (texts_or_ids, common, max_tokens): (Vec<PromptInput>, CommonParams, Option<u64>) =
         match kind {
             Kind::Completion => {
                 let r: CompletionRequest = parse_body(body)?;
+                extras = Extras::completion(&r, &s.info, vocab)?;
                 let prompts = match r.prompt {
                     Prompt::Text(t) => vec![Ok(t)],
                     Prompt::Texts(t) => t.into_iter().map(Ok).collect(),
@@ -182,13 +192,18 @@ fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Resul
             }
             Kind::Chat => {
                 let r: ChatRequest = parse_body(body)?;
+                extras = Extras::chat(&r, &s.info, vocab)?;
                 if r.messages.is_empty() {
                     return Err(ApiError::bad_request("`messages` must not be empty"));
                 }
                 let msgs = wire::normalise_messages(&r.messages)?;
                 let text = s
                     .tokenizer
-                    .render_chat(&msgs, r.add_generation_prompt.unwrap_or(true))
+                    .render_chat(
+                        &msgs,
+                        r.add_generation_prompt.unwrap_or(true),
+                        r.template_inputs(),
+                    )
                     .map_err(|e| ApiError::bad_request(e.to_string()))?;
                 let mt = r.max_completion_tokens.or(r.common.max_tokens);
                 (vec![Ok(text)], r.common, mt)
@@ -213,26 +228,38 @@ fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Resul
     let add_special = common
         .add_special_tokens
         .unwrap_or(kind == Kind::Completion);
+    let seed = common.seed.map_or(s.info.seed, |v| v as u64);
     let mut prompts = Vec::with_capacity(texts_or_ids.len());
+    let mut ctx = Vec::with_capacity(texts_or_ids.len());
     for p in texts_or_ids {
-        let ids = match p {
-            Ok(text) => s
-                .tokenizer
-                .encode(&text, add_special)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        let (ids, text) = match p {
+            Ok(text) => (
+                s.tokenizer
+                    .encode(&text, add_special)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?,
+                text,
+            ),
             Err(ids) => {
                 if let Some(bad) = ids.iter().find(|&&t| t >= s.tokenizer.vocab_size()) {
                     return Err(ApiError::bad_request(format!(
                         "Token id {bad} is out of vocabulary"
                     )));
                 }
-                ids
+                // Only `echo` reads the text of an id prompt.
+                let text = if extras.echo {
+                    s.tokenizer.decode(&ids).unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                (ids, text)
             }
         };
         if ids.is_empty() {
             return Err(ApiError::bad_request("The prompt cannot be empty."));
         }
-        prompts.push(Arc::from(ids));
+        let ids: Arc<[u32]> = Arc::from(ids);
+        ctx.push(PromptCtx::new(ids.clone(), text, seed));
+        prompts.push(ids);
     }
     // vLLM: `max_tokens: null` means 16 for completions; chat defaults to the remaining context.
     let longest = prompts
@@ -304,6 +331,8 @@ fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Resul
         model: s.info.served_model_name.clone(),
         created: unix_now(),
         prompts,
+        ctx,
+        extras,
         params: SeqParams {
             max_tokens: max_tokens as usize,
             min_tokens: common.min_tokens.unwrap_or(0) as usize,
@@ -312,6 +341,7 @@ fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Resul
             stop_token_ids: common.stop_token_ids.unwrap_or_default(),
             include_stop_str_in_output: common.include_stop_str_in_output.unwrap_or(false),
             seed: common.seed.map(|v| v as u64),
+            forced: None,
         },
         n,
         stream,
@@ -327,6 +357,8 @@ fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Resul
 struct Choice {
     text: String,
     tokens: u64,
+    /// The output token ids (for logprobs).
+    ids: Vec<u32>,
     finish: Option<FinishReason>,
     stop_reason: Option<Value>,
     error: Option<String>,
@@ -349,10 +381,15 @@ async fn run(s: Arc<AppState>, job: Job) -> Response {
                 .expect("rng lock is never poisoned: no panics while held");
             format!("{external}-{}", random_suffix(&mut *rng))
         };
+        let mut params = job.params.clone();
+        params.forced = match job.extras.forced(&s.tokenizer, &job.ctx[i], job.n) {
+            Ok(f) => f,
+            Err(e) => return e.into_response(),
+        };
         let req = Submit {
             internal_id: internal,
             prompt: prompt.clone(),
-            params: job.params.clone(),
+            params,
             n: job.n,
             role: job.role.clone(),
             arrival: arrival - s.engine.clock().real_to_sim(s.engine.overhead()),
@@ -379,7 +416,7 @@ fn usage(prompt_tokens: u64, completion_tokens: u64, cached: Option<u64>) -> Val
     })
 }
 
-fn finish_str(f: Option<FinishReason>) -> Value {
+pub(super) fn finish_str(f: Option<FinishReason>) -> Value {
     match f {
         None => Value::Null,
         Some(FinishReason::Stop) => "stop".into(),
@@ -436,13 +473,14 @@ async fn full_response(
             let (index, finish) = match ev {
                 Event::Token {
                     index,
+                    token,
                     text,
                     finish,
-                    ..
                 } => {
                     let c = &mut choices[p * n + index as usize];
                     c.text.push_str(&text);
                     c.tokens += 1;
+                    c.ids.push(token);
                     total += 1;
                     if die.is_some_and(|d| total > d) {
                         return cut_connection();
@@ -479,24 +517,21 @@ async fn full_response(
         return ApiError::internal("Internal server error").into_response();
     }
     let completion_tokens: u64 = choices.iter().map(|c| c.tokens).sum();
+    let alts = s.engine.sample_ids();
+    let render = Render {
+        kind: job.kind,
+        x: &job.extras,
+        lp: Lp {
+            tok: &s.tokenizer,
+            alts: &alts,
+        },
+        prompts: &job.ctx,
+        n,
+    };
     let choices_json: Vec<Value> = choices
         .iter()
         .enumerate()
-        .map(|(i, c)| match job.kind {
-            Kind::Completion => json!({
-                "index": i, "text": c.text, "logprobs": null,
-                "finish_reason": finish_str(c.finish), "stop_reason": c.stop_reason,
-                "prompt_logprobs": null,
-            }),
-            Kind::Chat => json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text, "refusal": null,
-                            "annotations": null, "audio": null, "function_call": null,
-                            "tool_calls": [], "reasoning_content": null},
-                "logprobs": null, "finish_reason": finish_str(c.finish),
-                "stop_reason": c.stop_reason,
-            }),
-        })
+        .map(|(i, c)| render.full_choice(i, &c.ids, &c.text, c.finish, &c.stop_reason))
         .collect();
     let details = s.info.enable_prompt_tokens_details.then_some(cached);
     let mut body = json!({
@@ -510,7 +545,7 @@ async fn full_response(
         "kv_transfer_params": kv.as_ref().map(|k| kv_params(&s, k)),
     });
     if job.kind == Kind::Chat {
-        body["prompt_logprobs"] = Value::Null;
+        body["prompt_logprobs"] = render.prompt_logprobs(0);
     }
     (StatusCode::OK, axum::Json(body)).into_response()
 }
@@ -546,6 +581,15 @@ fn stream_response(
                 .boxed()
         });
         let mut merged = stream::select_all(tagged);
+        let alts = s.engine.sample_ids();
+        let render = Render {
+            kind: job.kind,
+            x: &job.extras,
+            lp: Lp { tok: &s.tokenizer, alts: &alts },
+            prompts: &job.ctx,
+            n,
+        };
+        let mut states: Vec<ChoiceState> = (0..n * num_prompts).map(|_| ChoiceState::default()).collect();
         let mut open = n * num_prompts;
         let mut completion_tokens = 0u64;
         let mut failed = None;
@@ -555,7 +599,7 @@ fn stream_response(
                 break;
             };
             match ev {
-                Event::Token { index, text, finish, .. } => {
+                Event::Token { index, token, text, finish } => {
                     if !role_sent {
                         role_sent = true;
                         for i in 0..n * num_prompts {
@@ -570,21 +614,13 @@ fn stream_response(
                         yield Err(std::io::Error::other("simulated engine death"));
                         return;
                     }
-                    // vLLM skips chunks with no text unless they carry the finish.
-                    if text.is_empty() && finish.is_none() { continue; }
                     let i = p * n + index as usize;
-                    let (fr, sr) = match &finish {
-                        Some(f) => { open -= 1; (finish_str(Some(f.reason)), f.stop_reason.clone().unwrap_or(Value::Null)) }
-                        None => (Value::Null, Value::Null),
-                    };
-                    let choice = match job.kind {
-                        Kind::Completion => json!({"index": i, "text": text, "logprobs": null, "finish_reason": fr, "stop_reason": sr}),
-                        Kind::Chat => {
-                            let mut c = json!({"index": i, "delta": {"content": text}, "logprobs": null, "finish_reason": fr});
-                            if finish.is_some() { c["stop_reason"] = sr; }
-                            c
-                        }
-                    };
+                    states[i].note(token);
+                    // vLLM skips chunks with no text unless they carry the finish (the
+                    // token's logprobs then ride on the next chunk).
+                    if text.is_empty() && finish.is_none() { continue; }
+                    if finish.is_some() { open -= 1; }
+                    let choice = render.stream_choice(&mut states[i], i, &text, finish.as_ref());
                     let u = job.continuous_usage.then(|| usage(prompt_tokens, completion_tokens, None));
                     yield Ok(sse(&chunk(json!([choice]), u)));
                 }

@@ -5,7 +5,11 @@
 //! `GET /admin/requests` (the trace headers of recent generation requests; vLLM hands them to its
 //! OpenTelemetry tracer, which the sim has not, so this is where a rehearsal can see them).
 
+mod fields;
 mod generate;
+mod logprobs;
+mod structured;
+mod tools;
 pub mod wire;
 
 use std::sync::{Arc, Mutex};
@@ -37,6 +41,10 @@ pub struct HttpInfo {
     pub side_channel_timeout: std::time::Duration,
     /// `VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`.
     pub disable_request_id_randomization: bool,
+    /// The engine's `--seed`, for outputs derived in this layer (structured output, tool ids).
+    pub seed: u64,
+    /// `--max-logprobs` (-1: the vocabulary size).
+    pub max_logprobs: i64,
     /// Unix time of start, for `created` fields.
     pub created: u64,
 }
@@ -152,12 +160,16 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
 async fn tokenize(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let req: TokenizeRequest = parse_body(&body)?;
     check_model(&s.info, req.model.as_deref())?;
-    let text = match (req.prompt, req.messages) {
-        (Some(p), None) => p,
+    let text = match (&req.prompt, &req.messages) {
+        (Some(p), None) => p.clone(),
         (None, Some(m)) => {
-            let msgs = wire::normalise_messages(&m)?;
+            let msgs = wire::normalise_messages(m)?;
             s.tokenizer
-                .render_chat(&msgs, req.add_generation_prompt.unwrap_or(true))
+                .render_chat(
+                    &msgs,
+                    req.add_generation_prompt.unwrap_or(true),
+                    req.template_inputs(),
+                )
                 .map_err(|e| ApiError::bad_request(e.to_string()))?
         }
         _ => {
@@ -192,7 +204,7 @@ async fn detokenize(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<
     check_model(&s.info, req.model.as_deref())?;
     let text = s
         .tokenizer
-        .decode(&req.tokens)
+        .decode_with_special_tokens(&req.tokens)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(Json(json!({ "prompt": text })))
 }

@@ -60,11 +60,24 @@ pub struct CommonParams {
     pub request_id: Option<String>,
     pub kv_transfer_params: Option<Value>,
     pub add_special_tokens: Option<bool>,
+    /// vLLM extension: top-k logprobs of each prompt token (-1: the whole vocabulary).
+    pub prompt_logprobs: Option<i64>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
+    pub response_format: Option<Value>,
+    /// vLLM's `StructuredOutputsParams` (`json`, `json_object`, `choice`, ...).
+    pub structured_outputs: Option<Value>,
+    /// vLLM's older spellings of `structured_outputs.json` / `.choice`.
+    pub guided_json: Option<Value>,
+    pub guided_choice: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
+    /// Top-k logprobs of each output token (completions: an integer).
+    pub logprobs: Option<i64>,
+    pub echo: Option<bool>,
+    pub suffix: Option<String>,
     #[serde(flatten)]
     pub common: CommonParams,
 }
@@ -74,6 +87,15 @@ pub struct ChatRequest {
     pub messages: Vec<Value>,
     pub max_completion_tokens: Option<u64>,
     pub add_generation_prompt: Option<bool>,
+    /// Template inputs besides the messages, as sent (see [`ChatRequest::template_inputs`]).
+    pub tools: Option<Value>,
+    pub documents: Option<Value>,
+    pub chat_template_kwargs: Option<Value>,
+    /// Chat: whether to return logprobs; `top_logprobs` says how many alternatives.
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    /// `"none"`, `"auto"`, `"required"` or `{"type": "function", "function": {"name": ..}}`.
+    pub tool_choice: Option<Value>,
     #[serde(flatten)]
     pub common: CommonParams,
 }
@@ -86,6 +108,31 @@ pub struct TokenizeRequest {
     pub add_special_tokens: Option<bool>,
     pub add_generation_prompt: Option<bool>,
     pub return_token_strs: Option<bool>,
+    pub tools: Option<Value>,
+    pub documents: Option<Value>,
+    pub chat_template_kwargs: Option<Value>,
+}
+
+impl ChatRequest {
+    /// What the chat template is rendered with besides the messages.
+    pub fn template_inputs(&self) -> tandem_model::ChatInputs<'_> {
+        tandem_model::ChatInputs {
+            tools: self.tools.as_ref(),
+            documents: self.documents.as_ref(),
+            chat_template_kwargs: self.chat_template_kwargs.as_ref(),
+        }
+    }
+}
+
+impl TokenizeRequest {
+    /// What the chat template is rendered with besides the messages.
+    pub fn template_inputs(&self) -> tandem_model::ChatInputs<'_> {
+        tandem_model::ChatInputs {
+            tools: self.tools.as_ref(),
+            documents: self.documents.as_ref(),
+            chat_template_kwargs: self.chat_template_kwargs.as_ref(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
