@@ -31,13 +31,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::http::StatusCode;
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tandem_policy::{Health, PoolKind};
 
+use crate::engine::{KvParams, Leg, Sent};
 use crate::front::Kind;
 use crate::pool::Engine;
 use crate::trace::Outgoing;
@@ -143,7 +141,7 @@ impl Registry {
 pub struct Handoff {
     st: Arc<State>,
     id: u64,
-    params: Box<RawValue>,
+    params: Arc<KvParams>,
     kind: Kind,
     /// The prefill leg's body: the release leg is built from it only if one is needed.
     prefill_body: Bytes,
@@ -178,7 +176,7 @@ pub struct Origin<'a> {
 }
 
 impl Handoff {
-    pub fn new(st: &Arc<State>, params: Box<RawValue>, o: Origin<'_>) -> Self {
+    pub fn new(st: &Arc<State>, params: KvParams, o: Origin<'_>) -> Self {
         let id = st.handoffs.insert(Live {
             request_id: o.request_id.to_string(),
             prefill_engine: o.prefill_engine,
@@ -189,7 +187,7 @@ impl Handoff {
         Handoff {
             st: st.clone(),
             id,
-            params,
+            params: Arc::new(params),
             kind: o.kind,
             prefill_body: o.prefill_body.clone(),
             blocks: o.blocks,
@@ -213,9 +211,9 @@ impl Handoff {
         self.seen = seen_before;
     }
 
-    /// The params, verbatim, for the decode leg.
-    pub fn params(&self) -> &str {
-        self.params.get()
+    /// The params, as the prefill engine issued them, for the decode leg.
+    pub fn params(&self) -> &KvParams {
+        &self.params
     }
 
     /// A decode engine failed this handoff: release it elsewhere if another engine exists.
@@ -261,10 +259,9 @@ impl Drop for Handoff {
             st: self.st.clone(),
             id: self.id,
             kind: self.kind,
-            pull: (!self.seen)
-                .then(|| release_body(&self.prefill_body, &self.params, 1))
-                .flatten(),
-            reject: release_body(&self.prefill_body, &self.params, 0),
+            pull: !self.seen,
+            prefill_body: self.prefill_body.clone(),
+            params: self.params.clone(),
             blocks: self.blocks,
             request_id: format!("{}-release", self.request_id),
             trace: self.trace.clone(),
@@ -275,52 +272,20 @@ impl Drop for Handoff {
     }
 }
 
-/// A release leg's body: the prefill leg's (the client's prompt and sampling, not streamed)
-/// with the handoff's params in place of the prefill request's, one choice, and `max_tokens`
-/// tokens (1: pull; 0: reject, see the module docs).
-fn release_body(prefill_body: &Bytes, params: &RawValue, max_tokens: u64) -> Option<Bytes> {
-    let mut m: Map<String, Value> = serde_json::from_slice(prefill_body).ok()?;
-    m.remove("kv_transfer_params");
-    m.insert("n".into(), Value::from(1));
-    m.remove("best_of");
-    m.insert("max_tokens".into(), Value::from(max_tokens));
-    if m.contains_key("max_completion_tokens") {
-        m.insert("max_completion_tokens".into(), Value::from(max_tokens));
-    }
-    // The params go in byte for byte, as on the decode leg.
-    let mut out = serde_json::to_vec(&m).ok()?;
-    out.pop();
-    if !m.is_empty() {
-        out.push(b',');
-    }
-    out.extend_from_slice(b"\"kv_transfer_params\":");
-    out.extend_from_slice(params.get().as_bytes());
-    out.push(b'}');
-    Some(Bytes::from(out))
-}
-
 struct ReleaseLeg {
     st: Arc<State>,
     id: u64,
     kind: Kind,
-    /// Present only while no decode engine has seen the params.
-    pull: Option<Bytes>,
-    reject: Option<Bytes>,
+    /// No decode engine has seen the params: the blocks may be pulled.
+    pull: bool,
+    /// The prefill leg's body, which each release leg is built from for its engine.
+    prefill_body: Bytes,
+    params: Arc<KvParams>,
     blocks: u64,
     request_id: String,
     trace: Outgoing,
     avoid: Vec<usize>,
     prefill_engine: usize,
-}
-
-/// How one release leg's request went.
-enum Sent {
-    /// It never reached the engine (no connection).
-    Unsent,
-    /// The engine answered with this status.
-    Answered(StatusCode),
-    /// It reached the engine (or may have) and got no whole answer within `release_ms`.
-    Cut,
 }
 
 /// Ends the leg's registry entry and gauge however the leg ends (even dropped at shutdown).
@@ -363,52 +328,46 @@ impl ReleaseLeg {
         if targets.is_empty() {
             return Outcome::Leaked;
         }
-        if let Some(body) = &self.pull {
+        if self.pull {
             if let Some((engine, _)) = targets.iter().find(|(_, compatible)| *compatible) {
                 let _load = engine
                     .track(0)
                     .with_reservation(engine.reserve(self.blocks));
-                match self.send_to(engine, body.clone()).await {
-                    Sent::Answered(s) if s.is_success() => return Outcome::Released,
-                    Sent::Answered(s) if s.is_client_error() => return Outcome::ReleaseRejected,
-                    Sent::Answered(_) | Sent::Cut => return Outcome::ReleaseFailed,
+                match self.send_to(engine, 1).await {
+                    Sent::Accepted => return Outcome::Released,
+                    Sent::Refused => return Outcome::ReleaseRejected,
+                    Sent::Failed | Sent::Cut => return Outcome::ReleaseFailed,
                     Sent::Unsent => {}
                 }
             }
         }
-        let Some(body) = &self.reject else {
-            return Outcome::Leaked;
-        };
         for (engine, _) in &targets {
             let _load = engine.track(0);
-            match self.send_to(engine, body.clone()).await {
-                Sent::Answered(s) if s.is_client_error() => return Outcome::ReleaseRejected,
-                Sent::Answered(_) => return Outcome::ReleaseFailed,
+            match self.send_to(engine, 0).await {
+                Sent::Refused => return Outcome::ReleaseRejected,
+                Sent::Accepted | Sent::Failed => return Outcome::ReleaseFailed,
                 Sent::Unsent | Sent::Cut => {}
             }
         }
         Outcome::ReleaseFailed
     }
 
-    async fn send_to(&self, engine: &Arc<Engine>, body: Bytes) -> Sent {
-        let leg = async {
-            let Ok(mut conn) = engine.upstream.acquire().await else {
-                return Sent::Unsent;
-            };
-            let r = conn.post_json(self.kind.path(), body, &self.request_id, &self.trace);
-            let Ok(resp) = conn.send(r).await else {
-                return Sent::Cut;
-            };
-            let status = resp.status();
-            if resp.into_body().collect().await.is_err() {
-                return Sent::Cut;
-            }
-            conn.release();
-            Sent::Answered(status)
+    async fn send_to(&self, engine: &Arc<Engine>, max_tokens: u64) -> Sent {
+        let leg = Leg {
+            kind: self.kind,
+            request_id: &self.request_id,
+            trace: &self.trace,
         };
-        tokio::time::timeout(self.st.deadlines.release, leg)
+        engine
+            .client
+            .release(
+                leg,
+                &self.prefill_body,
+                &self.params,
+                max_tokens,
+                self.st.deadlines.release,
+            )
             .await
-            .unwrap_or(Sent::Cut)
     }
 
     /// The healthy decode engines, each with whether its model and block size agree with the
@@ -441,17 +400,15 @@ impl ReleaseLeg {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::http::release_body;
 
     #[test]
     fn the_release_body_is_the_prefill_body_with_the_handoff_params_and_one_choice() {
         let prefill = Bytes::from_static(
             br#"{"prompt":"hi","n":4,"best_of":5,"max_tokens":1,"stream":false,"kv_transfer_params":{"do_remote_decode":true}}"#,
         );
-        let params = RawValue::from_string(
-            r#"{"do_remote_prefill":true,"remote_block_ids":[1],"remote_port":5600.0}"#.into(),
-        )
-        .unwrap();
-        let b = release_body(&prefill, &params, 1).expect("a JSON body");
+        let params = r#"{"do_remote_prefill":true,"remote_block_ids":[1],"remote_port":5600.0}"#;
+        let b = release_body(&prefill, params, 1).expect("a JSON body");
         let v: Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["kv_transfer_params"]["do_remote_prefill"], true);
         assert_eq!(v["kv_transfer_params"]["remote_block_ids"][0], 1);
@@ -462,10 +419,10 @@ mod tests {
         assert_eq!(v["prompt"], "hi");
         let text = std::str::from_utf8(&b).unwrap();
         assert!(
-            text.ends_with(&format!(r#""kv_transfer_params":{}}}"#, params.get())),
+            text.ends_with(&format!(r#""kv_transfer_params":{params}}}"#)),
             "{text}"
         );
-        let reject = release_body(&prefill, &params, 0).expect("a JSON body");
+        let reject = release_body(&prefill, params, 0).expect("a JSON body");
         let v: Value = serde_json::from_slice(&reject).unwrap();
         assert_eq!(
             v["max_tokens"], 0,

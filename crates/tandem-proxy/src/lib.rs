@@ -5,6 +5,7 @@
 //! signal. Everything it needs is built here and passed down; there is no global state.
 
 mod batch;
+mod engine;
 mod error;
 mod front;
 mod handoff;
@@ -113,27 +114,14 @@ impl State {
 
     /// A healthy decode engine's own `/v1/models` body (the first that answers 2xx).
     pub(crate) async fn decode_models(&self) -> Option<bytes::Bytes> {
-        use http_body_util::BodyExt;
         let pools = self.pools.pools.borrow().clone();
         for e in pools
             .decode
             .iter()
             .filter(|e| e.status.health == tandem_policy::Health::Healthy)
         {
-            let Ok(mut conn) = e.engine.upstream.acquire().await else {
-                continue;
-            };
-            let req = conn.get("/v1/models");
-            let Ok(resp) = conn.send(req).await else {
-                continue;
-            };
-            let status = resp.status();
-            let Ok(body) = resp.into_body().collect().await else {
-                continue;
-            };
-            conn.release();
-            if status.is_success() {
-                return Some(body.to_bytes());
+            if let Some(body) = e.engine.client.models().await {
+                return Some(body);
             }
         }
         None

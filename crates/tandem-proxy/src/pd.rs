@@ -26,68 +26,22 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use tandem_policy::{DisaggReason, Health, PlanError, PoolKind};
 
 use crate::batch;
+use crate::engine::error::{EngineError, LegError};
+use crate::engine::{DecodeAnswer, DecodeDeadlines, DecodeStream, Leg, Warm};
 use crate::error::{sse_error, ProxyError};
 use crate::front::{self, Kind, Parsed};
 use crate::handoff::Handoff;
 use crate::metrics::{RetryLabels, RouteLabels};
 use crate::pool::{Engine, LoadGuard, Suspect};
 use crate::prefill;
-use crate::relay::{rewrite_body, Event, EventReader, RelayError};
+use crate::relay::{Event, RelayError};
 use crate::route::{self, RouteError};
 use crate::timing::Finisher;
 use crate::trace;
-use crate::upstream::Conn;
 use crate::State;
-
-/// A leg's failure: either worth another engine, or the engine's answer for the client.
-#[derive(Debug)]
-pub(crate) enum LegError {
-    Retry {
-        reason: &'static str,
-        message: String,
-        /// The engine itself looks unwell (re-probe it now).
-        suspect: bool,
-        /// The request never reached the engine, so a prefill's pinned KV is untouched. Once a
-        /// decode engine has seen the handoff it may have read it or told the prefill engine to
-        /// free it (vLLM notifies P when D rejects), so its params must not be reused.
-        undelivered: bool,
-    },
-    Relay(ProxyError),
-}
-
-pub(crate) fn retry(reason: &'static str, message: impl Into<String>, suspect: bool) -> LegError {
-    LegError::Retry {
-        reason,
-        message: message.into(),
-        suspect,
-        undelivered: false,
-    }
-}
-
-/// A transport failure: worth another engine, and a re-probe of this one. The error itself (it
-/// names the engine's address) goes to the log only; the client's message names no engine.
-pub(crate) fn failed(
-    engine: &Engine,
-    reason: &'static str,
-    message: &'static str,
-    e: &dyn std::fmt::Display,
-) -> LegError {
-    tracing::warn!(engine = %engine.url, reason, error = %e, "{message}");
-    retry(reason, message, true)
-}
-
-fn undelivered(message: impl Into<String>) -> LegError {
-    LegError::Retry {
-        reason: "connect",
-        message: message.into(),
-        suspect: true,
-        undelivered: true,
-    }
-}
 
 /// A successful decode leg, before its body is relayed.
 pub(crate) enum Done {
@@ -96,8 +50,7 @@ pub(crate) enum Done {
 }
 
 pub(crate) struct StreamParts {
-    reader: EventReader,
-    conn: Conn,
+    stream: DecodeStream,
     first: Event,
     guard: LoadGuard,
     content_type: Option<HeaderValue>,
@@ -225,8 +178,7 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
     let idle = st.deadlines.idle;
     let mut grace_over = Box::pin(st.grace_over());
     let StreamParts {
-        mut reader,
-        conn,
+        mut stream,
         first,
         guard,
         content_type,
@@ -238,7 +190,7 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
         yield Ok::<Bytes, std::io::Error>(first.bytes().clone());
         loop {
             let next = tokio::select! {
-                r = reader.next(idle) => Some(r),
+                r = stream.next(idle) => Some(r),
                 () = &mut grace_over => None,
             };
             let Some(next) = next else {
@@ -263,7 +215,7 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
                         }
                         out.extend_from_slice(ev.bytes());
                         if !done {
-                            next = reader.buffered();
+                            next = stream.buffered();
                         }
                     }
                     yield Ok(out.freeze());
@@ -285,9 +237,7 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
             }
         }
         fin.finish("ok");
-        if reader.finished() {
-            conn.release();
-        }
+        stream.finish();
         drop(guard);
     };
     let mut r = Response::new(Body::from_stream(body));
@@ -351,7 +301,7 @@ pub(crate) async fn run(
 
         let mut handoff: Option<Handoff> = None;
         let mut cached: Option<u64> = None;
-        let mut warm: Option<Conn> = None;
+        let mut warm: Option<Warm> = None;
         let mut prefill_id = None;
         if let Some(pp) = plan.prefill {
             count_route(st, PoolKind::Prefill, pp.reason.as_str());
@@ -377,12 +327,9 @@ pub(crate) async fn run(
                 request_id: fin.request_id.clone(),
                 trace: fin.trace.clone(),
             };
-            let (res, w) = tokio::join!(
-                prefill::spawn(st, &p_engine, job),
-                d_engine.upstream.acquire()
-            );
-            // If the engine closed it while the prefill ran, `Conn::send` resends on a fresh one.
-            warm = w.ok();
+            let (res, w) = tokio::join!(prefill::spawn(st, &p_engine, job), d_engine.client.warm());
+            // If the engine closed it while the prefill ran, the transport resends on a fresh one.
+            warm = w;
             match res {
                 Ok(done) => {
                     cached = done.cached;
@@ -418,14 +365,15 @@ pub(crate) async fn run(
                     force_local = Some(DisaggReason::PrefillRejected);
                     continue;
                 }
-                Err(LegError::Retry {
-                    reason,
+                Err(LegError::Retry(EngineError {
+                    kind,
                     message,
                     suspect,
                     ..
-                }) => {
+                })) => {
                     // Failed attempts are prefill time, whatever runs next.
                     fin.mark_params();
+                    let reason = kind.as_str();
                     count_retry(st, "prefill", reason);
                     tracing::warn!(request_id = %fin.request_id, engine = %p_engine.url, reason, %message, "prefill leg failed");
                     if suspect {
@@ -447,7 +395,9 @@ pub(crate) async fn run(
         }
 
         // The decode leg, retried on other decode engines while the KV can still be read.
-        let body = req.decode_body(handoff.as_ref().map(Handoff::params));
+        let params = handoff.as_ref().map(|h| h.params().json());
+        let body = req.decode_body(params.as_deref());
+        drop(params);
         let params_at = Instant::now();
         loop {
             fin.decode_attempts += 1;
@@ -513,12 +463,14 @@ pub(crate) async fn run(
                     }
                     return Err(e);
                 }
-                Err(LegError::Retry {
-                    reason,
+                Err(LegError::Retry(EngineError {
+                    kind,
                     message,
                     suspect,
-                    undelivered,
-                }) => {
+                    delivered,
+                })) => {
+                    let undelivered = !delivered;
+                    let reason = kind.as_str();
                     count_retry(st, "decode", reason);
                     tracing::warn!(request_id = %fin.request_id, engine = %d_engine.url, reason, %message, "decode leg failed before its first byte");
                     if suspect {
@@ -643,10 +595,6 @@ fn report(st: &State, e: &Engine) {
     });
 }
 
-pub(crate) fn snippet(b: &[u8]) -> String {
-    String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned()
-}
-
 /// How long a non-streaming decode may take: nothing arrives until the whole answer is ready.
 fn full_deadline(st: &State, req: &Parsed) -> Duration {
     let tokens = req.max_tokens.unwrap_or(4096).clamp(1, 100_000) as u32;
@@ -657,7 +605,7 @@ fn full_deadline(st: &State, req: &Parsed) -> Duration {
 /// there (in flight, with its KV reservation).
 struct DecodeTarget<'a> {
     engine: &'a Arc<Engine>,
-    warm: Option<Conn>,
+    warm: Option<Warm>,
     guard: LoadGuard,
 }
 
@@ -674,139 +622,51 @@ async fn decode_leg(
         warm,
         guard,
     } = target;
-    let mut conn = match warm {
-        Some(c) => c,
-        None => engine.upstream.acquire().await.map_err(|e| {
-            tracing::warn!(engine = %engine.url, error = %e, "decode engine unreachable");
-            undelivered("could not connect to the decode engine")
-        })?,
+    let deadlines = DecodeDeadlines {
+        head: if req.stream {
+            st.deadlines.handoff
+        } else {
+            full_deadline(st, req)
+        },
+        first_event: st.deadlines.first_token,
+        full: full_deadline(st, req),
+        idle: st.deadlines.idle,
     };
-    let r = conn.post_json(req.kind.path(), body, &fin.request_id, &fin.trace);
     fin.mark_decode_dispatch();
-    let head_deadline = if req.stream {
-        st.deadlines.handoff
-    } else {
-        full_deadline(st, req)
+    let leg = Leg {
+        kind: req.kind,
+        request_id: &fin.request_id,
+        trace: &fin.trace,
     };
-    let resp = match tokio::time::timeout(head_deadline, conn.send(r)).await {
-        Err(_) => {
-            return Err(retry(
-                "handoff_timeout",
-                "the decode engine sent no response in time",
-                false,
-            ))
-        }
-        Ok(Err(e)) => {
-            return Err(failed(
-                engine,
-                "send",
-                "the decode engine did not answer",
-                &e,
-            ))
-        }
-        Ok(Ok(r)) => r,
-    };
-    let status = resp.status();
-    let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
-    if !status.is_success() {
-        let body = tokio::time::timeout(st.deadlines.idle, resp.into_body().collect())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
-        if status.is_server_error() {
-            tracing::warn!(engine = %engine.url, %status, body = %snippet(&body), "decode engine error");
-            return Err(retry(
-                "status_5xx",
-                format!("the decode engine answered {status}"),
-                false,
-            ));
-        }
-        return Err(LegError::Relay(ProxyError::Engine {
-            status,
-            content_type: ct,
-            body,
-        }));
-    }
-    if req.stream {
-        let mut reader = EventReader::new(resp.into_body(), cached);
-        let first = match reader.next(st.deadlines.first_token).await {
-            Ok(Some(Event::Error(b))) => {
-                tracing::warn!(engine = %engine.url, event = %snippet(&b), "decode engine streamed an error first");
-                return Err(retry(
-                    "error_event",
-                    "the decode engine streamed an error before any token",
-                    false,
-                ));
-            }
-            Ok(Some(ev)) => {
-                // The engine is running the request: its blocks are allocated now.
-                guard.began();
-                ev
-            }
-            Ok(None) => {
-                return Err(retry(
-                    "stream_broken",
-                    "the decode engine's stream was empty",
-                    true,
-                ))
-            }
-            Err(RelayError::Idle(_)) => {
-                return Err(retry(
-                    "first_token_timeout",
-                    "the decode engine sent no first token in time",
-                    false,
-                ))
-            }
-            Err(e) => {
-                return Err(failed(
-                    engine,
-                    "stream_broken",
-                    "the decode engine's stream broke",
-                    &e,
-                ))
-            }
-        };
-        return Ok(Done::Stream(StreamParts {
-            reader,
-            conn,
+    let answer = engine
+        .client
+        .decode(engine, leg, warm, body, req.stream, cached, deadlines)
+        .await;
+    match answer? {
+        DecodeAnswer::Stream {
+            stream,
             first,
-            guard,
-            content_type: ct,
-        }));
+            content_type,
+        } => {
+            // The engine is running the request: its blocks are allocated now.
+            guard.began();
+            Ok(Done::Stream(StreamParts {
+                stream,
+                first,
+                guard,
+                content_type,
+            }))
+        }
+        DecodeAnswer::Full { body, content_type } => {
+            fin.mark_content();
+            fin.finish("ok");
+            drop(guard);
+            let mut r = (StatusCode::OK, body).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                content_type.unwrap_or(HeaderValue::from_static("application/json")),
+            );
+            Ok(Done::Full(r))
+        }
     }
-    let body = match tokio::time::timeout(full_deadline(st, req), resp.into_body().collect()).await
-    {
-        Err(_) => {
-            return Err(retry(
-                "first_token_timeout",
-                "the decode engine's answer timed out",
-                false,
-            ))
-        }
-        Ok(Err(e)) => {
-            return Err(failed(
-                engine,
-                "stream_broken",
-                "the decode engine's answer broke off",
-                &e,
-            ))
-        }
-        Ok(Ok(c)) => c.to_bytes(),
-    };
-    conn.release();
-    let body = match cached {
-        Some(c) => rewrite_body(&body, c).unwrap_or(body),
-        None => body,
-    };
-    fin.mark_content();
-    fin.finish("ok");
-    drop(guard);
-    let mut r = (StatusCode::OK, body).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        ct.unwrap_or(HeaderValue::from_static("application/json")),
-    );
-    Ok(Done::Full(r))
 }

@@ -14,15 +14,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
 use tandem_config::Config;
 use tandem_policy::{EngineView, Health, PoolKind, PoolSnapshot};
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::engine::{EngineClient, Probe};
 use crate::metrics::Metrics;
 use crate::rate::PrefillRate;
-use crate::upstream::Upstream;
 
 /// One engine Tandem routes to. Lives as long as any snapshot or request refers to it.
 #[derive(Debug)]
@@ -31,7 +29,7 @@ pub struct Engine {
     pub pool: PoolKind,
     pub url: Arc<str>,
     pub weight: f64,
-    pub upstream: Arc<Upstream>,
+    pub client: EngineClient,
     /// Found by DNS (drained when it leaves the answer) rather than configured.
     pub discovered: bool,
     inflight: AtomicU32,
@@ -416,7 +414,7 @@ fn new_entry(
             pool,
             url: url.into(),
             weight,
-            upstream: Upstream::new(url, connect),
+            client: EngineClient::new(url, connect),
             discovered,
             inflight: AtomicU32::new(0),
             queued_prefill_tokens: AtomicU64::new(0),
@@ -445,24 +443,6 @@ struct Control {
     /// When each pool's DNS name is next re-resolved (prefill, decode).
     dns_due: [Instant; 2],
     freed: Arc<Notify>,
-}
-
-/// One probe's findings.
-#[derive(Debug, Default)]
-struct Probe {
-    ok: bool,
-    error: Option<String>,
-    model: Option<Arc<str>>,
-    scrape: Option<Scrape>,
-}
-
-#[derive(Debug, Default, PartialEq)]
-struct Scrape {
-    /// The engine's scrape number (see [`Engine::scrape_sent`]).
-    seq: u64,
-    block_size: Option<u32>,
-    num_gpu_blocks: Option<u64>,
-    kv_usage: Option<f64>,
 }
 
 impl Control {
@@ -608,7 +588,7 @@ impl Control {
             pool.retain(|e| {
                 let gone = e.status.health == Health::Draining && e.engine.inflight() == 0;
                 if gone {
-                    e.engine.upstream.close_idle();
+                    e.engine.client.close_idle();
                 }
                 !gone
             });
@@ -699,92 +679,10 @@ fn apply(cfg: &Config, st: &mut EngineStatus, p: &Probe, now: Instant) {
     }
 }
 
-async fn get(engine: &Engine, path: &str, timeout: Duration) -> Result<Bytes, String> {
-    let fut = async {
-        let mut conn = engine.upstream.acquire().await.map_err(|e| e.to_string())?;
-        let req = conn.get(path);
-        let resp = conn.send(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        conn.release();
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(format!("GET {path} returned {status}"))
-        }
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .unwrap_or_else(|_| Err(format!("GET {path} timed out")))
-}
-
 async fn probe(engine: Arc<Engine>, want_model: bool, want_scrape: bool, t: Duration) -> Probe {
-    if let Err(e) = get(&engine, "/health", t).await {
-        return Probe {
-            ok: false,
-            error: Some(e),
-            ..Probe::default()
-        };
-    }
-    let mut out = Probe {
-        ok: true,
-        ..Probe::default()
-    };
-    if want_model {
-        if let Ok(b) = get(&engine, "/v1/models", t).await {
-            out.model = serde_json::from_slice::<serde_json::Value>(&b)
-                .ok()
-                .and_then(|v| v["data"][0]["id"].as_str().map(Arc::from));
-        }
-    }
-    if want_scrape {
-        let seq = engine.scrape_sent();
-        if let Ok(b) = get(&engine, "/metrics", t).await {
-            out.scrape = Some(Scrape {
-                seq,
-                ..parse_scrape(&String::from_utf8_lossy(&b))
-            });
-        }
-    }
-    out
-}
-
-/// Read the few vLLM metric families routing needs from a Prometheus text exposition.
-fn parse_scrape(text: &str) -> Scrape {
-    let mut s = Scrape::default();
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("vllm:cache_config_info{") {
-            s.block_size = label(rest, "block_size").and_then(|v| v.parse().ok());
-            s.num_gpu_blocks = label(rest, "num_gpu_blocks").and_then(|v| v.parse().ok());
-        } else if line.starts_with("vllm:kv_cache_usage_perc") {
-            s.kv_usage = line
-                .rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .filter(|v| v.is_finite());
-        }
-    }
-    s
-}
-
-fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
-    let key = format!("{name}=\"");
-    // Only whole label names count (`block_size`, not `mamba_block_size`).
-    let start = labels
-        .match_indices(&key)
-        .map(|(i, _)| i)
-        .find(|&i| i == 0 || matches!(labels.as_bytes()[i - 1], b',' | b'{'))?
-        + key.len();
-    let end = labels[start..].find('"')?;
-    Some(&labels[start..start + end])
+    // Numbered just before it is sent (see `Engine::scrape_sent`).
+    let seq = want_scrape.then(|| engine.scrape_sent());
+    engine.client.probe(seq, want_model, t).await
 }
 
 #[cfg(test)]

@@ -3,39 +3,15 @@
 
 use std::sync::Arc;
 
-use axum::http::header;
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
-use crate::error::ProxyError;
+use crate::engine::error::{retry, ErrorKind, LegError};
+use crate::engine::Leg;
 use crate::front::Kind;
 use crate::handoff::{self, Handoff};
-use crate::pd::{failed, retry, snippet, LegError};
 use crate::pool::Engine;
 use crate::trace::Outgoing;
 use crate::State;
-
-#[derive(Deserialize)]
-struct PrefillResponse {
-    #[serde(default)]
-    kv_transfer_params: Option<Box<RawValue>>,
-    #[serde(default)]
-    usage: Option<UsageLite>,
-}
-
-#[derive(Deserialize)]
-struct UsageLite {
-    #[serde(default)]
-    prompt_tokens_details: Option<DetailsLite>,
-}
-
-#[derive(Deserialize)]
-struct DetailsLite {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
-}
 
 /// A finished prefill: its handoff (`None`: the engine kept no KV for us) and the cached
 /// tokens it reported.
@@ -71,7 +47,7 @@ pub fn spawn(
     async move {
         task.await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "prefill task failed");
-            Err(retry("task", "the prefill leg failed", false))
+            Err(retry(ErrorKind::Task, "the prefill leg failed", false))
         })
     }
 }
@@ -87,66 +63,25 @@ async fn leg(
     let _load = engine.track(work_tokens);
     let mut rate = RateLeg::begin(engine);
     let leg = async {
-        let mut conn = engine.upstream.acquire().await.map_err(|e| {
-            failed(
+        let answer = engine
+            .client
+            .prefill(
                 engine,
-                "connect",
-                "could not connect to the prefill engine",
-                &e,
+                Leg {
+                    kind: job.kind,
+                    request_id: &job.request_id,
+                    trace: &job.trace,
+                },
+                &job.body,
             )
-        })?;
-        let r = conn.post_json(
-            job.kind.path(),
-            job.body.clone(),
-            &job.request_id,
-            &job.trace,
-        );
-        let resp = conn
-            .send(r)
-            .await
-            .map_err(|e| failed(engine, "send", "the prefill engine did not answer", &e))?;
-        let status = resp.status();
-        let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| failed(engine, "read", "the prefill engine's answer broke off", &e))?
-            .to_bytes();
-        if status.is_server_error() {
-            tracing::warn!(engine = %engine.url, %status, body = %snippet(&body), "prefill engine error");
-            return Err(retry(
-                "status_5xx",
-                format!("the prefill engine answered {status}"),
-                false,
-            ));
-        }
-        if !status.is_success() {
-            return Err(LegError::Relay(ProxyError::Engine {
-                status,
-                content_type: ct,
-                body,
-            }));
-        }
-        conn.release();
-        let parsed: PrefillResponse = serde_json::from_slice(&body).map_err(|e| {
-            tracing::warn!(engine = %engine.url, error = %e, body = %snippet(&body), "prefill engine sent unreadable JSON");
-            retry(
-                "bad_response",
-                "the prefill engine sent an unreadable answer",
-                false,
-            )
-        })?;
-        let cached = parsed
-            .usage
-            .and_then(|u| u.prompt_tokens_details)
-            .and_then(|d| d.cached_tokens);
+            .await?;
+        let cached = answer.cached;
         // What the engine computed: the prompt less what it says it had (any tier), plus the
         // per-request cost the `prefix` policy charges each request in flight, so the rate
         // does not depend on how cached or short an engine's prompts happen to be.
         let computed = cached.map_or(work_tokens, |c| job.prompt_tokens.saturating_sub(c));
         rate.work = computed + st.cfg.routing.request_cost_tokens;
-        let handoff = parsed.kv_transfer_params.map(|p| {
+        let handoff = answer.params.map(|p| {
             Handoff::new(
                 &st,
                 p,
@@ -165,7 +100,7 @@ async fn leg(
     match tokio::time::timeout(st.deadlines.prefill, leg).await {
         Ok(r) => r,
         Err(_) => Err(retry(
-            "timeout",
+            ErrorKind::Timeout,
             format!(
                 "the prefill engine did not answer within {} ms",
                 st.deadlines.prefill.as_millis()

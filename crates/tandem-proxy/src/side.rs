@@ -11,7 +11,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::join_all;
-use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
 use tandem_policy::PoolKind;
 
@@ -142,24 +141,14 @@ pub(crate) async fn reset_prefix_cache(AxState(st): AxState<Arc<State>>) -> Resp
         .collect();
     let st = &st;
     let results = join_all(engines.iter().map(|e| async move {
-        let status = async {
-            let mut conn = e.upstream.acquire().await.ok()?;
-            let req = conn.post_json(
-                "/reset_prefix_cache",
-                Bytes::new(),
-                "reset-prefix-cache",
-                &crate::trace::Outgoing::new(
-                    st.trace_link.link(&tracing::Span::current(), None),
-                    None,
-                ),
-            );
-            let resp = conn.send(req).await.ok()?;
-            let status = resp.status();
-            resp.into_body().collect().await.ok()?;
-            conn.release();
-            Some(status)
-        }
-        .await;
+        let trace =
+            crate::trace::Outgoing::new(st.trace_link.link(&tracing::Span::current(), None), None);
+        let leg = crate::engine::Leg {
+            kind: crate::front::Kind::Completions,
+            request_id: "reset-prefix-cache",
+            trace: &trace,
+        };
+        let status = e.client.reset_prefix_cache(leg).await;
         match e.pool {
             PoolKind::Prefill => st.prefill_index.clear_engine(e.id),
             PoolKind::Decode => st.decode_index.clear_engine(e.id),

@@ -1,5 +1,6 @@
 //! The control loop against a stand-in resolver, the scrape parser, and KV reservations.
 use super::*;
+use crate::engine::scrape::{label, parse_scrape, Scrape};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
