@@ -244,6 +244,11 @@ pub struct Endpoint {
     pub kv_events: Option<String>,
     /// Its replay (ROUTER) endpoint.
     pub kv_events_replay: Option<String>,
+    /// For a gRPC engine (`url` is then its gRPC address): the HTTP base URL where it serves
+    /// Prometheus `/metrics` (vLLM-rs keeps them on its HTTP port), read for KV load. Without
+    /// it, `kv-capacity` counts Tandem's own reservations against the engine's
+    /// `total_kv_blocks`.
+    pub metrics: Option<String>,
 }
 
 impl Endpoint {
@@ -254,6 +259,7 @@ impl Endpoint {
             weight: default_weight(),
             kv_events: None,
             kv_events_replay: None,
+            metrics: None,
         }
     }
 }
@@ -274,6 +280,8 @@ pub enum EndpointSpec {
         kv_events: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         kv_events_replay: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        metrics: Option<String>,
     },
 }
 
@@ -286,11 +294,13 @@ impl From<EndpointSpec> for Endpoint {
                 weight,
                 kv_events,
                 kv_events_replay,
+                metrics,
             } => Endpoint {
                 url,
                 weight,
                 kv_events,
                 kv_events_replay,
+                metrics,
             },
         }
     }
@@ -298,7 +308,10 @@ impl From<EndpointSpec> for Endpoint {
 
 impl From<Endpoint> for EndpointSpec {
     fn from(ep: Endpoint) -> Self {
-        if ep.weight == default_weight() && ep.kv_events.is_none() && ep.kv_events_replay.is_none()
+        if ep.weight == default_weight()
+            && ep.kv_events.is_none()
+            && ep.kv_events_replay.is_none()
+            && ep.metrics.is_none()
         {
             EndpointSpec::Url(ep.url)
         } else {
@@ -307,6 +320,7 @@ impl From<Endpoint> for EndpointSpec {
                 weight: ep.weight,
                 kv_events: ep.kv_events,
                 kv_events_replay: ep.kv_events_replay,
+                metrics: ep.metrics,
             }
         }
     }
@@ -324,6 +338,8 @@ struct EndpointTable {
     kv_events: Option<String>,
     #[serde(default)]
     kv_events_replay: Option<String>,
+    #[serde(default)]
+    metrics: Option<String>,
 }
 
 // Hand-written rather than `#[serde(untagged)]` because the derived untagged
@@ -355,6 +371,7 @@ impl<'de> Deserialize<'de> for EndpointSpec {
                     weight: t.weight,
                     kv_events: t.kv_events,
                     kv_events_replay: t.kv_events_replay,
+                    metrics: t.metrics,
                 })
             }
         }

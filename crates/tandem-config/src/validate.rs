@@ -309,12 +309,6 @@ impl Config {
 }
 
 fn validate_pool(prefix: &str, pool: &PoolConfig, required: bool) -> Result<(), ConfigError> {
-    if pool.protocol == Protocol::Grpc {
-        return Err(invalid(
-            format!("{prefix}.protocol"),
-            "the gRPC engine protocol is not supported yet; use \"http\"",
-        ));
-    }
     positive(
         &format!("{prefix}.prefix_index.max_blocks"),
         pool.prefix_index.max_blocks,
@@ -354,6 +348,15 @@ fn validate_pool(prefix: &str, pool: &PoolConfig, required: bool) -> Result<(), 
         let key = format!("{prefix}.endpoints[{i}]");
         check_url(&ep.url).map_err(|reason| invalid(&key, reason))?;
         positive_weight(&format!("{key}.weight"), ep.weight)?;
+        if let Some(m) = &ep.metrics {
+            if pool.protocol != Protocol::Grpc {
+                return Err(invalid(
+                    format!("{key}.metrics"),
+                    "only a gRPC engine has a separate metrics URL (an HTTP engine serves /metrics at its url)",
+                ));
+            }
+            check_url(m).map_err(|reason| invalid(format!("{key}.metrics"), reason))?;
+        }
         for (k, v) in [
             ("kv_events", &ep.kv_events),
             ("kv_events_replay", &ep.kv_events_replay),

@@ -56,8 +56,11 @@ pub struct EngineView {
     pub queued_prefill_tokens: u64,
     /// Served model name from the engine's `/v1/models`, once known.
     pub model: Option<Arc<str>>,
-    /// KV block size from the engine's `vllm:cache_config_info`, once known.
+    /// KV block size from the engine's `vllm:cache_config_info` (or gRPC `ServerInfo`), once
+    /// known.
     pub block_size: Option<u32>,
+    /// The engine's version where its protocol reports it (gRPC `ServerInfo.engine_version`).
+    pub engine_version: Option<Arc<str>>,
     /// vLLM's `num_gpu_blocks` from `vllm:cache_config_info`, once known.
     pub kv_total_blocks: Option<u64>,
     /// Blocks in use at the last scrape (`kv_cache_usage_perc × num_gpu_blocks`), once known.
@@ -81,6 +84,7 @@ impl EngineView {
             queued_prefill_tokens: 0,
             model: None,
             block_size: None,
+            engine_version: None,
             kv_total_blocks: None,
             kv_used_blocks: None,
             kv_reserved_blocks: 0,
@@ -104,8 +108,9 @@ impl EngineView {
         )
     }
 
-    /// Whether a prefill on `self` can hand its KV to `decode`: same model and block size where
-    /// both are known (vLLM refuses mismatched block sizes at the NIXL handshake).
+    /// Whether a prefill on `self` can hand its KV to `decode`: same model, block size and
+    /// engine version where both are known (vLLM refuses mismatched block sizes at the NIXL
+    /// handshake; gRPC's `ServerInfo` has no compatibility hash, so equal versions stand in).
     pub fn compatible_with(&self, decode: &EngineView) -> bool {
         fn agree<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
             match (a, b) {
@@ -113,7 +118,9 @@ impl EngineView {
                 _ => true,
             }
         }
-        agree(&self.model, &decode.model) && agree(&self.block_size, &decode.block_size)
+        agree(&self.model, &decode.model)
+            && agree(&self.block_size, &decode.block_size)
+            && agree(&self.engine_version, &decode.engine_version)
     }
 }
 

@@ -32,8 +32,9 @@ pub struct Parsed {
     /// Several prompts in one completions request (vLLM's KV handoff takes one prompt).
     pub batch: bool,
     pub prompt_tokens: u64,
-    /// The prompt's token ids (empty for a batch), for the prefix index.
-    pub prompt_ids: Vec<u32>,
+    /// The prompt's token ids (empty for a batch): for the prefix index, and for engines whose
+    /// protocol takes token ids (gRPC).
+    pub prompt_ids: std::sync::Arc<[u32]>,
     /// `max_tokens` (or chat's `max_completion_tokens`), when given.
     pub max_tokens: Option<u64>,
     /// Choices per prompt (`n`, default 1; validated by `check_sampling`).
@@ -159,7 +160,7 @@ pub fn parse(
         model,
         batch,
         prompt_tokens,
-        prompt_ids,
+        prompt_ids: prompt_ids.into(),
         max_tokens,
         n,
         session,

@@ -143,8 +143,10 @@ pub struct Handoff {
     id: u64,
     params: Arc<KvParams>,
     kind: Kind,
-    /// The prefill leg's body: the release leg is built from it only if one is needed.
+    /// The prefill leg's body and prompt: the release leg is built from them only if one is
+    /// needed.
     prefill_body: Bytes,
+    prompt_ids: Arc<[u32]>,
     blocks: u64,
     request_id: String,
     trace: Outgoing,
@@ -169,6 +171,7 @@ impl std::fmt::Debug for Handoff {
 pub struct Origin<'a> {
     pub kind: Kind,
     pub prefill_body: &'a Bytes,
+    pub prompt_ids: &'a Arc<[u32]>,
     pub blocks: u64,
     pub request_id: &'a str,
     pub trace: &'a Outgoing,
@@ -190,6 +193,7 @@ impl Handoff {
             params: Arc::new(params),
             kind: o.kind,
             prefill_body: o.prefill_body.clone(),
+            prompt_ids: o.prompt_ids.clone(),
             blocks: o.blocks,
             request_id: o.request_id.to_string(),
             trace: o.trace.clone(),
@@ -212,7 +216,7 @@ impl Handoff {
     }
 
     /// The params, as the prefill engine issued them, for the decode leg.
-    pub fn params(&self) -> &KvParams {
+    pub fn params(&self) -> &Arc<KvParams> {
         &self.params
     }
 
@@ -261,6 +265,7 @@ impl Drop for Handoff {
             kind: self.kind,
             pull: !self.seen,
             prefill_body: self.prefill_body.clone(),
+            prompt_ids: self.prompt_ids.clone(),
             params: self.params.clone(),
             blocks: self.blocks,
             request_id: format!("{}-release", self.request_id),
@@ -280,6 +285,7 @@ struct ReleaseLeg {
     pull: bool,
     /// The prefill leg's body, which each release leg is built from for its engine.
     prefill_body: Bytes,
+    prompt_ids: Arc<[u32]>,
     params: Arc<KvParams>,
     blocks: u64,
     request_id: String,
@@ -363,6 +369,7 @@ impl ReleaseLeg {
             .release(
                 leg,
                 &self.prefill_body,
+                &self.prompt_ids,
                 &self.params,
                 max_tokens,
                 self.st.deadlines.release,

@@ -8,6 +8,7 @@ mod batch;
 mod engine;
 mod error;
 mod front;
+mod grpc;
 mod handoff;
 mod kvfeed;
 mod metrics;

@@ -30,7 +30,7 @@ use tandem_policy::{DisaggReason, Health, PlanError, PoolKind};
 
 use crate::batch;
 use crate::engine::error::{EngineError, LegError};
-use crate::engine::{DecodeAnswer, DecodeDeadlines, DecodeStream, Leg, Warm};
+use crate::engine::{DecodeAnswer, DecodeDeadlines, DecodeStream, KvParams, Leg, Warm};
 use crate::error::{sse_error, ProxyError};
 use crate::front::{self, Kind, Parsed};
 use crate::handoff::Handoff;
@@ -321,6 +321,7 @@ pub(crate) async fn run(
             let job = prefill::PrefillJob {
                 kind: req.kind,
                 body: req.prefill_body.clone(),
+                prompt_ids: req.prompt_ids.clone(),
                 prompt_tokens: req.prompt_tokens,
                 work_tokens: work,
                 blocks: route::blocks_needed(st, req),
@@ -395,9 +396,7 @@ pub(crate) async fn run(
         }
 
         // The decode leg, retried on other decode engines while the KV can still be read.
-        let params = handoff.as_ref().map(|h| h.params().json());
-        let body = req.decode_body(params.as_deref());
-        drop(params);
+        let params = handoff.as_ref().map(|h| h.params().clone());
         let params_at = Instant::now();
         loop {
             fin.decode_attempts += 1;
@@ -446,7 +445,7 @@ pub(crate) async fn run(
                 guard,
             };
             let seen_before = handoff.as_mut().map(Handoff::sending);
-            match decode_leg(st, target, body.clone(), req, fin, cached).await {
+            match decode_leg(st, target, params.as_deref(), req, fin, cached).await {
                 Ok(done) => {
                     if let Some(h) = handoff.take() {
                         h.delivered();
@@ -612,7 +611,7 @@ struct DecodeTarget<'a> {
 async fn decode_leg(
     st: &State,
     target: DecodeTarget<'_>,
-    body: Bytes,
+    params: Option<&KvParams>,
     req: &Parsed,
     fin: &mut Finisher,
     cached: Option<u64>,
@@ -640,7 +639,7 @@ async fn decode_leg(
     };
     let answer = engine
         .client
-        .decode(engine, leg, warm, body, req.stream, cached, deadlines)
+        .decode(engine, leg, warm, req, params, cached, deadlines)
         .await;
     match answer? {
         DecodeAnswer::Stream {

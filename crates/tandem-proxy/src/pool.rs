@@ -204,6 +204,9 @@ impl Drop for LoadGuard {
 pub struct EngineStatus {
     pub health: Health,
     pub model: Option<Arc<str>>,
+    /// The engine's version where its protocol reports one (gRPC `ServerInfo.engine_version`):
+    /// P/D pairs only engines of equal versions (vllm-grpc.md §5).
+    pub engine_version: Option<Arc<str>>,
     pub block_size: Option<u32>,
     pub num_gpu_blocks: Option<u64>,
     pub kv_usage: Option<f64>,
@@ -234,6 +237,7 @@ impl Default for EngineStatus {
         EngineStatus {
             health: Health::Unknown,
             model: None,
+            engine_version: None,
             block_size: None,
             num_gpu_blocks: None,
             kv_usage: None,
@@ -286,6 +290,7 @@ impl Pools {
                     queued_prefill_tokens: e.engine.queued_prefill_tokens(),
                     model: e.status.model.clone(),
                     block_size: e.status.block_size,
+                    engine_version: e.status.engine_version.clone(),
                     kv_total_blocks: e.status.num_gpu_blocks,
                     kv_used_blocks: e.status.kv_used_blocks(),
                     kv_reserved_blocks: e.engine.reserved_blocks(),
@@ -369,7 +374,9 @@ pub fn start(cfg: &Config, metrics: Arc<Metrics>, resolver: Arc<dyn Resolver>) -
             .iter()
             .map(|e| {
                 ctl_ids += 1;
-                new_entry(ctl_ids - 1, kind, &e.url, e.weight, false, connect, &freed)
+                let client =
+                    EngineClient::new(pool.protocol, &e.url, e.metrics.as_deref(), connect);
+                new_entry(ctl_ids - 1, kind, &e.url, e.weight, false, client, &freed)
             })
             .collect()
     };
@@ -405,7 +412,7 @@ fn new_entry(
     url: &str,
     weight: f64,
     discovered: bool,
-    connect: Duration,
+    client: EngineClient,
     freed: &Arc<Notify>,
 ) -> EngineEntry {
     EngineEntry {
@@ -414,7 +421,7 @@ fn new_entry(
             pool,
             url: url.into(),
             weight,
-            client: EngineClient::new(url, connect),
+            client,
             discovered,
             inflight: AtomicU32::new(0),
             queued_prefill_tokens: AtomicU64::new(0),
@@ -596,13 +603,17 @@ impl Control {
             for u in &urls {
                 if !pool.iter().any(|e| *e.engine.url == **u) {
                     tracing::info!(pool = kind.as_str(), engine = %u, "engine found in DNS");
+                    let protocol = match kind {
+                        PoolKind::Prefill => self.cfg.pools.prefill.protocol,
+                        PoolKind::Decode => self.cfg.pools.decode.protocol,
+                    };
                     pool.push(new_entry(
                         self.next_id,
                         kind,
                         u,
                         dns.weight,
                         true,
-                        connect,
+                        EngineClient::new(protocol, u, None, connect),
                         &self.freed,
                     ));
                     self.next_id += 1;
@@ -667,6 +678,11 @@ fn apply(cfg: &Config, st: &mut EngineStatus, p: &Probe, now: Instant) {
     }
     if let Some(m) = &p.model {
         st.model = Some(m.clone());
+    }
+    st.block_size = p.block_size.or(st.block_size);
+    st.num_gpu_blocks = p.num_gpu_blocks.or(st.num_gpu_blocks);
+    if let Some(v) = &p.engine_version {
+        st.engine_version = Some(v.clone());
     }
     if draining {
         st.health = Health::Draining;

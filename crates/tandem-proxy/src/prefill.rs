@@ -24,6 +24,7 @@ pub struct PrefillDone {
 pub struct PrefillJob {
     pub kind: Kind,
     pub body: Bytes,
+    pub prompt_ids: Arc<[u32]>,
     pub prompt_tokens: u64,
     /// The prompt's uncached tokens as predicted: its queued work on the engine.
     pub work_tokens: u64,
@@ -73,6 +74,7 @@ async fn leg(
                     trace: &job.trace,
                 },
                 &job.body,
+                &job.prompt_ids,
             )
             .await?;
         let cached = answer.cached;
@@ -88,6 +90,7 @@ async fn leg(
                 handoff::Origin {
                     kind: job.kind,
                     prefill_body: &job.body,
+                    prompt_ids: &job.prompt_ids,
                     blocks: job.blocks,
                     request_id: &job.request_id,
                     trace: &job.trace,

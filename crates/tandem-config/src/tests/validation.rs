@@ -205,18 +205,24 @@ fn dns_settings_are_checked() {
 }
 
 #[test]
-fn grpc_protocol_is_rejected_honestly() {
-    let doc = "[pools.prefill]\nendpoints = [\"http://p:1\"]\nprotocol = \"grpc\"\n\
+fn grpc_pools_take_a_metrics_url_and_http_pools_refuse_one() {
+    let doc = "[pools.prefill]\nprotocol = \"grpc\"\n\
+               endpoints = [{ url = \"http://p:50051\", metrics = \"http://p:8000\" }]\n\
                [pools.decode]\nendpoints = [\"http://d:1\"]\n";
-    let reason = invalid_toml(doc, "pools.prefill.protocol");
+    let cfg = from_toml_str(doc).expect("a gRPC prefill pool with a metrics URL");
+    assert_eq!(cfg.pools.prefill.protocol, Protocol::Grpc);
     assert_eq!(
-        reason,
-        "the gRPC engine protocol is not supported yet; use \"http\""
+        cfg.pools.prefill.endpoints[0].metrics.as_deref(),
+        Some("http://p:8000")
     );
-    invalid_override(
-        &[("pools.decode.protocol", "grpc")],
-        "pools.decode.protocol",
-    );
+    let doc = "[pools.prefill]\nendpoints = [{ url = \"http://p:1\", metrics = \"http://p:2\" }]\n\
+               [pools.decode]\nendpoints = [\"http://d:1\"]\n";
+    let reason = invalid_toml(doc, "pools.prefill.endpoints[0].metrics");
+    assert!(reason.contains("only a gRPC engine"), "{reason}");
+    let doc = "[pools.prefill]\nprotocol = \"grpc\"\n\
+               endpoints = [{ url = \"http://p:1\", metrics = \"p:2\" }]\n\
+               [pools.decode]\nendpoints = [\"http://d:1\"]\n";
+    invalid_toml(doc, "pools.prefill.endpoints[0].metrics");
 }
 
 #[test]

@@ -22,6 +22,7 @@ use crate::relay::{Event, RelayError};
 use crate::trace::Outgoing;
 
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod scrape;
 
@@ -31,6 +32,7 @@ pub use error::LegError;
 #[derive(Debug)]
 pub enum EngineClient {
     Http(http::HttpEngine),
+    Grpc(grpc::GrpcEngine),
 }
 
 /// Who a leg is for: its kind (the OpenAI route), request id and trace context.
@@ -46,13 +48,18 @@ pub struct Leg<'a> {
 pub enum KvParams {
     /// vLLM's HTTP `kv_transfer_params`, byte for byte.
     Json(Box<RawValue>),
+    /// vLLM gRPC's `FinishInfo.kv_transfer_params`.
+    Struct(prost_types::Struct),
 }
 
 impl KvParams {
-    /// The params as JSON for an HTTP decode leg: verbatim when they came as JSON.
+    /// The params as JSON for an HTTP decode leg: verbatim when they came as JSON; from a gRPC
+    /// prefill, with integral numbers as integers (vLLM's Python side needs `remote_port` and
+    /// block ids as ints, and a Struct carries every number as a double).
     pub fn json(&self) -> Cow<'_, str> {
         match self {
             KvParams::Json(raw) => Cow::Borrowed(raw.get()),
+            KvParams::Struct(s) => Cow::Owned(crate::grpc::struct_to_json(s).to_string()),
         }
     }
 }
@@ -100,6 +107,8 @@ pub enum DecodeAnswer {
 #[derive(Debug)]
 pub enum DecodeStream {
     Http(http::HttpStream),
+    /// Boxed: the renderer and the tonic stream are large, and the HTTP variant is the hot path.
+    Grpc(Box<grpc::GrpcStream>),
 }
 
 impl DecodeStream {
@@ -107,6 +116,7 @@ impl DecodeStream {
     pub async fn next(&mut self, wait: Duration) -> Result<Option<Event>, RelayError> {
         match self {
             DecodeStream::Http(s) => s.reader.next(wait).await,
+            DecodeStream::Grpc(s) => s.next(wait).await,
         }
     }
 
@@ -114,6 +124,7 @@ impl DecodeStream {
     pub fn buffered(&mut self) -> Option<Event> {
         match self {
             DecodeStream::Http(s) => s.reader.buffered(),
+            DecodeStream::Grpc(s) => s.buffered(),
         }
     }
 
@@ -122,6 +133,7 @@ impl DecodeStream {
     pub fn finish(self) {
         match self {
             DecodeStream::Http(s) => s.finish(),
+            DecodeStream::Grpc(s) => s.finish(),
         }
     }
 }
@@ -159,13 +171,30 @@ pub struct Probe {
     pub ok: bool,
     pub error: Option<String>,
     pub model: Option<std::sync::Arc<str>>,
+    /// KV geometry learned by discovery rather than a scrape (gRPC `GetServerInfo`).
+    pub block_size: Option<u32>,
+    pub num_gpu_blocks: Option<u64>,
+    pub engine_version: Option<std::sync::Arc<str>>,
     pub scrape: Option<scrape::Scrape>,
 }
 
 impl EngineClient {
-    /// The client for an engine at `url` (validated by the config).
-    pub fn new(url: &str, connect_timeout: Duration) -> Self {
-        EngineClient::Http(http::HttpEngine::new(url, connect_timeout))
+    /// The client for an engine at `url` (validated by the config), over `protocol`;
+    /// `metrics` is a gRPC engine's HTTP base URL, if given.
+    pub fn new(
+        protocol: tandem_config::Protocol,
+        url: &str,
+        metrics: Option<&str>,
+        connect_timeout: Duration,
+    ) -> Self {
+        match protocol {
+            tandem_config::Protocol::Http => {
+                EngineClient::Http(http::HttpEngine::new(url, connect_timeout))
+            }
+            tandem_config::Protocol::Grpc => {
+                EngineClient::Grpc(grpc::GrpcEngine::new(url, metrics, connect_timeout))
+            }
+        }
     }
 
     /// Run a prefill leg: `body` is its OpenAI body (one token, `do_remote_decode`).
@@ -174,9 +203,11 @@ impl EngineClient {
         engine: &crate::pool::Engine,
         leg: Leg<'_>,
         body: &Bytes,
+        prompt_ids: &[u32],
     ) -> Result<PrefillAnswer, LegError> {
         match self {
             EngineClient::Http(h) => h.prefill(engine, leg, body).await,
+            EngineClient::Grpc(g) => g.prefill(leg, body, prompt_ids).await,
         }
     }
 
@@ -184,28 +215,34 @@ impl EngineClient {
     pub async fn warm(&self) -> Option<Warm> {
         match self {
             EngineClient::Http(h) => h.warm().await.map(Warm::Http),
+            // One multiplexed channel, kept open: nothing to prepare.
+            EngineClient::Grpc(_) => None,
         }
     }
 
-    /// Send a decode leg: `body` is the client's OpenAI body (without params), `params` the
-    /// prefill's handoff, if any. `cached` replaces the usage's cached-token count.
+    /// Send a decode leg: the client's request with the prefill's handoff, if any. `cached`
+    /// replaces the usage's cached-token count.
     #[allow(clippy::too_many_arguments)]
     pub async fn decode(
         &self,
         engine: &crate::pool::Engine,
         leg: Leg<'_>,
         warm: Option<Warm>,
-        body: Bytes,
-        stream: bool,
+        req: &crate::front::Parsed,
+        params: Option<&KvParams>,
         cached: Option<u64>,
         deadlines: DecodeDeadlines,
     ) -> Result<DecodeAnswer, LegError> {
         match self {
             EngineClient::Http(h) => {
                 let warm = warm.map(|Warm::Http(c)| c);
-                h.decode(engine, leg, warm, body, stream, cached, deadlines)
+                // The client's bytes plus the params, verbatim (one concatenation).
+                let p = params.map(KvParams::json);
+                let body = req.decode_body(p.as_deref());
+                h.decode(engine, leg, warm, body, req.stream, cached, deadlines)
                     .await
             }
+            EngineClient::Grpc(g) => g.decode(leg, req, params, cached, deadlines).await,
         }
     }
 
@@ -215,6 +252,7 @@ impl EngineClient {
         &self,
         leg: Leg<'_>,
         prefill_body: &Bytes,
+        prompt_ids: &[u32],
         params: &KvParams,
         max_tokens: u64,
         deadline: Duration,
@@ -226,6 +264,13 @@ impl EngineClient {
                     return Sent::Unsent;
                 };
                 match tokio::time::timeout(deadline, h.post(leg, body)).await {
+                    Err(_) => Sent::Cut,
+                    Ok(s) => s,
+                }
+            }
+            EngineClient::Grpc(g) => {
+                let release = g.release(leg, prefill_body, prompt_ids, params, max_tokens);
+                match tokio::time::timeout(deadline, release).await {
                     Err(_) => Sent::Cut,
                     Ok(s) => s,
                 }
@@ -242,6 +287,7 @@ impl EngineClient {
     ) -> Probe {
         match self {
             EngineClient::Http(h) => h.probe(scrape_seq, want_model, timeout).await,
+            EngineClient::Grpc(g) => g.probe(scrape_seq, want_model, timeout).await,
         }
     }
 
@@ -249,6 +295,7 @@ impl EngineClient {
     pub async fn models(&self) -> Option<Bytes> {
         match self {
             EngineClient::Http(h) => h.get("/v1/models", None).await.ok(),
+            EngineClient::Grpc(g) => g.models(),
         }
     }
 
@@ -256,6 +303,7 @@ impl EngineClient {
     pub async fn reset_prefix_cache(&self, leg: Leg<'_>) -> Option<StatusCode> {
         match self {
             EngineClient::Http(h) => h.post_status(leg, "/reset_prefix_cache").await,
+            EngineClient::Grpc(g) => g.reset_prefix_cache(leg).await,
         }
     }
 
@@ -263,6 +311,8 @@ impl EngineClient {
     pub fn close_idle(&self) {
         match self {
             EngineClient::Http(h) => h.close_idle(),
+            // The channel closes when the last handle to the engine goes.
+            EngineClient::Grpc(_) => {}
         }
     }
 }
