@@ -142,18 +142,33 @@ def wait_ready(proc: Proc, base: str, timeout: float = READY_TIMEOUT_S) -> None:
     proc.fail(f"/ready not 200 within {timeout:.0f}s (last: {last})")
 
 
-def start_cluster(work: Path, procs: list[Proc], sim_extra: list[str], model_toml: str) -> Cluster:
+def start_cluster(
+    work: Path, procs: list[Proc], sim_extra: list[str], model_toml: str, grpc: bool = False
+) -> Cluster:
     """One prefill sim, one decode sim and `tandem serve` over them; `procs` collects each
-    process as it starts so the caller stops them whatever happens."""
+    process as it starts so the caller stops them whatever happens. With `grpc`, the sims also
+    serve vLLM's native gRPC and Tandem's pools call them over it (`protocol = "grpc"`, the HTTP
+    port as each engine's metrics URL)."""
     binary = str(tandem_bin())
     sim = [binary, "sim", "--port", "0", "--model", "qwen3-0.6b", "--time-scale", "50"]
     sim += ["--seed", str(SEED)] + sim_extra
+    if grpc:
+        sim += ["--grpc-port", "0"]
     prefill = Proc("prefill", sim, work)
     procs.append(prefill)
     decode = Proc("decode", sim, work)
     procs.append(decode)
-    p_url = prefill.ready("tandem-sim")["http"]
-    d_url = decode.ready("tandem-sim")["http"]
+    p_ready = prefill.ready("tandem-sim")
+    d_ready = decode.ready("tandem-sim")
+    p_url, d_url = p_ready["http"], d_ready["http"]
+
+    def pool(ready: dict) -> str:
+        if not grpc:
+            return f'endpoints = ["{ready["http"]}"]\n'
+        return (
+            'protocol = "grpc"\n'
+            f'endpoints = [{{ url = "http://{ready["grpc"]}", metrics = "{ready["http"]}" }}]\n'
+        )
 
     config = work / "tandem.toml"
     config.write_text(
@@ -161,9 +176,9 @@ def start_cluster(work: Path, procs: list[Proc], sim_extra: list[str], model_tom
         'listen = "127.0.0.1:0"\n'
         f"{model_toml}"
         "[pools.prefill]\n"
-        f'endpoints = ["{p_url}"]\n'
+        f"{pool(p_ready)}"
         "[pools.decode]\n"
-        f'endpoints = ["{d_url}"]\n'
+        f"{pool(d_ready)}"
         "[disaggregation]\n"
         'mode = "always"\n'
         "[health]\n"
@@ -191,6 +206,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     procs: list[Proc] = []
     try:
         yield start_cluster(work, procs, [], "")
+    finally:
+        stop_all(procs)
+
+
+@pytest.fixture(scope="session")
+def grpc_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """The cluster with both pools called over vLLM's native gRPC."""
+    work = tmp_path_factory.mktemp("tandem-grpc")
+    procs: list[Proc] = []
+    try:
+        yield start_cluster(work, procs, [], "", grpc=True)
     finally:
         stop_all(procs)
 

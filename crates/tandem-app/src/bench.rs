@@ -1,13 +1,14 @@
 //! `tandem bench overhead`: the latency Tandem adds over calling a decode engine directly.
 //!
-//! One simulated engine serves a closed-loop streaming load split three ways: a third of the
-//! streams go straight to the engine, a third through the coordinator, and a third through a
-//! second coordinator with its metrics off (disaggregation off, so the path is client → Tandem →
-//! the same engine). All three share the engine's batches and the machine's cores at the same
-//! moments, so the differences of their client-side percentiles are what Tandem, and its
-//! metrics, add, not run-to-run noise. A second run puts a prefill engine in front
-//! (disaggregation always) to measure the params-to-decode-dispatch gap from the coordinator's
-//! own records.
+//! One simulated engine serves a closed-loop streaming load split four ways: a quarter of the
+//! streams go straight to the engine (HTTP), a quarter through the coordinator over HTTP, a
+//! quarter through a second coordinator with its metrics off, and a quarter through a third
+//! coordinator that calls the same engine over vLLM's gRPC (disaggregation off, so the path is
+//! client → Tandem → the same engine). All share the engine's batches and the machine's cores at
+//! the same moments, so the differences of their client-side percentiles are what Tandem, its
+//! metrics and its gRPC transport add, not run-to-run noise. A second run puts a prefill engine
+//! in front (disaggregation always), over HTTP and over gRPC side by side, to measure the
+//! params-to-decode-dispatch gap from the coordinators' own records.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,10 +45,12 @@ pub struct OverheadArgs {
     /// in one synchronized wave.
     #[arg(long, default_value_t = 1000)]
     stagger_ms: u64,
-    /// Give a third of the streams to a second coordinator with its metrics off (`false`: half
-    /// direct, half through Tandem, as before that comparison existed).
+    /// Give a share of the streams to a second coordinator with its metrics off.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     metrics_off_group: bool,
+    /// Give a share of the streams to a coordinator calling the engine over gRPC.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    grpc_group: bool,
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -190,7 +193,7 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
 
 async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
     println!(
-        "tandem bench overhead: {} concurrent streams (a third each direct, through Tandem, through Tandem with metrics off) x {} requests, {} output tokens, {}-token prompts, {} H100 sim at x{}",
+        "tandem bench overhead: {} concurrent streams (shared between direct, through Tandem, through Tandem with metrics off, through Tandem over gRPC) x {} requests, {} output tokens, {}-token prompts, {} H100 sim at x{}",
         a.streams, a.requests, a.max_tokens, a.prompt_chars + 1, a.model, a.time_scale
     );
     let d = start_sim(&a.model, GpuKind::H100, a.time_scale, 1, 1).await?;
@@ -203,6 +206,15 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
         })
         .await?;
     let via_off = t_off.base.clone();
+    let t_grpc = harness::start_coordinator_with(
+        &[],
+        &[&d],
+        DisaggregationMode::Never,
+        100_000,
+        |c| c.pools.decode = harness::grpc_pool(&[&d]),
+    )
+    .await?;
+    let via_grpc = t_grpc.base.clone();
     // Warm both paths (connections, allocator) before measuring.
     let warm = OverheadArgs {
         requests: 1,
@@ -211,20 +223,23 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
         model: a.model.clone(),
         ..a
     };
-    let bases: Vec<&str> = if a.metrics_off_group {
-        vec![&direct_base, &via, &via_off]
-    } else {
-        vec![&direct_base, &via]
-    };
+    let mut bases: Vec<&str> = vec![&direct_base, &via];
+    let off_at = a.metrics_off_group.then(|| {
+        bases.push(&via_off);
+        bases.len() - 1
+    });
+    let grpc_at = a.grpc_group.then(|| {
+        bases.push(&via_grpc);
+        bases.len() - 1
+    });
     load(&bases, &warm).await;
     let skip = t.running.recent().len();
     let skip_off = t_off.running.recent().len();
-    let mut runs = load(&bases, &a).await.into_iter();
-    let (mut direct, mut tandem, mut off) = (
-        runs.next().unwrap_or_default(),
-        runs.next().unwrap_or_default(),
-        runs.next().unwrap_or_default(),
-    );
+    let skip_grpc = t_grpc.running.recent().len();
+    let mut runs: Vec<Run> = load(&bases, &a).await;
+    let mut take = |i: Option<usize>| i.map(|i| std::mem::take(&mut runs[i])).unwrap_or_default();
+    let (mut direct, mut tandem, mut off, mut grpc) =
+        (take(Some(0)), take(Some(1)), take(off_at), take(grpc_at));
     let queue_of = |c: &harness::Coordinator, skip: usize| -> Vec<f64> {
         c.running.recent()[skip..]
             .iter()
@@ -239,22 +254,51 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
         .filter_map(|r| r.ttft_s)
         .collect();
     let mut queue_off = queue_of(&t_off, skip_off);
+    let mut queue_grpc = queue_of(&t_grpc, skip_grpc);
     drop(t);
     drop(t_off);
+    drop(t_grpc);
 
     // P/D: the handoff gap.
     let p = start_sim(&a.model, GpuKind::H100, a.time_scale, 1, 2).await?;
     let d2 = start_sim(&a.model, GpuKind::H100, a.time_scale, 1, 3).await?;
     let t2 = start_coordinator(&[&p], &[&d2], DisaggregationMode::Always, 100_000).await?;
+    let t2g = harness::start_coordinator_with(
+        &[&p],
+        &[&d2],
+        DisaggregationMode::Always,
+        100_000,
+        |c| {
+            c.pools.prefill = harness::grpc_pool(&[&p]);
+            c.pools.decode = harness::grpc_pool(&[&d2]);
+        },
+    )
+    .await?;
     let pd_base = t2.base.clone();
-    load(&[&pd_base], &warm).await;
+    let pd_grpc_base = t2g.base.clone();
+    let pd_bases: Vec<&str> = if a.grpc_group {
+        vec![&pd_base, &pd_grpc_base]
+    } else {
+        vec![&pd_base]
+    };
+    load(&pd_bases, &warm).await;
     let skip = t2.running.recent().len();
-    let pd = load(&[&pd_base], &a).await.pop().unwrap_or_default();
-    let mut gap: Vec<f64> = t2.running.recent()[skip..]
-        .iter()
-        .filter_map(|r| r.dispatch_gap_s)
-        .collect();
+    let skip_g = t2g.running.recent().len();
+    let mut pd_runs = load(&pd_bases, &a).await.into_iter();
+    let (pd, pd_grpc) = (
+        pd_runs.next().unwrap_or_default(),
+        pd_runs.next().unwrap_or_default(),
+    );
+    let gaps = |c: &harness::Coordinator, skip: usize| -> Vec<f64> {
+        c.running.recent()[skip..]
+            .iter()
+            .filter_map(|r| r.dispatch_gap_s)
+            .collect()
+    };
+    let mut gap = gaps(&t2, skip);
+    let mut gap_grpc = gaps(&t2g, skip_g);
     drop(t2);
+    drop(t2g);
 
     let us = |v: f64| v * 1e6;
     let (dt50, dt99) = (pct(&mut direct.ttft, 0.5), pct(&mut direct.ttft, 0.99));
@@ -267,6 +311,10 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
     let (qo50, qo99) = (pct(&mut queue_off, 0.5), pct(&mut queue_off, 0.99));
     let (own50, own99) = (pct(&mut own_ttft, 0.5), pct(&mut own_ttft, 0.99));
     let (g50, g99) = (pct(&mut gap, 0.5), pct(&mut gap, 0.99));
+    let (gt50, gt99) = (pct(&mut grpc.ttft, 0.5), pct(&mut grpc.ttft, 0.99));
+    let (gi50, gi99) = (pct(&mut grpc.itl, 0.5), pct(&mut grpc.itl, 0.99));
+    let (gq50, gq99) = (pct(&mut queue_grpc, 0.5), pct(&mut queue_grpc, 0.99));
+    let (gg50, gg99) = (pct(&mut gap_grpc, 0.5), pct(&mut gap_grpc, 0.99));
     println!();
     println!("{:<44} {:>12} {:>12}", "real µs", "p50", "p99");
     let row = |name: &str, a: f64, b: f64| println!("{name:<44} {:>12.0} {:>12.0}", us(a), us(b));
@@ -287,6 +335,11 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
     row("ITL through Tandem, metrics off", oi50, oi99);
     row("  metrics cost (on − off)", ti50 - oi50, ti99 - oi99);
     row("Tandem queue phase, metrics off", qo50, qo99);
+    row("TTFT through Tandem over gRPC", gt50, gt99);
+    row("  added by Tandem over gRPC (difference)", gt50 - dt50, gt99 - dt99);
+    row("ITL through Tandem over gRPC", gi50, gi99);
+    row("  added by Tandem over gRPC (difference)", gi50 - di50, gi99 - di99);
+    row("Tandem queue phase, gRPC", gq50, gq99);
     println!(
         "{:<44} {:>12.1} {:>12.1}",
         "P/D params-to-decode-dispatch gap",
@@ -294,17 +347,30 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
         us(g99)
     );
     println!(
-        "requests: direct {} ok / {} errors, through Tandem {} / {}, metrics off {} / {}, P/D {} / {} ({} gap samples)",
+        "{:<44} {:>12.1} {:>12.1}",
+        "P/D params-to-decode-dispatch gap, gRPC",
+        us(gg50),
+        us(gg99)
+    );
+    println!(
+        "requests: direct {} ok / {} errors, through Tandem {} / {}, metrics off {} / {}, gRPC {} / {}, P/D {} / {} ({} gap samples), P/D gRPC {} / {} ({} gap samples)",
         direct.e2e.len(),
         direct.errors,
         tandem.e2e.len(),
         tandem.errors,
         off.e2e.len(),
         off.errors,
+        grpc.e2e.len(),
+        grpc.errors,
         pd.e2e.len(),
         pd.errors,
-        gap.len()
+        gap.len(),
+        pd_grpc.e2e.len(),
+        pd_grpc.errors,
+        gap_grpc.len()
     );
+    let errors =
+        direct.errors + tandem.errors + off.errors + grpc.errors + pd.errors + pd_grpc.errors;
     if let Some(path) = &a.json {
         let v = json!({
             "streams": a.streams, "requests_per_stream": a.requests, "max_tokens": a.max_tokens,
@@ -321,11 +387,16 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
             "metrics_cost_us": {"ttft_p50": us(tt50 - ot50), "ttft_p99": us(tt99 - ot99),
                 "itl_p50": us(ti50 - oi50), "itl_p99": us(ti99 - oi99)},
             "dispatch_gap_us": {"p50": us(g50), "p99": us(g99)},
-            "errors": direct.errors + tandem.errors + off.errors + pd.errors,
+            "ttft_grpc_us": {"p50": us(gt50), "p99": us(gt99)},
+            "ttft_added_grpc_us": {"p50": us(gt50 - dt50), "p99": us(gt99 - dt99)},
+            "itl_grpc_us": {"p50": us(gi50), "p99": us(gi99)},
+            "queue_phase_grpc_us": {"p50": us(gq50), "p99": us(gq99)},
+            "dispatch_gap_grpc_us": {"p50": us(gg50), "p99": us(gg99)},
+            "errors": errors,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
     }
-    if direct.errors + tandem.errors + off.errors + pd.errors > 0 {
+    if errors > 0 {
         return Err("some benchmark requests failed".into());
     }
     Ok(())

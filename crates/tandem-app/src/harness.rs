@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tandem_config::{Config, DisaggregationMode, Endpoint, PoolConfig, PoolsConfig};
+use tandem_config::{Config, DisaggregationMode, Endpoint, PoolConfig, PoolsConfig, Protocol};
 use tandem_sim::profile::GpuKind;
 use tandem_sim::{RunningSim, SimConfig};
 
@@ -35,9 +35,28 @@ pub async fn start_sim(
     seed: u64,
     hash_seed: u64,
 ) -> Result<RunningSim, BoxError> {
-    let cfg = sim_config(model, gpu, time_scale, seed, hash_seed);
+    let mut cfg = sim_config(model, gpu, time_scale, seed, hash_seed);
+    // Every in-process engine also serves vLLM's gRPC, so a run can pick either protocol.
+    cfg.grpc_port = Some(0);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     Ok(tandem_sim::start(cfg, listener, std::future::pending()).await?)
+}
+
+/// A pool over these engines' gRPC ports (their HTTP ports as the metrics URLs).
+pub fn grpc_pool(sims: &[&RunningSim]) -> PoolConfig {
+    PoolConfig {
+        endpoints: sims
+            .iter()
+            .map(|s| {
+                let grpc = s.grpc_addr.expect("start_sim serves gRPC");
+                let mut e = Endpoint::new(format!("http://{grpc}"));
+                e.metrics = Some(format!("http://{}", s.http_addr));
+                e
+            })
+            .collect(),
+        protocol: Protocol::Grpc,
+        ..PoolConfig::default()
+    }
 }
 
 /// A coordinator running in this process; stopped when dropped.
