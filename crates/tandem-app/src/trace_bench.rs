@@ -15,7 +15,7 @@ use clap::Args;
 use futures::StreamExt;
 use serde_json::json;
 use tandem_config::{
-    Config, DisaggregationMode, Endpoint, PolicyName, PoolConfig, PoolsConfig, PrefixFeed,
+    Config, DisaggregationMode, Endpoint, PolicyName, PoolConfig, PoolsConfig, PrefixFeed, Protocol,
 };
 use tandem_sim::kv_events::KvEventsConfig;
 use tandem_sim::profile::GpuKind;
@@ -38,6 +38,12 @@ pub enum Format {
     Chat,
     /// Built-in stand-in for the Mooncake conversation trace (no file).
     Conversation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtocolArg {
+    Http,
+    Grpc,
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +95,10 @@ pub struct TraceArgs {
     prefill_kv_offloading_gib: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The protocol Tandem speaks to both pools: http, or grpc (vLLM's native `vllm.Inference`,
+    /// each engine's HTTP port kept for its metrics).
+    #[arg(long, value_enum, default_value = "http")]
+    protocol: ProtocolArg,
     /// Write every summary as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -138,6 +148,9 @@ async fn start_pool(
         let mut cfg =
             crate::harness::sim_config(&a.model, gpu, a.time_scale, a.seed, base_seed + i as u64);
         cfg.enable_prompt_tokens_details = true;
+        if a.protocol == ProtocolArg::Grpc {
+            cfg.grpc_port = Some(0);
+        }
         cfg.num_gpu_blocks_override = kv_blocks;
         cfg.kv_offloading_size_gib = offload_gib;
         if events {
@@ -158,11 +171,24 @@ async fn start_pool(
     Ok(out)
 }
 
-fn endpoint(s: &RunningSim) -> Endpoint {
+fn endpoint(s: &RunningSim, protocol: ProtocolArg) -> Endpoint {
+    let http = format!("http://{}", s.http_addr);
+    let (url, metrics) = match (protocol, s.grpc_addr) {
+        (ProtocolArg::Grpc, Some(g)) => (format!("http://{g}"), Some(http)),
+        _ => (http, None),
+    };
     Endpoint {
         kv_events: s.kv_events_endpoint.clone(),
         kv_events_replay: s.kv_events_replay_endpoint.clone(),
-        ..Endpoint::new(format!("http://{}", s.http_addr))
+        metrics,
+        ..Endpoint::new(url)
+    }
+}
+
+fn protocol(a: &TraceArgs) -> Protocol {
+    match a.protocol {
+        ProtocolArg::Http => Protocol::Http,
+        ProtocolArg::Grpc => Protocol::Grpc,
     }
 }
 
@@ -208,7 +234,11 @@ async fn run_one(
     });
     let capacity = engine_blocks * 16;
     let mut pp = PoolConfig {
-        endpoints: prefill.iter().map(|(s, _)| endpoint(s)).collect(),
+        endpoints: prefill
+            .iter()
+            .map(|(s, _)| endpoint(s, a.protocol))
+            .collect(),
+        protocol: protocol(a),
         policy: Some(p_name),
         ..PoolConfig::default()
     };
@@ -220,7 +250,11 @@ async fn run_one(
     let reportable = engine_blocks * a.prefill as u64;
     pp.prefix_index.max_blocks = pp.prefix_index.max_blocks.max(reportable + reportable / 4);
     let dp = PoolConfig {
-        endpoints: decode.iter().map(|(s, _)| endpoint(s)).collect(),
+        endpoints: decode
+            .iter()
+            .map(|(s, _)| endpoint(s, a.protocol))
+            .collect(),
+        protocol: protocol(a),
         policy: Some(d_name),
         ..PoolConfig::default()
     };
@@ -323,10 +357,9 @@ async fn run_one(
             }
         }
     }
+    // The URLs the records name: the endpoints' own (gRPC ones when the pools speak gRPC).
     let urls = |v: &[(RunningSim, _)]| -> Vec<String> {
-        v.iter()
-            .map(|(s, _)| format!("http://{}", s.http_addr))
-            .collect()
+        v.iter().map(|(s, _)| endpoint(s, a.protocol).url).collect()
     };
     let summary = Summary::from_outcomes(
         &outcomes,
