@@ -82,6 +82,21 @@ pub fn check(cmd: ConfigCommand) -> Result<(), String> {
             other => other.as_str().to_string(),
         };
         println!("# {pool} policy {}: {what}", name.as_str());
+        let protocol = match p.protocol {
+            tandem_config::Protocol::Http => {
+                "http: vLLM's OpenAI server; bodies relayed byte for byte, KV params as JSON"
+                    .to_string()
+            }
+            tandem_config::Protocol::Grpc => {
+                let no_metrics = p.endpoints.iter().filter(|e| e.metrics.is_none()).count();
+                format!(
+                    "grpc: vllm.Inference/vllm.Control (vllm-proto {}); token ids in, OpenAI bytes rendered by Tandem, KV params as a Struct (remote_port sent as a string); discovery from GetServerInfo/GetModelInfo, P/D pairs need equal engine versions; {} endpoint(s) without a metrics URL use Tandem's own KV reservations against total_kv_blocks",
+                    tandem_proxy::VLLM_PROTO_VERSION,
+                    no_metrics
+                )
+            }
+        };
+        println!("# {pool} protocol {protocol}");
     }
     Ok(())
 }

@@ -393,6 +393,10 @@ pub struct DnsConfig {
     pub interval_secs: u64,
     #[serde(default = "default_weight")]
     pub weight: f64,
+    /// For a gRPC pool (`port` is then the engines' gRPC port): the port each engine serves its
+    /// HTTP `/metrics` on (vLLM-rs keeps them on its HTTP port), read for KV load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_port: Option<u16>,
 }
 
 fn default_dns_scheme() -> String {

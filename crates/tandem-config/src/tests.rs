@@ -627,6 +627,7 @@ fn render_round_trips_a_config_with_every_option_set() {
         scheme: "https".into(),
         interval_secs: 10,
         weight: 2.0,
+        metrics_port: Some(8001),
     });
     cfg.pools.decode.policy = Some(PolicyName::RoundRobin);
     cfg.pools.decode.kv_events = Some(KvEventsConfig::default());

@@ -4,6 +4,9 @@
 //! [`start`] is the whole coordinator: give it a validated [`Config`], a bound listener and a shutdown
 //! signal. Everything it needs is built here and passed down; there is no global state.
 
+/// The vLLM gRPC schema version the gRPC transport speaks (`vllm-proto`, pinned exactly).
+pub const VLLM_PROTO_VERSION: &str = vllm_proto::VERSION;
+
 mod batch;
 mod engine;
 mod error;

@@ -613,7 +613,12 @@ impl Control {
                         u,
                         dns.weight,
                         true,
-                        EngineClient::new(protocol, u, None, connect),
+                        EngineClient::new(
+                            protocol,
+                            u,
+                            metrics_url(u, dns.metrics_port).as_deref(),
+                            connect,
+                        ),
                         &self.freed,
                     ));
                     self.next_id += 1;
@@ -693,6 +698,15 @@ fn apply(cfg: &Config, st: &mut EngineStatus, p: &Probe, now: Instant) {
         st.num_gpu_blocks = s.num_gpu_blocks.or(st.num_gpu_blocks);
         st.kv_usage = s.kv_usage.or(st.kv_usage);
     }
+}
+
+/// A discovered engine's metrics URL: its address with the pool's `dns.metrics_port`.
+fn metrics_url(url: &str, port: Option<u16>) -> Option<String> {
+    let port = port?;
+    let (scheme, rest) = url.split_once("://")?;
+    let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
+    let scheme = if scheme == "https" { "https" } else { "http" };
+    Some(format!("{scheme}://{host}:{port}"))
 }
 
 async fn probe(engine: Arc<Engine>, want_model: bool, want_scrape: bool, t: Duration) -> Probe {

@@ -109,3 +109,16 @@ fn scrape_reads_block_size_capacity_and_usage() {
         Some("16")
     );
 }
+
+#[test]
+fn a_discovered_grpc_engine_gets_its_metrics_url_from_the_metrics_port() {
+    assert_eq!(
+        metrics_url("http://10.0.0.5:50051", Some(8000)).as_deref(),
+        Some("http://10.0.0.5:8000")
+    );
+    assert_eq!(
+        metrics_url("http://[fd00::1]:50051", Some(8000)).as_deref(),
+        Some("http://[fd00::1]:8000")
+    );
+    assert_eq!(metrics_url("http://10.0.0.5:50051", None), None);
+}
