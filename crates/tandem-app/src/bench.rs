@@ -206,14 +206,11 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
         })
         .await?;
     let via_off = t_off.base.clone();
-    let t_grpc = harness::start_coordinator_with(
-        &[],
-        &[&d],
-        DisaggregationMode::Never,
-        100_000,
-        |c| c.pools.decode = harness::grpc_pool(&[&d]),
-    )
-    .await?;
+    let t_grpc =
+        harness::start_coordinator_with(&[], &[&d], DisaggregationMode::Never, 100_000, |c| {
+            c.pools.decode = harness::grpc_pool(&[&d])
+        })
+        .await?;
     let via_grpc = t_grpc.base.clone();
     // Warm both paths (connections, allocator) before measuring.
     let warm = OverheadArgs {
@@ -263,17 +260,12 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
     let p = start_sim(&a.model, GpuKind::H100, a.time_scale, 1, 2).await?;
     let d2 = start_sim(&a.model, GpuKind::H100, a.time_scale, 1, 3).await?;
     let t2 = start_coordinator(&[&p], &[&d2], DisaggregationMode::Always, 100_000).await?;
-    let t2g = harness::start_coordinator_with(
-        &[&p],
-        &[&d2],
-        DisaggregationMode::Always,
-        100_000,
-        |c| {
+    let t2g =
+        harness::start_coordinator_with(&[&p], &[&d2], DisaggregationMode::Always, 100_000, |c| {
             c.pools.prefill = harness::grpc_pool(&[&p]);
             c.pools.decode = harness::grpc_pool(&[&d2]);
-        },
-    )
-    .await?;
+        })
+        .await?;
     let pd_base = t2.base.clone();
     let pd_grpc_base = t2g.base.clone();
     let pd_bases: Vec<&str> = if a.grpc_group {
@@ -336,9 +328,17 @@ async fn overhead(a: OverheadArgs) -> Result<(), Box<dyn std::error::Error>> {
     row("  metrics cost (on − off)", ti50 - oi50, ti99 - oi99);
     row("Tandem queue phase, metrics off", qo50, qo99);
     row("TTFT through Tandem over gRPC", gt50, gt99);
-    row("  added by Tandem over gRPC (difference)", gt50 - dt50, gt99 - dt99);
+    row(
+        "  added by Tandem over gRPC (difference)",
+        gt50 - dt50,
+        gt99 - dt99,
+    );
     row("ITL through Tandem over gRPC", gi50, gi99);
-    row("  added by Tandem over gRPC (difference)", gi50 - di50, gi99 - di99);
+    row(
+        "  added by Tandem over gRPC (difference)",
+        gi50 - di50,
+        gi99 - di99,
+    );
     row("Tandem queue phase, gRPC", gq50, gq99);
     println!(
         "{:<44} {:>12.1} {:>12.1}",
