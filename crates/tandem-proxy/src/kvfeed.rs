@@ -155,13 +155,7 @@ pub fn start(
     let precise: Vec<(PoolKind, Arc<PoolIndex>, PoolConfig)> = indexes
         .into_iter()
         .filter(|(_, i)| i.feed == PrefixFeed::Precise)
-        .map(|(k, i)| {
-            let pc = match k {
-                PoolKind::Prefill => cfg.pools.prefill.clone(),
-                PoolKind::Decode => cfg.pools.decode.clone(),
-            };
-            (k, i, pc)
-        })
+        .map(|(k, i)| (k, i, crate::pool::pool_config(cfg, k).clone()))
         .collect();
     if precise.is_empty() {
         return feeds;

@@ -116,6 +116,22 @@ impl State {
         })
     }
 
+    /// A pool's prefix index.
+    pub(crate) fn index(&self, pool: tandem_policy::PoolKind) -> &prefix::PoolIndex {
+        match pool {
+            tandem_policy::PoolKind::Prefill => &self.prefill_index,
+            tandem_policy::PoolKind::Decode => &self.decode_index,
+        }
+    }
+
+    /// A pool's policy name, for metric labels.
+    pub(crate) fn policy_name(&self, pool: tandem_policy::PoolKind) -> &'static str {
+        match pool {
+            tandem_policy::PoolKind::Prefill => self.prefill_policy_name,
+            tandem_policy::PoolKind::Decode => self.decode_policy_name,
+        }
+    }
+
     /// A healthy decode engine's own `/v1/models` body (the first that answers 2xx).
     pub(crate) async fn decode_models(&self) -> Option<bytes::Bytes> {
         let pools = self.pools.pools.borrow().clone();

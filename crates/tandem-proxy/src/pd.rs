@@ -562,10 +562,7 @@ fn count_route(st: &State, pool: PoolKind, reason: &'static str) {
     if !st.metrics.enabled() {
         return;
     }
-    let policy = match pool {
-        PoolKind::Prefill => st.prefill_policy_name,
-        PoolKind::Decode => st.decode_policy_name,
-    };
+    let policy = st.policy_name(pool);
     st.metrics
         .route_decisions
         .get_or_create(&RouteLabels {

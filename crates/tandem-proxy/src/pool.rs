@@ -366,10 +366,7 @@ pub fn start(cfg: &Config, metrics: Arc<Metrics>, resolver: Arc<dyn Resolver>) -
     let freed = Arc::new(Notify::new());
     let connect = Duration::from_millis(cfg.timeouts.connect_ms);
     let mut entries = |kind: PoolKind| -> Vec<EngineEntry> {
-        let pool = match kind {
-            PoolKind::Prefill => &cfg.pools.prefill,
-            PoolKind::Decode => &cfg.pools.decode,
-        };
+        let pool = pool_config(cfg, kind);
         pool.endpoints
             .iter()
             .map(|e| {
@@ -550,10 +547,7 @@ impl Control {
             .into_iter()
             .enumerate()
         {
-            let pool_cfg = match kind {
-                PoolKind::Prefill => &self.cfg.pools.prefill,
-                PoolKind::Decode => &self.cfg.pools.decode,
-            };
+            let pool_cfg = pool_config(&self.cfg, kind);
             let Some(dns) = pool_cfg.dns.clone() else {
                 continue;
             };
@@ -603,10 +597,7 @@ impl Control {
             for u in &urls {
                 if !pool.iter().any(|e| *e.engine.url == **u) {
                     tracing::info!(pool = kind.as_str(), engine = %u, "engine found in DNS");
-                    let protocol = match kind {
-                        PoolKind::Prefill => self.cfg.pools.prefill.protocol,
-                        PoolKind::Decode => self.cfg.pools.decode.protocol,
-                    };
+                    let protocol = pool_config(&self.cfg, kind).protocol;
                     pool.push(new_entry(
                         self.next_id,
                         kind,
@@ -697,6 +688,14 @@ fn apply(cfg: &Config, st: &mut EngineStatus, p: &Probe, now: Instant) {
         st.block_size = s.block_size.or(st.block_size);
         st.num_gpu_blocks = s.num_gpu_blocks.or(st.num_gpu_blocks);
         st.kv_usage = s.kv_usage.or(st.kv_usage);
+    }
+}
+
+/// A pool's configuration.
+pub(crate) fn pool_config(cfg: &Config, pool: PoolKind) -> &tandem_config::PoolConfig {
+    match pool {
+        PoolKind::Prefill => &cfg.pools.prefill,
+        PoolKind::Decode => &cfg.pools.decode,
     }
 }
 

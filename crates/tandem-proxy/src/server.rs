@@ -336,10 +336,7 @@ async fn ready(AxState(st): AxState<Arc<State>>) -> Response {
 
 fn feed_reports(st: &State, pools: &crate::pool::Pools) -> Vec<crate::kvfeed::FeedReport> {
     st.feeds.reports(
-        |kind, id| match kind {
-            PoolKind::Prefill => st.prefill_index.engine_blocks(id),
-            PoolKind::Decode => st.decode_index.engine_blocks(id),
-        },
+        |kind, id| st.index(kind).engine_blocks(id),
         |kind, id| pools.find(kind, id).map_or(0, |e| e.engine.served()),
     )
 }
@@ -351,10 +348,8 @@ async fn metrics(AxState(st): AxState<Arc<State>>) -> Response {
     }
     let pools = st.pools.pools.borrow().clone();
     st.metrics.observe_pools(&pools);
-    st.metrics.observe_live(&pools, |kind, id| match kind {
-        PoolKind::Prefill => st.prefill_index.engine_blocks(id),
-        PoolKind::Decode => st.decode_index.engine_blocks(id),
-    });
+    st.metrics
+        .observe_live(&pools, |kind, id| st.index(kind).engine_blocks(id));
     (
         [(
             header::CONTENT_TYPE,

@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::join_all;
 use serde_json::{json, Map, Value};
-use tandem_policy::PoolKind;
 
 use crate::error::ProxyError;
 use crate::State;
@@ -149,10 +148,7 @@ pub(crate) async fn reset_prefix_cache(AxState(st): AxState<Arc<State>>) -> Resp
             trace: &trace,
         };
         let status = e.client.reset_prefix_cache(leg).await;
-        match e.pool {
-            PoolKind::Prefill => st.prefill_index.clear_engine(e.id),
-            PoolKind::Decode => st.decode_index.clear_engine(e.id),
-        }
+        st.index(e.pool).clear_engine(e.id);
         (e, status)
     }))
     .await;
