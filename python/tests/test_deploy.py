@@ -10,6 +10,8 @@ structurally here (field names and types, the selector and port it must hit).
 
 Tandem's config is checked by the real binary: `tandem config check` on the rendered ConfigMap's
 tandem.toml with the container's TANDEM__* variables (`$TANDEM_BIN`, else target/debug/tandem).
+A pool's `protocol` decides what its engines must serve: "http" pools are dialled on the engine's
+HTTP port, "grpc" pools on its --grpc-port, with its HTTP port as dns.metrics_port.
 """
 
 from __future__ import annotations
@@ -331,7 +333,7 @@ def check_service_monitor(sm: dict, objs: Objects) -> list[str]:
 
 def test_overlays_found():
     names = set(IDS)
-    assert {"base", "overlays/sim", "overlays/hpa"} <= names, names
+    assert {"base", "overlays/sim", "overlays/hpa", "overlays/vllm-rs-grpc"} <= names, names
 
 
 @pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
@@ -498,6 +500,64 @@ def kv_events(c: dict) -> tuple[int | None, int | None, str | None]:
     )
 
 
+def check_grpc_engine(objs: Objects, svc: dict, c: dict, dns: dict, pool: str, is_sim: bool):
+    """A gRPC pool: Tandem dials the engine's --grpc-port (dns.port) and reads its Prometheus
+    /metrics on its HTTP --port (dns.metrics_port); `vllm-rs serve` or `tandem sim` serve both."""
+    args = c.get("args", [])
+    ports = {p["containerPort"] for p in c["ports"]}
+
+    def published(port: int) -> bool:
+        return any(resolve_port(c, p.get("targetPort", p["port"])) == port for p in svc["spec"]["ports"])
+
+    grpc_port, metrics_port = dns["port"], dns.get("metrics_port")
+    assert metrics_port, f"pools.{pool}.dns.metrics_port: the engines' HTTP port, for their /metrics"
+    assert metrics_port != grpc_port, f"pools.{pool}: the gRPC and HTTP ports must differ"
+    for port, what in ((grpc_port, "dns.port (gRPC)"), (metrics_port, "dns.metrics_port (HTTP)")):
+        assert port in ports, f"{pool}: {what} {port} is not a containerPort"
+        assert published(port), f"{pool}: {what} {port} is not a port of Service/{svc['metadata']['name']}"
+
+    # Ready (= in DNS = routed to by Tandem): grpc.health.v1 on the gRPC port, the check Tandem
+    # itself makes, or /health on the HTTP port.
+    ready = c["readinessProbe"]
+    if "grpc" in ready:
+        assert ready["grpc"]["port"] == grpc_port, f"{pool}: gRPC readiness probe not on dns.port"
+        assert ready["grpc"].get("service", "") == "", "Tandem checks the server's overall health (service \"\")"
+    else:
+        probe = ready["httpGet"]
+        assert probe["path"] == "/health" and resolve_port(c, probe["port"]) == metrics_port
+
+    # Prometheus scrapes the engines where Tandem reads their metrics: the HTTP port.
+    sms = [s for s in objs.of("ServiceMonitor") if selects(s["spec"]["selector"], svc["metadata"]["labels"])]
+    assert sms, f"no ServiceMonitor scrapes Service/{svc['metadata']['name']}"
+    by_name = {p.get("name"): p for p in svc["spec"]["ports"]}
+    for s in sms:
+        for ep in s["spec"]["endpoints"]:
+            sp = by_name[ep["port"]]
+            assert resolve_port(c, sp.get("targetPort", sp["port"])) == metrics_port, (
+                f"ServiceMonitor/{s['metadata']['name']} scrapes port {ep['port']!r}, not the HTTP port {metrics_port}"
+            )
+
+    if is_sim:
+        assert int(flag(args, "--grpc-port")) == grpc_port
+        assert int(flag(args, "--port")) == metrics_port
+        return
+    cmd = c.get("command", [])
+    assert len(cmd) == 2 and Path(cmd[0]).name == "vllm-rs" and cmd[1] == "serve", (
+        f"{pool}: a gRPC pool runs `vllm-rs serve` (--grpc-port exists only there), got {cmd}"
+    )
+    assert args and not args[0].startswith("-"), "vllm-rs serve takes the model first"
+    # vllm-rs's own flags must come before `--`: what follows goes to the Python engine only.
+    front = args[: args.index("--")] if "--" in args else args
+    for name, want in (("--grpc-port", grpc_port), ("--port", metrics_port)):
+        value = flag(front, name)
+        assert value is not None, f"{pool}: vllm-rs serve needs {name}, before any `--`"
+        assert int(value) == want, f"{pool}: {name} {value} != {want} in tandem.toml"
+    # vllm-rs binds 127.0.0.1 unless told otherwise, the gRPC server included.
+    assert flag(front, "--host") in ("0.0.0.0", "::"), f"{pool}: vllm-rs must listen on all interfaces"
+    conn = json.loads(flag(args, "--kv-transfer-config"))
+    assert conn["kv_connector"] == "NixlConnector", conn
+
+
 @pytest.mark.parametrize("pool", ["prefill", "decode"])
 def test_engine_pool(objs: Objects, cfg: dict, pool: str):
     svc, dep = pool_deployment(objs, cfg, pool)
@@ -508,18 +568,21 @@ def test_engine_pool(objs: Objects, cfg: dict, pool: str):
     dns = cfg["pools"][pool]["dns"]
     is_sim = args[:1] == ["sim"]
 
-    # The port Tandem dials is the engine's HTTP port, published by the Service, probed on /health.
-    assert dns["port"] in {p["containerPort"] for p in c["ports"]}
-    assert any(resolve_port(c, p.get("targetPort", p["port"])) == dns["port"] for p in svc["spec"]["ports"])
-    ready = c["readinessProbe"]["httpGet"]
-    assert ready["path"] == "/health" and resolve_port(c, ready["port"]) == dns["port"]
-    if is_sim:
-        assert int(flag(args, "--port")) == dns["port"]
+    if cfg["pools"][pool].get("protocol", "http") == "grpc":
+        check_grpc_engine(objs, svc, c, dns, pool, is_sim)
     else:
-        assert c["command"] == ["vllm", "serve"] and args and not args[0].startswith("-")
-        assert int(flag(args, "--port")) == dns["port"]
-        conn = json.loads(flag(args, "--kv-transfer-config"))
-        assert conn["kv_connector"] == "NixlConnector", conn
+        # The port Tandem dials is the engine's HTTP port, published by the Service, probed on /health.
+        assert dns["port"] in {p["containerPort"] for p in c["ports"]}
+        assert any(resolve_port(c, p.get("targetPort", p["port"])) == dns["port"] for p in svc["spec"]["ports"])
+        ready = c["readinessProbe"]["httpGet"]
+        assert ready["path"] == "/health" and resolve_port(c, ready["port"]) == dns["port"]
+        if is_sim:
+            assert int(flag(args, "--port")) == dns["port"]
+        else:
+            assert c["command"] == ["vllm", "serve"] and args and not args[0].startswith("-")
+            assert int(flag(args, "--port")) == dns["port"]
+            conn = json.loads(flag(args, "--kv-transfer-config"))
+            assert conn["kv_connector"] == "NixlConnector", conn
 
     # Same KV block size as Tandem.
     assert int(flag(args, "--block-size")) == cfg["model"]["block_size"]
@@ -560,6 +623,11 @@ def test_engine_pool(objs: Objects, cfg: dict, pool: str):
         # Tandem gives up on a finished prefill's KV before the engine frees it.
         abort_s = int(env.get("VLLM_NIXL_ABORT_REQUEST_TIMEOUT", {}).get("value", VLLM_NIXL_ABORT_DEFAULT_S))
         assert cfg["timeouts"]["prefill_lease_ms"] < abort_s * 1000
+
+
+def test_grpc_overlay_speaks_grpc_to_both_pools(tmp_path_factory):
+    cfg = effective_config(K8S / "overlays" / "vllm-rs-grpc", tmp_path_factory.getbasetemp())
+    assert [cfg["pools"][p]["protocol"] for p in ("prefill", "decode")] == ["grpc", "grpc"]
 
 
 def test_pool_sizes_match_the_target_ratio(objs: Objects, cfg: dict):
