@@ -17,6 +17,7 @@ mod openai_fields;
 mod otel;
 mod overload;
 mod pd;
+mod protocols;
 mod routing;
 mod side_endpoints;
 mod sim_grpc;

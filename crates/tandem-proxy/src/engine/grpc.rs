@@ -5,9 +5,11 @@
 //! the answer comes back as OpenAI bytes rendered by Tandem (`grpc/render.rs`) from the server's
 //! text deltas, so a client sees what vLLM's HTTP server would have sent. The prefill's
 //! `FinishInfo.kv_transfer_params` travel to the decode leg as the same Struct. A decode leg the
-//! request drops is aborted with `Control.Abort` besides the stream's own drop; one dropped
-//! before its first output is aborted only once that output arrives (capped), so a KV read in
-//! flight is not torn down (vllm-grpc.md §4).
+//! request drops is aborted with `Control.Abort` besides the stream's own drop, at once, as an
+//! HTTP leg's dropped connection is: not deferred until its first output (vllm-grpc.md §4's
+//! advice), because a leg that failed before its first output makes `pd.rs` release the
+//! prefill's blocks (a reject), and a decode request still alive would then read blocks the
+//! prefill engine may have reused.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -32,8 +34,6 @@ use crate::front::{Kind, Parsed};
 use crate::grpc::{self as conv, RenderSpec, Renderer};
 use crate::relay::{Event, RelayError};
 
-/// How long a decode leg dropped before its first output waits for it before aborting.
-const DEFERRED_ABORT_CAP: Duration = Duration::from_secs(30);
 /// Responses carry token ids (and may carry prompt token ids): above tonic's 4 MiB default.
 const MAX_DECODE_BYTES: usize = 64 << 20;
 
@@ -56,8 +56,7 @@ pub struct GrpcEngine {
 /// A streaming decode answer: the engine's messages rendered into OpenAI events.
 #[derive(Debug)]
 pub struct GrpcStream {
-    /// `None` once handed to a deferred abort.
-    stream: Option<tonic::Streaming<GenerateResponse>>,
+    stream: tonic::Streaming<GenerateResponse>,
     renderer: Renderer,
     pending: VecDeque<Event>,
     done: bool,
@@ -85,6 +84,19 @@ impl Drop for AbortOnDrop {
                 let _ = control.abort(AbortRequest { request_ids: ids }).await;
             });
         }
+    }
+}
+
+impl AbortOnDrop {
+    /// How long [`AbortOnDrop::now`] waits for the engine's answer.
+    const WAIT: Duration = Duration::from_millis(500);
+
+    /// Send the abort and wait for it (at most [`Self::WAIT`]); disarms the drop.
+    async fn now(&mut self) {
+        self.armed = false;
+        let ids = vec![self.request_id.clone()];
+        let abort = self.control.abort(AbortRequest { request_ids: ids });
+        let _ = tokio::time::timeout(Self::WAIT, abort).await;
     }
 }
 
@@ -357,7 +369,7 @@ impl GrpcEngine {
             Ok(Ok(r)) => r.into_inner(),
         };
         let mut s = GrpcStream {
-            stream: Some(stream),
+            stream,
             renderer,
             pending: VecDeque::new(),
             done: false,
@@ -369,7 +381,13 @@ impl GrpcEngine {
         };
         let first = match tokio::time::timeout(deadlines.first_event, s.fill()).await {
             Err(_) => {
-                s.defer_abort();
+                // Abort the request now, and before returning. Deferring the abort until the
+                // first output (to spare a KV read in flight) left the request queued on the
+                // engine while the re-plan's reject freed the prefill's blocks, which it then
+                // pulled once it had room: a read of released, possibly reused, blocks. Awaited,
+                // so it cannot reach the engine after the retry's leg, which carries the same
+                // request id (`Control.Abort` takes external ids) and would be aborted instead.
+                s.abort.now().await;
                 return Err(retry(
                     ErrorKind::FirstTokenTimeout,
                     "the decode engine sent no first token in time",
@@ -564,10 +582,7 @@ impl GrpcStream {
         if self.done {
             return Ok(false);
         }
-        let Some(stream) = self.stream.as_mut() else {
-            return Err(RelayError::Truncated);
-        };
-        match stream.message().await {
+        match self.stream.message().await {
             Ok(Some(msg)) => {
                 let chunks = self
                     .renderer
@@ -639,23 +654,5 @@ impl GrpcStream {
         if self.done {
             self.abort.armed = false;
         }
-    }
-
-    /// Dropped before its first output: keep reading in the background until it arrives (the
-    /// KV read has then finished) or the cap passes, then abort.
-    fn defer_abort(&mut self) {
-        let abort = AbortOnDrop {
-            control: self.abort.control.clone(),
-            request_id: std::mem::take(&mut self.abort.request_id),
-            armed: true,
-        };
-        self.abort.armed = false;
-        let Some(mut stream) = self.stream.take() else {
-            return;
-        };
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(DEFERRED_ABORT_CAP, stream.message()).await;
-            drop(abort);
-        });
     }
 }
