@@ -454,12 +454,33 @@ impl GrpcEngine {
     pub async fn probe(&self, scrape_seq: Option<u64>, want_model: bool, t: Duration) -> Probe {
         let health = async {
             let mut h = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
-            let r = h
+            let r = match h
                 .check(tonic_health::pb::HealthCheckRequest {
                     service: String::new(),
                 })
                 .await
-                .map_err(|s| format!("health check failed: {:?} {}", s.code(), s.message()))?;
+            {
+                Ok(r) => r,
+                // vLLM-rs builds before grpc.health.v1 landed answer UNIMPLEMENTED: an engine
+                // that answers `GetServerInfo` is serving.
+                Err(s) if s.code() == Code::Unimplemented => {
+                    return self
+                        .control()
+                        .get_server_info(vllm_proto::GetServerInfoRequest {})
+                        .await
+                        .map(|_| ())
+                        .map_err(|s| {
+                            format!("GetServerInfo failed: {:?} {}", s.code(), s.message())
+                        });
+                }
+                Err(s) => {
+                    return Err(format!(
+                        "health check failed: {:?} {}",
+                        s.code(),
+                        s.message()
+                    ))
+                }
+            };
             let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
             if r.into_inner().status == serving {
                 Ok(())
