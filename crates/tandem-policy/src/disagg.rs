@@ -50,8 +50,6 @@ pub enum DisaggReason {
     NullParams,
     /// Every prefill attempt failed.
     PrefillFailed,
-    /// Several prompts in one request: vLLM's KV handoff carries one prompt.
-    BatchPrompt,
     /// The prefill engine refused the prefill leg (a 4xx): the decode engine answers the
     /// client's own request instead, so its error names what the client sent (the prefill leg
     /// asks for one token, which the engine's message would quote).
@@ -69,7 +67,6 @@ impl DisaggReason {
             DisaggReason::NoPrefillEngine => "no_prefill_engine",
             DisaggReason::NullParams => "null_params",
             DisaggReason::PrefillFailed => "prefill_failed",
-            DisaggReason::BatchPrompt => "batch_prompt",
             DisaggReason::PrefillRejected => "prefill_rejected",
         }
     }

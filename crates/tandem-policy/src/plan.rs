@@ -150,9 +150,20 @@ pub fn plan(
             if prefill_ok.is_empty() {
                 return Err(PlanError::NoDecodeEngine);
             }
-            // Prefill policies always answer; only capacity-aware decode policies may decline.
-            let p = pick(prefill_policy, &prefill_ok, p_facts, rng)
-                .expect("prefill policies always choose");
+            // A capacity-aware policy (kv-capacity) may decline on the prefill pool too: no
+            // prefill engine has room, which is a fallback like having none.
+            let Some(p) = pick(prefill_policy, &prefill_ok, p_facts, rng) else {
+                if settings.enforce {
+                    return Err(PlanError::NoPrefillEngine);
+                }
+                return Ok(Plan {
+                    decision: DisaggDecision::Local,
+                    decision_reason: DisaggReason::NoPrefillEngine,
+                    prefill: None,
+                    decode: pick(decode_policy, &decode_all, d_facts, rng)
+                        .ok_or(PlanError::NoDecodeCapacity)?,
+                });
+            };
             let pe = prefill_ok
                 .iter()
                 .find(|e| e.id == p.id)
@@ -307,5 +318,64 @@ mod tests {
             ),
             Err(PlanError::NoDecodeEngine)
         );
+    }
+
+    /// Every prefill × decode policy combination plans without panicking, including a
+    /// capacity-aware policy on the prefill pool when no prefill engine has KV room (the request
+    /// then runs locally, or fails with `enforce`).
+    #[test]
+    fn every_policy_pair_plans_or_fails_cleanly() {
+        use crate::policy::{policy_for, PolicyKind};
+        use crate::prefix::PrefixParams;
+        let kinds = || {
+            [
+                PolicyKind::LeastLoaded,
+                PolicyKind::LeastRequests,
+                PolicyKind::PowerOfTwo,
+                PolicyKind::RoundRobin,
+                PolicyKind::Random,
+                PolicyKind::Prefix(PrefixParams::default()),
+                PolicyKind::KvCapacity,
+            ]
+        };
+        let full = |id| EngineView {
+            kv_total_blocks: Some(100),
+            kv_used_blocks: Some(100),
+            ..e(id, Health::Healthy, "m", 0)
+        };
+        let roomy = |id| EngineView {
+            kv_total_blocks: Some(100_000),
+            kv_used_blocks: Some(0),
+            ..e(id, Health::Healthy, "m", 0)
+        };
+        let snap = PoolSnapshot {
+            prefill: vec![full(0), full(1)],
+            decode: vec![roomy(0), roomy(1)],
+        };
+        let mut r = req(&[], &[]);
+        r.kv_blocks_needed = 10;
+        for enforce in [false, true] {
+            let s = DisaggSettings { enforce, ..S };
+            for p in kinds() {
+                for d in kinds() {
+                    let (pp, dp) = (policy_for(p), policy_for(d));
+                    let mut rng = ChaCha8Rng::seed_from_u64(1);
+                    match plan(&snap, &r, &s, pp.as_ref(), dp.as_ref(), &mut rng) {
+                        Ok(plan) => {
+                            let declines = p == PolicyKind::KvCapacity;
+                            assert_eq!(plan.prefill.is_none(), declines, "{p:?} {d:?}");
+                            assert!(!(declines && enforce), "{p:?} {d:?}");
+                            if declines {
+                                assert_eq!(plan.decision_reason, DisaggReason::NoPrefillEngine);
+                            }
+                        }
+                        Err(e) => assert!(
+                            enforce && e == PlanError::NoPrefillEngine,
+                            "{p:?} {d:?}: {e}"
+                        ),
+                    }
+                }
+            }
+        }
     }
 }
