@@ -22,3 +22,4 @@ mod routing;
 mod side_endpoints;
 mod sim_grpc;
 mod support;
+mod tenants;

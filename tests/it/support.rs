@@ -297,6 +297,8 @@ pub struct Tandem {
     _child: Child,
     config: std::path::PathBuf,
     peer: Peer,
+    /// Its ready line (`http`, and `admin` when `server.admin_listen` is set).
+    pub ready: Value,
 }
 
 impl std::ops::Deref for Tandem {
@@ -327,6 +329,14 @@ fn temp_config_path() -> std::path::PathBuf {
     ))
 }
 
+/// A fresh, empty directory under the system temp directory, unique within and across test
+/// processes; the caller removes it.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let p = temp_config_path().with_extension(tag);
+    std::fs::create_dir_all(&p).expect("create a temp dir");
+    p
+}
+
 impl Tandem {
     /// Start `tandem serve` with `config` (TOML) and wait until `GET /ready` answers 200.
     pub async fn start(config: &str) -> Tandem {
@@ -351,11 +361,23 @@ impl Tandem {
             "RUST_LOG",
             std::env::var("TANDEM_IT_LOG").unwrap_or_else(|_| "error".into()),
         );
-        let (child, _, peer) = spawn_ready(cmd, "tandem").await;
+        let (child, ready, peer) = spawn_ready(cmd, "tandem").await;
         Tandem {
             _child: child,
             config: path,
             peer,
+            ready,
+        }
+    }
+
+    /// The admin listener (`server.admin_listen`) as a peer.
+    pub fn admin(&self) -> Peer {
+        Peer {
+            url: self.ready["admin"]
+                .as_str()
+                .expect("an admin address on the ready line")
+                .to_string(),
+            client: self.peer.client.clone(),
         }
     }
 

@@ -98,6 +98,18 @@ pub fn check(cmd: ConfigCommand) -> Result<(), String> {
         };
         println!("# {pool} protocol {protocol}");
     }
+    // The key file is its own format: check it too (its errors never quote a key).
+    if let Some(path) = &cfg.auth.keys_file {
+        let bad = |e: &dyn std::fmt::Display| format!("auth.keys_file {}: {e}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+        let keys = tandem_config::parse_keys(&text).map_err(|e| bad(&e))?;
+        println!(
+            "# auth: {} tenant(s) and {} key(s) in {}",
+            keys.tenants.len(),
+            keys.keys.len(),
+            path.display()
+        );
+    }
     Ok(())
 }
 
@@ -163,10 +175,12 @@ pub async fn run(cfg: Config, telemetry: Telemetry) -> Result<(), String> {
     let running = tandem_proxy::start_with(cfg, listener, shutdown_signal(), edges)
         .map_err(|e| e.to_string())?;
     // One JSON line on stdout so scripts and tests know where to connect.
-    println!(
-        "{}",
-        serde_json::json!({"ready": "tandem", "http": format!("http://{}", running.addr)})
-    );
+    let mut ready =
+        serde_json::json!({"ready": "tandem", "http": format!("http://{}", running.addr)});
+    if let Some(a) = running.admin_addr {
+        ready["admin"] = format!("http://{a}").into();
+    }
+    println!("{ready}");
     tracing::info!(addr = %running.addr, "tandem serving");
     let result = match running.task.await {
         Ok(r) => r.map_err(|e| e.to_string()),

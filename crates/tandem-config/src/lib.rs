@@ -17,6 +17,7 @@
 //!
 //! `tandem.example.toml` next to this crate lists every key with its default.
 
+pub mod keys;
 mod routing;
 mod schema;
 mod validate;
@@ -30,13 +31,15 @@ use std::path::Path;
 use config::builder::DefaultState;
 use config::{ConfigBuilder, Environment, File, FileFormat};
 
+pub use keys::{parse_keys, KeyFile, KeyFileError, Priority, Tenant, TenantLimits};
 pub use routing::{
     AdmissionConfig, KvEventsConfig, PolicyName, PrefixFeed, PrefixIndexConfig, RoutingConfig,
 };
 pub use schema::{
-    Config, DisaggregationConfig, DisaggregationMode, DnsConfig, Endpoint, EndpointSpec,
-    HealthConfig, LimitsConfig, LogFormat, LoggingConfig, ModelConfig, OtlpProtocol, PoolConfig,
-    PoolsConfig, Protocol, Ratio, RetryConfig, ServerConfig, TelemetryConfig, TimeoutsConfig,
+    AuthConfig, Config, DisaggregationConfig, DisaggregationMode, DnsConfig, Endpoint,
+    EndpointSpec, HealthConfig, LimitsBackend, LimitsConfig, LogFormat, LoggingConfig, ModelConfig,
+    OtlpProtocol, PoolConfig, PoolsConfig, Protocol, Ratio, RetryConfig, ServerConfig,
+    TelemetryConfig, TimeoutsConfig,
 };
 
 /// Why a configuration could not be used.

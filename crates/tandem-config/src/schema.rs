@@ -44,6 +44,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
@@ -64,6 +66,7 @@ impl Config {
             routing: RoutingConfig::default(),
             admission: AdmissionConfig::default(),
             limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
             health: HealthConfig::default(),
             logging: LoggingConfig::default(),
             telemetry: TelemetryConfig::default(),
@@ -96,6 +99,11 @@ pub struct ServerConfig {
     pub body_read_timeout_ms: u64,
     /// Most client connections open at once; connections beyond it are closed on accept.
     pub max_connections: usize,
+    /// A second listener for `/metrics` and `/admin/*` (with `/health` and `/ready`); when set,
+    /// the public listener answers 404 for those. `None` = both on `listen` (the default, for
+    /// the demo); production should set it to an address clients cannot reach.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +118,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
             max_connections: 10_000,
+            admin_listen: None,
         }
     }
 }
@@ -127,6 +136,20 @@ pub struct LimitsConfig {
     /// beyond the engines' own (a request that names none is not capped here).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
+    /// Where tenants' rate budgets (requests and tokens per minute, from the key file) are
+    /// counted: in this process, or in Redis, shared by every replica.
+    pub backend: LimitsBackend,
+    /// `redis://host:port[/db]` or `unix:///path/to/redis.sock`; required by `backend = "redis"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Longest a limit check waits for Redis before deciding locally (and treating Redis as
+    /// down until it answers a ping again).
+    pub redis_timeout_ms: u64,
+    /// While Redis is down, how often Tandem tries to reconnect.
+    pub redis_retry_ms: u64,
+    /// Prefix of every Redis key Tandem writes (`<prefix>:limits:{<tenant>}:requests`), so
+    /// several deployments may share one Redis.
+    pub redis_key_prefix: String,
 }
 
 impl Default for LimitsConfig {
@@ -135,6 +158,58 @@ impl Default for LimitsConfig {
             max_n: 16,
             max_best_of: 16,
             max_tokens: None,
+            backend: LimitsBackend::default(),
+            redis_url: None,
+            redis_timeout_ms: 100,
+            redis_retry_ms: 1_000,
+            redis_key_prefix: "tandem".to_owned(),
+        }
+    }
+}
+
+/// Where per-tenant rate budgets are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LimitsBackend {
+    /// In this process: each replica enforces each tenant's whole budget on its own.
+    #[default]
+    Local,
+    /// In Redis, one atomic script per check: all replicas share one budget per tenant; while
+    /// Redis is unreachable each replica falls back to its local count.
+    Redis,
+}
+
+/// API keys (`[auth]`). Authentication is on when a key source is set: every OpenAI route
+/// (and `/metrics` and `/admin/*` on the public listener) then needs `Authorization: Bearer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The key file (TOML: `[[tenants]]` and `[[keys]]`, see `tandem.example.toml`), e.g. a
+    /// mounted Kubernetes Secret; re-read every `reload_interval_ms` and swapped in when its
+    /// contents change and parse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_file: Option<PathBuf>,
+    /// The name of an environment variable holding a key document in the same format, read at
+    /// start-up (merged with `keys_file`'s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_env: Option<String>,
+    /// How often `keys_file` is re-read.
+    pub reload_interval_ms: u64,
+}
+
+impl AuthConfig {
+    /// Whether requests must carry a key.
+    pub fn enabled(&self) -> bool {
+        self.keys_file.is_some() || self.keys_env.is_some()
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            keys_file: None,
+            keys_env: None,
+            reload_interval_ms: 1_000,
         }
     }
 }

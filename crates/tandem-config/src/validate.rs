@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::Ipv6Addr;
 
 use crate::routing::PrefixFeed;
-use crate::schema::{Config, DisaggregationMode, DnsConfig, PoolConfig, Protocol};
+use crate::schema::{Config, DisaggregationMode, DnsConfig, LimitsBackend, PoolConfig, Protocol};
 use crate::ConfigError;
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -42,6 +42,7 @@ impl Config {
 
         self.validate_server()?;
         self.validate_limits()?;
+        self.validate_auth()?;
 
         let block = self.model.block_size;
         if !(1..=1024).contains(&block) {
@@ -182,7 +183,39 @@ impl Config {
                 format!("must be between 1 and 10000; got {}", s.max_headers),
             ));
         }
+        if let Some(a) = s.admin_listen {
+            if a == s.listen && a.port() != 0 {
+                return Err(invalid(
+                    "server.admin_listen",
+                    "must differ from server.listen (unset it to serve /metrics and /admin on listen)",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if let Some(path) = &a.keys_file {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(
+                    "auth.keys_file",
+                    "must not be empty; omit the key to turn authentication off",
+                ));
+            }
+            if path.to_str().is_none() {
+                return Err(invalid("auth.keys_file", "must be valid UTF-8"));
+            }
+        }
+        if let Some(var) = &a.keys_env {
+            if var.is_empty() || var.contains('=') || var.contains('\0') {
+                return Err(invalid(
+                    "auth.keys_env",
+                    "must be an environment variable name",
+                ));
+            }
+        }
+        positive("auth.reload_interval_ms", a.reload_interval_ms)
     }
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
@@ -203,7 +236,40 @@ impl Config {
                 "must be greater than 0; omit the key for no cap",
             ));
         }
-        Ok(())
+        positive("limits.redis_timeout_ms", l.redis_timeout_ms)?;
+        positive("limits.redis_retry_ms", l.redis_retry_ms)?;
+        let prefix = &l.redis_key_prefix;
+        if prefix.is_empty()
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+        {
+            return Err(invalid(
+                "limits.redis_key_prefix",
+                format!("must be non-empty A-Z, a-z, 0-9, '.', '_', '-', ':'; got {prefix:?}"),
+            ));
+        }
+        match (&l.backend, &l.redis_url) {
+            (LimitsBackend::Redis, None) => Err(invalid(
+                "limits.redis_url",
+                "backend = \"redis\" needs redis_url, e.g. \"redis://redis:6379\"",
+            )),
+            (_, Some(url)) => {
+                let ok = ["redis://", "unix://", "redis+unix://"]
+                    .iter()
+                    .any(|s| url.len() > s.len() && url.starts_with(s));
+                if ok {
+                    Ok(())
+                } else {
+                    // Without the URL itself: it may carry a password.
+                    Err(invalid(
+                        "limits.redis_url",
+                        "must start with redis://, unix:// or redis+unix:// (TLS, rediss://, is not supported)",
+                    ))
+                }
+            }
+            (LimitsBackend::Local, None) => Ok(()),
+        }
     }
 
     /// TOML integers are signed 64-bit, so a larger value (reachable only
@@ -233,6 +299,9 @@ impl Config {
             ),
             ("server.max_connections", self.server.max_connections as u64),
             ("limits.max_tokens", self.limits.max_tokens.unwrap_or(0)),
+            ("limits.redis_timeout_ms", self.limits.redis_timeout_ms),
+            ("limits.redis_retry_ms", self.limits.redis_retry_ms),
+            ("auth.reload_interval_ms", self.auth.reload_interval_ms),
             ("timeouts.connect_ms", t.connect_ms),
             ("timeouts.prefill_ms", t.prefill_ms),
             ("timeouts.handoff_ms", t.handoff_ms),

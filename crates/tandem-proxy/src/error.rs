@@ -1,10 +1,12 @@
 //! The coordinator's errors, their retryability, and their one mapping to HTTP.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::json;
 use tandem_policy::PlanError;
+
+use crate::limits::{Limited, RateHeaders};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -54,6 +56,12 @@ pub enum ProxyError {
     /// The request body could not be read: malformed chunked encoding, or the upload broke off.
     #[error("the request body could not be read: malformed chunked encoding or a broken upload")]
     BadBody,
+    /// No valid API key (`[auth]` is on); the message never quotes what the client sent.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The tenant is over one of its budgets.
+    #[error("{}", .0.message)]
+    RateLimited(Box<Limited>),
     /// A handler panicked; the panic's text goes to the log only.
     #[error("internal server error")]
     Internal,
@@ -76,6 +84,7 @@ impl ProxyError {
                 | ProxyError::PrefillFailed(_)
                 | ProxyError::DecodeFailed(_)
                 | ProxyError::Overloaded { .. }
+                | ProxyError::RateLimited(_)
         )
     }
 
@@ -91,6 +100,8 @@ impl ProxyError {
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::HeadersTooLarge(_)
             | ProxyError::BadBody => "client_error",
+            ProxyError::Unauthorized(_) => "unauthorized",
+            ProxyError::RateLimited(_) => "rate_limited",
             ProxyError::Internal => "internal_error",
             ProxyError::Engine { status, .. } if status.is_client_error() => "client_error",
             ProxyError::Engine { .. } => "engine_error",
@@ -111,6 +122,8 @@ impl ProxyError {
             ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NoEngine(_) | ProxyError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -132,10 +145,12 @@ impl ProxyError {
 pub fn error_body(message: &str, status: StatusCode) -> serde_json::Value {
     let kind = match status.as_u16() {
         400 => "BadRequestError",
+        401 => "UnauthorizedError",
         404 => "NotFoundError",
         405 => "MethodNotAllowedError",
         408 => "RequestTimeoutError",
         413 => "RequestEntityTooLargeError",
+        429 => "TooManyRequestsError",
         431 => "RequestHeaderFieldsTooLargeError",
         502 => "BadGatewayError",
         503 => "ServiceUnavailableError",
@@ -182,11 +197,41 @@ impl IntoResponse for ProxyError {
         if let ProxyError::Overloaded { retry_after, .. } = self {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        } else if let ProxyError::Unauthorized(_) = self {
+            // RFC 6750: the scheme the client should use.
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        } else if let ProxyError::RateLimited(l) = &self {
+            if let Some(s) = l.retry_after {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(s));
+            }
+            rate_headers(r.headers_mut(), &l.headers);
         } else if self.retryable() {
             // Engines come back within a health interval or two.
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         r
+    }
+}
+
+/// OpenAI's rate-limit headers, on every answer to a tenant with limits (429 or not).
+pub(crate) fn rate_headers(h: &mut HeaderMap, r: &RateHeaders) {
+    for (dim, name) in [(&r.requests, "requests"), (&r.tokens, "tokens")] {
+        let Some(d) = dim else { continue };
+        let reset = crate::limits::reset_str(d.reset_ms);
+        for (field, value) in [
+            ("limit", HeaderValue::from(d.limit)),
+            ("remaining", HeaderValue::from(d.remaining)),
+            (
+                "reset",
+                HeaderValue::from_str(&reset).expect("digits and units are a valid header"),
+            ),
+        ] {
+            let key = header::HeaderName::try_from(format!("x-ratelimit-{field}-{name}"))
+                .expect("a valid header name");
+            h.insert(key, value);
+        }
     }
 }

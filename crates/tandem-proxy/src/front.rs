@@ -684,6 +684,7 @@ mod tests {
             max_n: 2,
             max_best_of: 3,
             max_tokens: Some(100),
+            ..LimitsConfig::default()
         };
         let c = |extra: &str| completion_message(extra, &l);
         assert_eq!(c(r#""n":3"#), "n must be at most 2, got 3.");

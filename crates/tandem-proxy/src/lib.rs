@@ -7,6 +7,7 @@
 /// The vLLM gRPC schema version the gRPC transport speaks (`vllm-proto`, pinned exactly).
 pub const VLLM_PROTO_VERSION: &str = vllm_proto::VERSION;
 
+mod auth;
 mod batch;
 mod engine;
 mod error;
@@ -14,6 +15,7 @@ mod front;
 mod grpc;
 mod handoff;
 mod kvfeed;
+mod limits;
 mod metrics;
 mod pd;
 mod pool;
@@ -41,6 +43,7 @@ use tandem_model::Tokenizer;
 use tandem_policy::{DisaggMode, DisaggSettings, Policy, PolicyKind, PrefixParams};
 use tokio::net::TcpListener;
 
+pub use auth::AuthError;
 pub use error::ProxyError;
 pub use metrics::Metrics;
 pub use pool::{Resolver, SystemResolver};
@@ -53,6 +56,15 @@ pub enum StartError {
     Tokenizer(#[from] tandem_model::TokenizerError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("{0}")]
+    Limits(String),
+    #[error("cannot listen on server.admin_listen {addr}: {source}")]
+    AdminListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Deadlines per phase, from the config.
@@ -102,6 +114,10 @@ pub(crate) struct State {
     pub grace_rx: tokio::sync::watch::Receiver<bool>,
     /// Ties each request span to the client's W3C trace.
     pub trace_link: Arc<dyn trace::TraceLink>,
+    /// API keys (`None`: `[auth]` is off and every request is served).
+    pub auth: Option<Arc<auth::Auth>>,
+    /// Tenants' budgets.
+    pub limits: Arc<limits::Limiter>,
 }
 
 impl State {
@@ -204,6 +220,8 @@ pub fn prefix_params(r: &RoutingConfig) -> PrefixParams {
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` and `/admin/*` are served when `server.admin_listen` is set.
+    pub admin_addr: Option<SocketAddr>,
     state: Arc<State>,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -228,6 +246,9 @@ fn build(
     )?;
     let target = cfg.pools.target_ratio.map(|r| r.value());
     let metrics = Arc::new(Metrics::new(target, cfg.telemetry.metrics));
+    let auth = auth::Auth::start(&cfg.auth, metrics.clone())?;
+    let limits =
+        Arc::new(limits::Limiter::new(&cfg.limits, metrics.clone()).map_err(StartError::Limits)?);
     let pools = pool::start(&cfg, metrics.clone(), edges.resolver);
     let d = &cfg.disaggregation;
     let disagg = DisaggSettings {
@@ -292,6 +313,8 @@ fn build(
         shutting_down: std::sync::atomic::AtomicBool::new(false),
         grace_rx,
         trace_link: edges.trace_link,
+        auth,
+        limits,
         cfg,
     }))
 }
@@ -314,10 +337,36 @@ pub fn start_with(
     edges: Edges,
 ) -> Result<Running, StartError> {
     let addr = listener.local_addr()?;
+    let admin = match cfg.server.admin_listen {
+        Some(a) => {
+            let bind = || {
+                let l = std::net::TcpListener::bind(a)?;
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            };
+            Some(bind().map_err(|source| StartError::AdminListen { addr: a, source })?)
+        }
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
     let (grace_tx, grace_rx) = tokio::sync::watch::channel(false);
     let state = build(cfg, edges, grace_rx)?;
+    let admin = admin.map(|l| tokio::spawn(server::serve_admin(l, state.clone())));
     // On the signal: fail `/ready`, stop accepting, let in-flight responses finish; after the
-    // grace period, end the streams still open with an error event and return.
-    let task = tokio::spawn(server::serve(listener, state.clone(), shutdown, grace_tx));
-    Ok(Running { addr, state, task })
+    // grace period, end the streams still open with an error event and return (and close the
+    // admin listener, which answered throughout).
+    let serve = server::serve(listener, state.clone(), shutdown, grace_tx);
+    let task = tokio::spawn(async move {
+        let r = serve.await;
+        if let Some(a) = admin {
+            a.abort();
+        }
+        r
+    });
+    Ok(Running {
+        addr,
+        admin_addr,
+        state,
+        task,
+    })
 }

@@ -101,6 +101,74 @@ pub struct RatioLabels {
     pub kind: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// A tenant name from the key file (bounded by it), never a key.
+    pub tenant: String,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Who may use the front door and how much: API keys and tenants' budgets.
+#[derive(Debug)]
+pub struct AccessMetrics {
+    pub limits_rejected: Family<LimitLabels, Counter>,
+    pub limits_backend_up: Gauge,
+    pub limits_fallback: Counter,
+    pub auth_rejected: Family<ReasonLabels, Counter>,
+    pub auth_reloads: Family<ResultLabels, Counter>,
+    pub auth_keys: Gauge,
+}
+
+impl AccessMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = AccessMetrics {
+            limits_rejected: Family::default(),
+            limits_backend_up: Gauge::default(),
+            limits_fallback: Counter::default(),
+            auth_rejected: Family::default(),
+            auth_reloads: Family::default(),
+            auth_keys: Gauge::default(),
+        };
+        r.register(
+            "tandem_limits_rejected",
+            "Requests answered 429 by tenant and reason (requests, tokens, concurrency, too_large)",
+            m.limits_rejected.clone(),
+        );
+        r.register(
+            "tandem_limits_backend_up",
+            "1 while the limits backend answers (always 1 for local); 0 while Redis is unreachable and budgets are counted per process",
+            m.limits_backend_up.clone(),
+        );
+        r.register(
+            "tandem_limits_fallback",
+            "Limit checks decided from this process's buckets because Redis was unreachable",
+            m.limits_fallback.clone(),
+        );
+        r.register(
+            "tandem_auth_rejected",
+            "Requests answered 401, by reason (missing, malformed, unknown_key)",
+            m.auth_rejected.clone(),
+        );
+        r.register(
+            "tandem_auth_reloads",
+            "Changed API key files read, by result (ok, error: the previous keys stay)",
+            m.auth_reloads.clone(),
+        );
+        r.register("tandem_auth_keys", "API keys in force", m.auth_keys.clone());
+        m
+    }
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn hist(buckets: &'static [f64]) -> Histogram {
@@ -142,6 +210,7 @@ pub struct Metrics {
     pool_engines: Family<PoolStateLabels, Gauge>,
     pd_ratio: Family<RatioLabels, Gauge<f64, AtomicU64>>,
     engine_prefill_rate: Family<EngineLabels, Gauge<f64, AtomicU64>>,
+    pub access: AccessMetrics,
 }
 
 impl Metrics {
@@ -323,8 +392,10 @@ impl Metrics {
                 .get_or_create(&RatioLabels { kind: "target" })
                 .set(t);
         }
+        let access = AccessMetrics::register(&mut r);
         Metrics {
             enabled,
+            access,
             registry: r,
             requests,
             ttft,

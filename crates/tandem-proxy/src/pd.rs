@@ -56,8 +56,14 @@ pub(crate) struct StreamParts {
     content_type: Option<HeaderValue>,
 }
 
-/// Handle one completions or chat request.
-pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: Bytes) -> Response {
+/// Handle one completions or chat request; `tenant` is the caller when `[auth]` is on.
+pub(crate) async fn handle(
+    st: Arc<State>,
+    kind: Kind,
+    headers: HeaderMap,
+    raw: Bytes,
+    tenant: Option<Arc<tandem_config::Tenant>>,
+) -> Response {
     let request_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -101,9 +107,23 @@ pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: 
         }
     };
     fin.prompt_tokens = parsed.prompt_tokens;
+    // The tenant's budgets, before any engine work.
+    let rate = match crate::limits::admit(&st, tenant.as_ref(), &parsed, &mut fin).await {
+        Ok(r) => r,
+        Err(e) => {
+            fin.finish(e.outcome());
+            return with_request_id(e.into_response(), &request_id);
+        }
+    };
+    let with_ids = |mut resp: Response| {
+        if let Some(r) = &rate {
+            crate::error::rate_headers(resp.headers_mut(), r);
+        }
+        with_request_id(resp, &request_id)
+    };
     if parsed.batch {
         let resp = run_batch(&st, &request_id, &raw, session, &parsed, fin).await;
-        return with_request_id(resp, &request_id);
+        return with_ids(resp);
     }
     let result = tracing::Instrument::instrument(run(&st, &parsed, &mut fin), span).await;
     let resp = match result {
@@ -115,7 +135,7 @@ pub(crate) async fn handle(st: Arc<State>, kind: Kind, headers: HeaderMap, raw: 
             e.into_response()
         }
     };
-    with_request_id(resp, &request_id)
+    with_ids(resp)
 }
 
 fn with_request_id(mut resp: Response, request_id: &str) -> Response {
@@ -144,6 +164,8 @@ async fn run_batch(
     };
     // The list's own record would count its prompts twice.
     fin.silence();
+    // Each prompt charges its own output to the list's one permit.
+    let permit = fin.take_permit();
     let parts = parts
         .into_iter()
         .enumerate()
@@ -167,6 +189,9 @@ async fn run_batch(
                 fin.trace.clone(),
             );
             f.prompt_tokens = p.prompt_tokens;
+            if let Some(permit) = &permit {
+                f.set_permit(permit.clone(), p.prompt_tokens);
+            }
             batch::Part { parsed: p, fin: f }
         })
         .collect();
@@ -207,6 +232,7 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
                     let mut next = Some(ev);
                     let mut done = false;
                     while let Some(ev) = next.take() {
+                        fin.saw(ev.bytes());
                         match &ev {
                             Event::Content(_) => fin.mark_content(),
                             Event::Error(_) => fin.finish("engine_error"),
@@ -654,6 +680,7 @@ async fn decode_leg(
             }))
         }
         DecodeAnswer::Full { body, content_type } => {
+            fin.saw(&body);
             fin.mark_content();
             fin.finish("ok");
             drop(guard);

@@ -228,6 +228,28 @@ pub fn set_cached(v: &mut Value, cached: u64) {
     }
 }
 
+#[derive(Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<UsageLite>,
+}
+
+#[derive(Deserialize)]
+struct UsageLite {
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+/// `(prompt_tokens, completion_tokens)` from an SSE event or a whole response body that carries
+/// usage; `None` for anything else (judged by a byte scan first: most events have none).
+pub fn usage_of(bytes: &[u8]) -> Option<(u64, u64)> {
+    memchr::memmem::find(bytes, b"\"completion_tokens\"")?;
+    let payload = trim_ascii(bytes.strip_prefix(b"data: ").unwrap_or(bytes));
+    let u = serde_json::from_slice::<WithUsage>(payload).ok()?.usage?;
+    Some((u.prompt_tokens, u.completion_tokens))
+}
+
 /// Rewrite a whole non-streaming response body's usage.
 pub fn rewrite_body(body: &[u8], cached: u64) -> Option<Bytes> {
     let mut v: Value = serde_json::from_slice(body).ok()?;
@@ -301,6 +323,23 @@ mod tests {
             let ev = classify(Bytes::from([b"data: ", payload, b"\n\n"].concat()), None);
             assert_eq!(matches!(ev, Event::Content(_)), want, "{}", String::from_utf8_lossy(payload));
         }
+    }
+
+    #[test]
+    fn usage_is_read_from_events_and_bodies_that_carry_it() {
+        assert_eq!(
+            usage_of(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"total_tokens\":7,\"completion_tokens\":2}}\n\n"),
+            Some((5, 2))
+        );
+        assert_eq!(
+            usage_of(br#"{"id":"x","choices":[{"text":"completion_tokens"}],"usage":{"prompt_tokens":3,"completion_tokens":9}}"#),
+            Some((3, 9))
+        );
+        assert_eq!(
+            usage_of(b"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\n\n"),
+            None
+        );
+        assert_eq!(usage_of(b"data: [DONE]\n\n"), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures::FutureExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -30,32 +30,70 @@ use tandem_policy::PoolKind;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::Caller;
 use crate::error::ProxyError;
 use crate::front::Kind;
 use crate::State;
 
+/// The public listener's routes. With `[auth]` on, the OpenAI routes need a key; `/health`,
+/// `/ready`, `/ping` and `/version` never do (probes and load balancers call them). `/metrics`
+/// and `/admin/*` are here only without `server.admin_listen`, and then behind the key too.
 pub(crate) fn router(st: Arc<State>) -> Router {
-    Router::new()
+    let mut keyed = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
         .route("/tokenize", post(crate::side::tokenize))
         .route("/detokenize", post(crate::side::detokenize))
+        .route("/reset_prefix_cache", post(crate::side::reset_prefix_cache));
+    if st.cfg.server.admin_listen.is_none() {
+        keyed = keyed.merge(admin_routes());
+    }
+    if st.auth.is_some() {
+        keyed = keyed.route_layer(middleware::from_fn_with_state(
+            st.clone(),
+            crate::auth::require,
+        ));
+    }
+    let open = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/version", get(crate::side::version))
-        .route("/ping", get(crate::side::ping).post(crate::side::ping))
-        .route("/reset_prefix_cache", post(crate::side::reset_prefix_cache))
+        .route("/ping", get(crate::side::ping).post(crate::side::ping));
+    finish(open.merge(keyed), st)
+}
+
+/// The admin listener's routes (`server.admin_listen`): for operators and scrapers on a network
+/// clients cannot reach, so no key.
+pub(crate) fn admin_router(st: Arc<State>) -> Router {
+    let r = admin_routes()
+        .route("/health", get(health))
+        .route("/ready", get(ready));
+    finish(r, st)
+}
+
+fn admin_routes() -> Router<Arc<State>> {
+    Router::new()
+        .route("/metrics", get(metrics))
         .route("/admin/requests", get(recent))
         .route("/admin/requests/pinned", get(pinned))
         .route("/admin/engines", get(engines))
-        .fallback(not_found)
+}
+
+/// The answers every listener shares: 404 and 405 in vLLM's shape, the header limits, panics.
+fn finish(r: Router<Arc<State>>, st: Arc<State>) -> Router {
+    r.fallback(not_found)
         // After every route: it applies to the routes registered before it. axum keeps `Allow`.
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(st.clone(), check_headers))
         .layer(middleware::from_fn(catch_panic))
         .with_state(st)
+}
+
+/// Serve the admin routes on their own listener until the coordinator's task ends (which
+/// aborts this one), so `/metrics` stays readable while the public listener drains.
+pub(crate) async fn serve_admin(listener: TcpListener, st: Arc<State>) -> io::Result<()> {
+    axum::serve(listener, admin_router(st)).await
 }
 
 async fn not_found() -> Response {
@@ -139,15 +177,23 @@ async fn read_body(s: &ServerConfig, h: &HeaderMap, body: Body) -> Result<Bytes,
     }
 }
 
-async fn completions(AxState(st): AxState<Arc<State>>, h: HeaderMap, body: Body) -> Response {
-    generate(st, Kind::Completions, h, body).await
+/// The caller `auth::require` found, if authentication is on.
+type Who = Option<Extension<Caller>>;
+
+async fn completions(
+    AxState(st): AxState<Arc<State>>,
+    who: Who,
+    h: HeaderMap,
+    body: Body,
+) -> Response {
+    generate(st, Kind::Completions, who, h, body).await
 }
 
-async fn chat(AxState(st): AxState<Arc<State>>, h: HeaderMap, body: Body) -> Response {
-    generate(st, Kind::Chat, h, body).await
+async fn chat(AxState(st): AxState<Arc<State>>, who: Who, h: HeaderMap, body: Body) -> Response {
+    generate(st, Kind::Chat, who, h, body).await
 }
 
-async fn generate(st: Arc<State>, kind: Kind, h: HeaderMap, body: Body) -> Response {
+async fn generate(st: Arc<State>, kind: Kind, who: Who, h: HeaderMap, body: Body) -> Response {
     let raw = match read_body(&st.cfg.server, &h, body).await {
         Ok(raw) => raw,
         Err(e) => {
@@ -158,7 +204,8 @@ async fn generate(st: Arc<State>, kind: Kind, h: HeaderMap, body: Body) -> Respo
             return r;
         }
     };
-    crate::pd::handle(st, kind, h, raw).await
+    let tenant = who.map(|Extension(Caller(t))| t);
+    crate::pd::handle(st, kind, h, raw, tenant).await
 }
 
 /// hyper's default read buffer (8 KiB + 100 × 4 KiB).
@@ -314,13 +361,14 @@ async fn ready(AxState(st): AxState<Arc<State>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     // Degraded routing is not unreadiness (requests are still served), but it must show.
-    let warnings: Vec<String> = feed_reports(&st, &pools)
+    let mut warnings: Vec<String> = feed_reports(&st, &pools)
         .into_iter()
         .filter_map(|r| {
             r.problem
                 .map(|p| format!("{} engine {}: {p}", r.pool, r.engine))
         })
         .collect();
+    warnings.extend(st.limits.warning().map(String::from));
     (
         status,
         Json(json!({

@@ -115,6 +115,17 @@ pub struct Finisher {
     outcome: Option<&'static str>,
     /// Records nothing when dropped (a prompt list, whose prompts record themselves).
     silent: bool,
+    /// The tenant's budget this request counts against (`[auth]` on), with what it has taken.
+    budget: Option<Budget>,
+}
+
+/// What one request took from its tenant's token budget: its prompt at admission, one token
+/// per content chunk as they go out, and, at the end, the difference to the answer's usage.
+#[derive(Debug)]
+struct Budget {
+    permit: crate::limits::Permit,
+    taken: u64,
+    usage: Option<(u64, u64)>,
 }
 
 fn secs(a: Instant, b: Instant) -> f64 {
@@ -156,6 +167,31 @@ impl Finisher {
             predicted_cached_tokens: None,
             outcome: None,
             silent: false,
+            budget: None,
+        }
+    }
+
+    /// Count this request against `permit`, which has taken `prompt` tokens already.
+    pub(crate) fn set_permit(&mut self, permit: crate::limits::Permit, prompt: u64) {
+        self.budget = Some(Budget {
+            permit,
+            taken: prompt,
+            usage: None,
+        });
+    }
+
+    /// The request's permit (a prompt list hands it to its prompts, which charge their own).
+    pub(crate) fn take_permit(&mut self) -> Option<crate::limits::Permit> {
+        self.budget.take().map(|b| b.permit)
+    }
+
+    /// An event or a whole answer going to the client: its usage, if it has one, settles the
+    /// budget at the end (only read when a budget is kept).
+    pub fn saw(&mut self, bytes: &[u8]) {
+        if let Some(b) = &mut self.budget {
+            if let Some(u) = crate::relay::usage_of(bytes) {
+                b.usage = Some(u);
+            }
         }
     }
 
@@ -216,6 +252,11 @@ impl Finisher {
         }
         self.last_content = Some(now);
         self.content_chunks += 1;
+        if let Some(b) = &mut self.budget {
+            // One chunk is one token as vLLM streams; usage corrects it at the end.
+            b.permit.charge(1);
+            b.taken += 1;
+        }
     }
 
     pub fn finish(&mut self, outcome: &'static str) {
@@ -331,6 +372,14 @@ impl Finisher {
 
 impl Drop for Finisher {
     fn drop(&mut self) {
+        if let Some(Budget {
+            permit,
+            taken,
+            usage: Some((prompt, completion)),
+        }) = &self.budget
+        {
+            permit.charge((prompt + completion) as i64 - *taken as i64);
+        }
         if self.silent {
             return;
         }

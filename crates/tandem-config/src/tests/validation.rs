@@ -363,3 +363,45 @@ fn validate_is_usable_on_a_built_config() {
         Err(ConfigError::Invalid { key, .. }) if key == "pools.decode.endpoints"
     ));
 }
+
+#[test]
+fn auth_limits_backend_and_admin_listener_are_checked() {
+    for key in [
+        "limits.redis_timeout_ms",
+        "limits.redis_retry_ms",
+        "auth.reload_interval_ms",
+    ] {
+        invalid_override(&[(key, "0")], key);
+    }
+    let reason = invalid_override(&[("limits.backend", "redis")], "limits.redis_url");
+    assert!(reason.contains("needs redis_url"), "{reason}");
+    // The URL may carry a password: the reason never quotes it.
+    let reason = invalid_override(
+        &[("limits.redis_url", "rediss://:hunter2@r:6379")],
+        "limits.redis_url",
+    );
+    assert!(!reason.contains("hunter2"), "{reason}");
+    invalid_override(
+        &[("limits.redis_key_prefix", "a b")],
+        "limits.redis_key_prefix",
+    );
+    invalid_override(&[("auth.keys_file", "")], "auth.keys_file");
+    invalid_override(&[("auth.keys_env", "A=B")], "auth.keys_env");
+    invalid_override(
+        &[
+            ("server.listen", "127.0.0.1:8000"),
+            ("server.admin_listen", "127.0.0.1:8000"),
+        ],
+        "server.admin_listen",
+    );
+    let ok = with_pools(
+        "[server]\nadmin_listen = \"127.0.0.1:0\"\n\
+         [limits]\nbackend = \"redis\"\nredis_url = \"unix:///run/redis.sock\"\n\
+         [auth]\nkeys_file = \"/etc/tandem/keys.toml\"",
+    );
+    let cfg = from_toml_str(&ok).unwrap();
+    assert!(cfg.auth.enabled());
+    assert_eq!(cfg.limits.backend, LimitsBackend::Redis);
+    assert_eq!(from_toml_str(&render(&cfg)).unwrap(), cfg);
+    assert!(!Config::new(cfg.pools.clone()).auth.enabled());
+}
