@@ -47,6 +47,16 @@ async fn tokenize_and_detokenize_answer_in_vllms_shapes_with_the_engines_ids() {
         .await;
     assert_eq!(status, 200, "{chat}");
     assert!(chat["count"].as_u64() > Some(2), "{chat}");
+    // vLLM's chat default is add_special_tokens = false (the template writes any BOS): the
+    // engine's ids for the same messages are Tandem's.
+    let (_, engine_chat) = p
+        .post_json(
+            "/tokenize",
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+            None,
+        )
+        .await;
+    assert_eq!(chat["tokens"], engine_chat["tokens"]);
     // Bad input: vLLM's 400 and 404.
     let (status, err) = t
         .post_json("/detokenize", &json!({"tokens": "x"}), None)
