@@ -15,11 +15,14 @@ mod observability;
 mod openai_fields;
 #[cfg(feature = "otel")]
 mod otel;
+mod outlier;
 mod overload;
 mod pd;
+mod priority;
 mod protocols;
 mod routing;
 mod side_endpoints;
 mod sim_grpc;
 mod support;
 mod tenants;
+mod tls;

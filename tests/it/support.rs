@@ -381,6 +381,11 @@ impl Tandem {
         }
     }
 
+    /// The process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self._child.id()
+    }
+
     /// Send SIGTERM, as Kubernetes does to stop a pod.
     pub fn terminate(&self) {
         let pid = self._child.id().expect("still running");
@@ -466,7 +471,8 @@ impl Tandem {
 
 /// What `sims` and `tandem` still hold: each sim's KV usage and running or waiting requests,
 /// Tandem's per-engine in-flight counts and KV reservations (empty when nothing is).
-pub async fn held_by<'a>(sims: impl Iterator<Item = &'a Sim>, tandem: &Tandem) -> Vec<String> {
+/// `tandem`: the coordinator, or its admin listener (`Tandem::admin`).
+pub async fn held_by<'a>(sims: impl Iterator<Item = &'a Sim>, tandem: &Peer) -> Vec<String> {
     let mut held = Vec::new();
     for (i, s) in sims.enumerate() {
         let m = s.metrics().await;
@@ -481,10 +487,13 @@ pub async fn held_by<'a>(sims: impl Iterator<Item = &'a Sim>, tandem: &Tandem) -
             }
         }
     }
-    for e in tandem.engines().await["engines"]
-        .as_array()
-        .expect("engines")
-    {
+    let engines: Value = tandem
+        .get("/admin/engines")
+        .await
+        .json()
+        .await
+        .expect("/admin/engines answers JSON");
+    for e in engines["engines"].as_array().expect("engines") {
         for k in ["inflight", "kv_reserved_blocks"] {
             if e[k].as_u64() != Some(0) {
                 held.push(format!(

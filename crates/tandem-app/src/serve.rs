@@ -71,7 +71,8 @@ pub fn check(cmd: ConfigCommand) -> Result<(), String> {
                  need = ceil((prompt_tokens + min(max_tokens, {})) / block_size); engines with \
                  spare ≥ {}: the fewest in-flight(e)/weight(e); otherwise the most weight(e)·spare(e), \
                  within {} of it the fewest in-flight; none: wait in admission \
-                 (max {} requests, {} ms), then 503 Retry-After {} s",
+                 (max {} requests; interactive before default before batch, fair by tenant weight \
+                 within a class; {} ms for the default class), then 503 Retry-After {} s",
                 cfg.routing.expected_output_tokens,
                 tandem_proxy::KV_PLENTY,
                 tandem_proxy::KV_NEAR_TIE,

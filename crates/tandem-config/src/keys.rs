@@ -5,6 +5,7 @@
 //! [[tenants]]
 //! name = "team-a"                 # [A-Za-z0-9._-], at most 64 characters; a metric label
 //! priority = "interactive"        # "interactive" | "default" | "batch"
+//! weight = 2                      # share of its class's admissions when tenants wait; 1..=1000
 //! requests_per_minute = 60        # each limit optional: unset = unlimited
 //! tokens_per_minute = 200000      # prompt + output tokens
 //! max_concurrent_requests = 8
@@ -26,7 +27,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A tenant's admission class (item 3's weighted-fair admission reads it).
+/// A tenant's admission class: waiters of a higher class are admitted first, and a full
+/// admission queue sheds the lowest class first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Priority {
@@ -70,6 +72,8 @@ impl TenantLimits {
 pub struct Tenant {
     pub name: String,
     pub priority: Priority,
+    /// Its share of its class's admissions while tenants of the class wait (default 1).
+    pub weight: u32,
     pub limits: TenantLimits,
 }
 
@@ -131,6 +135,7 @@ struct TenantDoc {
     name: String,
     #[serde(default)]
     priority: Priority,
+    weight: Option<u32>,
     // Spelled out: serde cannot deny unknown fields through `flatten`.
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
@@ -144,6 +149,10 @@ struct KeyDoc {
     key_sha256: Option<String>,
     tenant: String,
 }
+
+/// The largest tenant weight: a wider range would let one tenant's share round the others'
+/// to nothing.
+pub const MAX_WEIGHT: u32 = 1000;
 
 /// Parse and check a key document.
 pub fn parse_keys(text: &str) -> Result<KeyFile, KeyFileError> {
@@ -190,9 +199,17 @@ pub fn parse_keys(text: &str) -> Result<KeyFile, KeyFileError> {
                 _ => {}
             }
         }
+        let weight = t.weight.unwrap_or(1);
+        if !(1..=MAX_WEIGHT).contains(&weight) {
+            return Err(invalid(
+                format!("{item}.weight"),
+                format!("must be 1 to {MAX_WEIGHT}"),
+            ));
+        }
         tenants.push(Tenant {
             name: t.name,
             priority: t.priority,
+            weight,
             limits: l,
         });
     }
@@ -320,6 +337,7 @@ mod tests {
 [[tenants]]
 name = "team-a"
 priority = "interactive"
+weight = 3
 requests_per_minute = 60
 tokens_per_minute = 1000
 
@@ -344,6 +362,8 @@ tenant = "free"
         assert_eq!(f.tenants[0].limits.max_concurrent_requests, None);
         assert!(f.tenants[1].limits.unlimited());
         assert_eq!(f.tenants[1].priority, Priority::Default);
+        assert_eq!(f.tenants[0].weight, 3);
+        assert_eq!(f.tenants[1].weight, 1);
         assert_eq!(f.keys[0].secret, KeySecret::Plain("sk-a-1".into()));
         assert_eq!(f.keys[1].tenant, 1);
         let KeySecret::Sha256(h) = f.keys[1].secret else {
@@ -404,6 +424,11 @@ tenant = "free"
             (
                 "[[tenants]]\nname = \"a\"\n[[keys]]\ntenant = \"a\"",
                 "keys[0]",
+            ),
+            ("[[tenants]]\nname = \"a\"\nweight = 0", "tenants[0].weight"),
+            (
+                "[[tenants]]\nname = \"a\"\nweight = 1001",
+                "tenants[0].weight",
             ),
             (
                 "[[tenants]]\nname = \"a\"\n[[keys]]\nkey_sha256 = \"abc\"\ntenant = \"a\"",

@@ -17,6 +17,7 @@
 //!
 //! `tandem.example.toml` next to this crate lists every key with its default.
 
+mod engines;
 pub mod keys;
 mod routing;
 mod schema;
@@ -31,6 +32,7 @@ use std::path::Path;
 use config::builder::DefaultState;
 use config::{ConfigBuilder, Environment, File, FileFormat};
 
+pub use engines::{OutlierConfig, TlsConfig};
 pub use keys::{parse_keys, KeyFile, KeyFileError, Priority, Tenant, TenantLimits};
 pub use routing::{
     AdmissionConfig, KvEventsConfig, PolicyName, PrefixFeed, PrefixIndexConfig, RoutingConfig,

@@ -137,14 +137,31 @@ impl Default for RoutingConfig {
     }
 }
 
-/// Requests no decode engine has KV room for wait here instead of overloading an engine.
+/// Requests no decode engine has KV room for wait here instead of overloading an engine: one
+/// queue, ordered by the tenant's priority class (interactive, default, batch), then weighted-fair
+/// across the tenants of a class, then first come first served within a tenant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdmissionConfig {
-    /// Requests that may wait at once; beyond that, 503 with Retry-After.
+    /// Requests that may wait at once, every class together; beyond that, 503 with Retry-After
+    /// (or, with `shed`, a waiter of a lower class is refused in the newcomer's place).
     pub max_queued: u32,
-    /// Longest wait, milliseconds; then 503 with Retry-After.
+    /// Requests of one tenant that may wait at once (`None`: up to `max_queued`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued_per_tenant: Option<u32>,
+    /// Longest wait of the `default` class (and of every request when `[auth]` is off),
+    /// milliseconds; then 503 with Retry-After.
     pub max_wait_ms: u64,
+    /// Longest wait of the `interactive` class: a user is better served by a quick 503 than by a
+    /// first token past the SLO.
+    pub interactive_max_wait_ms: u64,
+    /// Longest wait of the `batch` class: it tolerates waiting, and is shed first when the
+    /// queue is full.
+    pub batch_max_wait_ms: u64,
+    /// When the queue is full, a newcomer refuses the waiter of the lowest class below its own
+    /// that would be admitted last (batch first, then default) and takes its place; `false`:
+    /// the newcomer is refused.
+    pub shed: bool,
     /// The Retry-After value sent with those 503s, seconds.
     pub retry_after_secs: u64,
     /// Most uncached prompt tokens queued on one prefill engine; a request whose prefill would
@@ -153,11 +170,26 @@ pub struct AdmissionConfig {
     pub max_prefill_queue_tokens: u64,
 }
 
+impl AdmissionConfig {
+    /// The longest wait of a class, milliseconds.
+    pub fn max_wait_ms_for(&self, class: crate::Priority) -> u64 {
+        match class {
+            crate::Priority::Interactive => self.interactive_max_wait_ms,
+            crate::Priority::Default => self.max_wait_ms,
+            crate::Priority::Batch => self.batch_max_wait_ms,
+        }
+    }
+}
+
 impl Default for AdmissionConfig {
     fn default() -> Self {
         Self {
             max_queued: 1024,
+            max_queued_per_tenant: None,
             max_wait_ms: 5_000,
+            interactive_max_wait_ms: 2_000,
+            batch_max_wait_ms: 30_000,
+            shed: true,
             retry_after_secs: 1,
             max_prefill_queue_tokens: 262_144,
         }

@@ -15,6 +15,7 @@ use std::str::FromStr;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+use crate::engines::{OutlierConfig, TlsConfig};
 use crate::routing::{
     AdmissionConfig, KvEventsConfig, PolicyName, PrefixIndexConfig, RoutingConfig,
 };
@@ -48,6 +49,10 @@ pub struct Config {
     #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
+    pub outlier: OutlierConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
     pub logging: LoggingConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -68,6 +73,8 @@ impl Config {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             health: HealthConfig::default(),
+            outlier: OutlierConfig::default(),
+            tls: TlsConfig::default(),
             logging: LoggingConfig::default(),
             telemetry: TelemetryConfig::default(),
         }

@@ -1,6 +1,7 @@
 //! Loading, layering, serde shapes and rendering. Validation rules are in
 //! `tests/validation.rs`.
 
+mod engines;
 mod validation;
 
 use std::collections::HashMap;
@@ -617,6 +618,9 @@ fn render_round_trips_a_config_with_every_option_set() {
     cfg.pools.prefill.prefix_index.ttl_secs = 60;
     cfg.routing.release_ratio = 2.5;
     cfg.admission.max_queued = 7;
+    cfg.admission.max_queued_per_tenant = Some(3);
+    cfg.admission.batch_max_wait_ms = 60_000;
+    cfg.admission.shed = false;
     cfg.pools.decode.endpoints = vec![Endpoint {
         weight: 0.5,
         ..Endpoint::new("https://[fe80::1]:8443")

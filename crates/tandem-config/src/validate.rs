@@ -116,6 +116,8 @@ impl Config {
         positive("health.scrape_interval_ms", h.scrape_interval_ms)?;
         positive("health.unhealthy_after", u64::from(h.unhealthy_after))?;
         positive("health.healthy_after", u64::from(h.healthy_after))?;
+        self.outlier.validate()?;
+        self.tls.validate()?;
 
         let r = &self.routing;
         if !(r.release_ratio >= 1.0 && r.release_ratio.is_finite()) {
@@ -131,7 +133,16 @@ impl Config {
             ));
         }
         positive("routing.expected_output_tokens", r.expected_output_tokens)?;
-        positive("admission.max_wait_ms", self.admission.max_wait_ms)?;
+        let a = &self.admission;
+        positive("admission.max_wait_ms", a.max_wait_ms)?;
+        positive(
+            "admission.interactive_max_wait_ms",
+            a.interactive_max_wait_ms,
+        )?;
+        positive("admission.batch_max_wait_ms", a.batch_max_wait_ms)?;
+        if let Some(n) = a.max_queued_per_tenant {
+            positive("admission.max_queued_per_tenant", u64::from(n))?;
+        }
 
         if self.logging.level.trim().is_empty() {
             return Err(invalid("logging.level", "must not be empty, e.g. \"info\""));
@@ -330,6 +341,14 @@ impl Config {
                 self.routing.expected_output_tokens,
             ),
             ("admission.max_wait_ms", self.admission.max_wait_ms),
+            (
+                "admission.interactive_max_wait_ms",
+                self.admission.interactive_max_wait_ms,
+            ),
+            (
+                "admission.batch_max_wait_ms",
+                self.admission.batch_max_wait_ms,
+            ),
             (
                 "admission.max_prefill_queue_tokens",
                 self.admission.max_prefill_queue_tokens,

@@ -28,6 +28,9 @@ pub enum Health {
     Unhealthy,
     /// Left discovery or shutting down: in-flight requests finish, nothing new is routed.
     Draining,
+    /// Passing its probes but taken out of rotation by outlier detection (its requests failed
+    /// too often in a row); in-flight requests finish, nothing new is routed.
+    Ejected,
 }
 
 impl Health {
@@ -37,6 +40,7 @@ impl Health {
             Health::Healthy => "healthy",
             Health::Unhealthy => "unhealthy",
             Health::Draining => "draining",
+            Health::Ejected => "ejected",
         }
     }
 }
@@ -48,7 +52,8 @@ pub struct EngineView {
     pub id: usize,
     pub url: Arc<str>,
     pub health: Health,
-    /// Relative capacity for mixed GPUs (1.0 = baseline).
+    /// Relative capacity for mixed GPUs (1.0 = baseline), as the coordinator weighs the engine
+    /// now: less than configured while it ramps up after coming back (slow start).
     pub weight: f64,
     /// Requests the coordinator has in flight on this engine.
     pub inflight: u32,

@@ -39,10 +39,11 @@ pub(crate) async fn run(
     st: &Arc<State>,
     request_id: &str,
     stream: bool,
+    who: &crate::admission::Who,
     mut parts: Vec<Part>,
 ) -> Response {
     let runs = parts.iter_mut().map(|p| async {
-        pd::run(st, &p.parsed, &mut p.fin)
+        pd::run(st, &p.parsed, who, &mut p.fin)
             .await
             .map_err(|e| (e, &mut p.fin))
     });

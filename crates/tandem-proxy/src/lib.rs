@@ -7,6 +7,7 @@
 /// The vLLM gRPC schema version the gRPC transport speaks (`vllm-proto`, pinned exactly).
 pub const VLLM_PROTO_VERSION: &str = vllm_proto::VERSION;
 
+mod admission;
 mod auth;
 mod batch;
 mod engine;
@@ -27,6 +28,7 @@ mod route;
 mod server;
 mod side;
 mod timing;
+mod tls;
 pub mod trace;
 mod upstream;
 
@@ -60,6 +62,8 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error("{0}")]
     Limits(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot listen on server.admin_listen {addr}: {source}")]
     AdminListen {
         addr: SocketAddr,
@@ -95,8 +99,8 @@ pub(crate) struct State {
     pub decode_index: Arc<prefix::PoolIndex>,
     /// The precise prefix feeds (empty when every pool is fed approximately).
     pub feeds: Arc<kvfeed::Feeds>,
-    /// Requests in the admission queue now.
-    pub admission_waiting: std::sync::atomic::AtomicU32,
+    /// The admission queue: requests waiting for room, in priority and fair order.
+    pub admission: admission::Admission,
     /// Decode KV blocks promised, pool-wide, to requests whose prefill is running (see
     /// `route::PendingDecode`).
     pub pending_decode_blocks: AtomicU64,
@@ -249,7 +253,8 @@ fn build(
     let auth = auth::Auth::start(&cfg.auth, metrics.clone())?;
     let limits =
         Arc::new(limits::Limiter::new(&cfg.limits, metrics.clone()).map_err(StartError::Limits)?);
-    let pools = pool::start(&cfg, metrics.clone(), edges.resolver);
+    let tls = tls::EngineTls::load(&cfg)?;
+    let pools = pool::start(&cfg, metrics.clone(), edges.resolver, tls);
     let d = &cfg.disaggregation;
     let disagg = DisaggSettings {
         mode: match d.mode {
@@ -299,7 +304,7 @@ fn build(
         prefill_index,
         decode_index,
         feeds,
-        admission_waiting: std::sync::atomic::AtomicU32::new(0),
+        admission: admission::Admission::new(&cfg.admission, metrics.clone()),
         pending_decode_blocks: AtomicU64::new(0),
         handoffs: handoff::Registry::default(),
         recent: Arc::new(timing::Recent::new(cfg.server.recent_requests)),

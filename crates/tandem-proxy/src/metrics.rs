@@ -13,6 +13,10 @@ use tandem_policy::{Health, PoolKind};
 
 use crate::pool::Pools;
 
+mod outlier;
+
+pub use outlier::OutlierMetrics;
+
 /// Time to first token and its phases: 1 ms to 5 minutes. LLM TTFT spans a cached short prompt
 /// (milliseconds) to a queued 100k-token prefill (minutes). Between 10 ms and 10 s, where SLOs
 /// sit, the edges are the E24 series (each at most 10 % above the last), so a quantile that
@@ -108,6 +112,19 @@ pub struct LimitLabels {
     pub reason: &'static str,
 }
 
+/// An admission class (`interactive`, `default`, `batch`) and why a request waited or was
+/// refused.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    pub class: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
@@ -193,9 +210,10 @@ pub struct Metrics {
     pub retries: Family<RetryLabels, Counter>,
     pub reported_cached_tokens: Counter,
     pub predicted_cached_tokens: Counter,
-    pub admission_queued: Counter,
-    pub admission_rejected: Counter,
-    pub admission_waiting: Gauge,
+    pub admission_queued: Family<AdmissionLabels, Counter>,
+    pub admission_rejected: Family<AdmissionLabels, Counter>,
+    pub admission_waiting: Family<ClassLabels, Gauge>,
+    pub admission_waiting_peak: Gauge,
     handoffs: Family<OutcomeLabels, Counter>,
     pub handoffs_pinned: Gauge,
     pub kv_feed_batches: Counter,
@@ -211,6 +229,7 @@ pub struct Metrics {
     pd_ratio: Family<RatioLabels, Gauge<f64, AtomicU64>>,
     engine_prefill_rate: Family<EngineLabels, Gauge<f64, AtomicU64>>,
     pub access: AccessMetrics,
+    pub outlier: OutlierMetrics,
 }
 
 impl Metrics {
@@ -288,23 +307,29 @@ impl Metrics {
             "Prompt tokens the prefix index predicted cached on the chosen prefill engine, for requests whose engine reported cached tokens (compare with tandem_reported_cached_tokens)",
             predicted_cached_tokens.clone(),
         );
-        let admission_queued = Counter::default();
+        let admission_queued = Family::<AdmissionLabels, Counter>::default();
         r.register(
             "tandem_admission_queued",
-            "Requests that waited because no decode engine had KV room",
+            "Waits in the admission queue, by class and reason: decode_kv (no decode room in the pool for it besides the requests in prefill), prefill_queue (every prefill engine's queue full), handoff (prefill done, no decode engine with KV room)",
             admission_queued.clone(),
         );
-        let admission_rejected = Counter::default();
+        let admission_rejected = Family::<AdmissionLabels, Counter>::default();
         r.register(
             "tandem_admission_rejected",
-            "Requests answered 503 because no decode engine had KV room (queue full or wait too long)",
+            "Requests answered 503 by admission, by class and reason: queue_full, tenant_queue_full, deadline (waited the class's longest wait), shed (its place given to a higher class)",
             admission_rejected.clone(),
         );
-        let admission_waiting = Gauge::default();
+        let admission_waiting = Family::<ClassLabels, Gauge>::default();
         r.register(
             "tandem_admission_waiting",
-            "Requests waiting now for decode KV room",
+            "Requests waiting in the admission queue now, by class",
             admission_waiting.clone(),
+        );
+        let admission_waiting_peak = Gauge::default();
+        r.register(
+            "tandem_admission_waiting_peak",
+            "The most requests that have waited in the admission queue at once since start (at most admission.max_queued)",
+            admission_waiting_peak.clone(),
         );
         let handoffs = Family::<OutcomeLabels, Counter>::default();
         r.register(
@@ -393,9 +418,11 @@ impl Metrics {
                 .set(t);
         }
         let access = AccessMetrics::register(&mut r);
+        let outlier = OutlierMetrics::register(&mut r);
         Metrics {
             enabled,
             access,
+            outlier,
             registry: r,
             requests,
             ttft,
@@ -412,6 +439,7 @@ impl Metrics {
             admission_queued,
             admission_rejected,
             admission_waiting,
+            admission_waiting_peak,
             handoffs,
             handoffs_pinned,
             kv_feed_batches,
@@ -445,7 +473,7 @@ impl Metrics {
     /// Refresh the per-engine and per-pool gauges from a pool view.
     pub fn observe_pools(&self, p: &Pools) {
         for kind in [PoolKind::Prefill, PoolKind::Decode] {
-            let mut counts = [0i64; 4];
+            let mut counts = [0i64; 5];
             for e in p.pool(kind) {
                 let l = EngineLabels {
                     pool: kind.as_str(),
@@ -472,6 +500,7 @@ impl Metrics {
                 Health::Healthy,
                 Health::Unhealthy,
                 Health::Draining,
+                Health::Ejected,
             ] {
                 self.pool_engines
                     .get_or_create(&PoolStateLabels {
@@ -481,6 +510,7 @@ impl Metrics {
                     .set(counts[health_index(h)]);
             }
         }
+        self.outlier.observe(p);
         let (np, nd) = (p.healthy(PoolKind::Prefill), p.healthy(PoolKind::Decode));
         if nd > 0 {
             self.pd_ratio
@@ -535,6 +565,7 @@ fn health_index(h: Health) -> usize {
         Health::Healthy => 1,
         Health::Unhealthy => 2,
         Health::Draining => 3,
+        Health::Ejected => 4,
     }
 }
 
@@ -627,6 +658,18 @@ mod tests {
             .get_or_create(&RatioLabels { kind: "live" })
             .set(1.0);
         m.handoff("delivered");
+        for f in [&m.admission_queued, &m.admission_rejected] {
+            f.get_or_create(&AdmissionLabels {
+                class: "batch",
+                reason: "r",
+            })
+            .inc();
+        }
+        m.admission_waiting
+            .get_or_create(&ClassLabels { class: "batch" })
+            .set(1);
+        m.outlier.ejected(PoolKind::Decode, "http://d", "5xx");
+        m.outlier.weight.get_or_create(&e).set(1.0);
         let names = exported(&m);
         assert!(names.iter().all(|n| n.starts_with("tandem_")), "{names:?}");
         for family in [
@@ -646,6 +689,12 @@ mod tests {
             "tandem_pd_ratio",
             "tandem_handoffs_total",
             "tandem_handoffs_pinned",
+            "tandem_engine_ejections_total",
+            "tandem_engine_effective_weight",
+            "tandem_admission_queued_total",
+            "tandem_admission_rejected_total",
+            "tandem_admission_waiting",
+            "tandem_admission_waiting_peak",
         ] {
             assert!(names.contains(family), "{family} not exported");
         }

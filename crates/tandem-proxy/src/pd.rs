@@ -29,13 +29,13 @@ use bytes::Bytes;
 use tandem_policy::{DisaggReason, Health, PlanError, PoolKind};
 
 use crate::batch;
-use crate::engine::error::{EngineError, LegError};
+use crate::engine::error::{EngineError, ErrorKind, LegError};
 use crate::engine::{DecodeAnswer, DecodeDeadlines, DecodeStream, KvParams, Leg, Warm};
 use crate::error::{sse_error, ProxyError};
 use crate::front::{self, Kind, Parsed};
 use crate::handoff::Handoff;
 use crate::metrics::{RetryLabels, RouteLabels};
-use crate::pool::{Engine, LoadGuard, Suspect};
+use crate::pool::{Engine, LoadGuard};
 use crate::prefill;
 use crate::relay::{Event, RelayError};
 use crate::route::{self, RouteError};
@@ -54,6 +54,8 @@ pub(crate) struct StreamParts {
     first: Event,
     guard: LoadGuard,
     content_type: Option<HeaderValue>,
+    /// The decode engine, told if the stream breaks (outlier detection).
+    engine: Arc<Engine>,
 }
 
 /// Handle one completions or chat request; `tenant` is the caller when `[auth]` is on.
@@ -99,6 +101,8 @@ pub(crate) async fn handle(
         .session_affinity
         .then(|| headers.get(front::SESSION_HEADER).map(|v| v.as_bytes()))
         .flatten();
+    // Its place in the admission queue: its tenant's class and weight.
+    let who = crate::admission::Who::of(tenant.as_deref());
     let parsed = match front::parse(kind, &raw, &st.tokenizer, &st.cfg.limits, session) {
         Ok(p) => p,
         Err(e) => {
@@ -122,10 +126,10 @@ pub(crate) async fn handle(
         with_request_id(resp, &request_id)
     };
     if parsed.batch {
-        let resp = run_batch(&st, &request_id, &raw, session, &parsed, fin).await;
+        let resp = run_batch(&st, &request_id, &raw, session, &parsed, &who, fin).await;
         return with_ids(resp);
     }
-    let result = tracing::Instrument::instrument(run(&st, &parsed, &mut fin), span).await;
+    let result = tracing::Instrument::instrument(run(&st, &parsed, &who, &mut fin), span).await;
     let resp = match result {
         Ok(Done::Full(r)) => r,
         Ok(Done::Stream(parts)) => stream_response(&st, parts, fin),
@@ -152,6 +156,7 @@ async fn run_batch(
     raw: &[u8],
     session: Option<&[u8]>,
     parsed: &Parsed,
+    who: &crate::admission::Who,
     mut fin: Finisher,
 ) -> Response {
     let bodies = batch::split(raw).unwrap_or_default();
@@ -196,7 +201,8 @@ async fn run_batch(
         })
         .collect();
     let span = fin.span.clone();
-    tracing::Instrument::instrument(batch::run(st, request_id, parsed.stream, parts), span).await
+    tracing::Instrument::instrument(batch::run(st, request_id, parsed.stream, who, parts), span)
+        .await
 }
 
 pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Finisher) -> Response {
@@ -207,7 +213,9 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
         first,
         guard,
         content_type,
+        engine,
     } = parts;
+    let pools = st.pools.clone();
     let body = async_stream::stream! {
         if matches!(first, Event::Content(_)) {
             fin.mark_content();
@@ -251,10 +259,11 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let reason = match e {
-                        RelayError::Idle(_) => "decode_stalled",
-                        _ => "decode_died",
+                    let (reason, kind) = match e {
+                        RelayError::Idle(_) => ("decode_stalled", ErrorKind::Timeout),
+                        _ => ("decode_died", ErrorKind::Read),
                     };
+                    pools.failed(&engine, kind, false, None);
                     fin.finish(reason);
                     tracing::warn!(request_id = %fin.request_id, error = %e, "decode stream failed after the first byte");
                     yield Ok(sse_error(&e.to_string()));
@@ -277,6 +286,7 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
 pub(crate) async fn run(
     st: &Arc<State>,
     req: &Parsed,
+    who: &crate::admission::Who,
     fin: &mut Finisher,
 ) -> Result<Done, ProxyError> {
     let served = st.served_model();
@@ -293,7 +303,6 @@ pub(crate) async fn run(
     let mut force_local = None;
     let mut last_err = String::new();
     let pred = route::predict(st, req);
-    let queued = std::sync::atomic::AtomicBool::new(false);
     // Each pass spends at least one attempt, so this bounds re-planning.
     for _ in 0..(retries.prefill_attempts + retries.decode_attempts) {
         relax_decode_exclusions(st, &mut ex_d, None);
@@ -302,7 +311,7 @@ pub(crate) async fn run(
             exclude_prefill: &ex_p,
             exclude_decode: &ex_d,
             force_local,
-            queued: &queued,
+            who,
         };
         let routed = route::plan_admitted(st, req, &pred, &attempt)
             .await
@@ -392,20 +401,13 @@ pub(crate) async fn run(
                     force_local = Some(DisaggReason::PrefillRejected);
                     continue;
                 }
-                Err(LegError::Retry(EngineError {
-                    kind,
-                    message,
-                    suspect,
-                    ..
-                })) => {
-                    // Failed attempts are prefill time, whatever runs next.
+                Err(LegError::Retry(EngineError { kind, message, .. })) => {
+                    // Failed attempts are prefill time, whatever runs next. (The leg's own task
+                    // reported the failure to the control loop: prefill.rs.)
                     fin.mark_params();
                     let reason = kind.as_str();
                     count_retry(st, "prefill", reason);
                     tracing::warn!(request_id = %fin.request_id, engine = %p_engine.url, reason, %message, "prefill leg failed");
-                    if suspect {
-                        report(st, &p_engine);
-                    }
                     ex_p.push(pp.id);
                     last_err = message.clone();
                     if fin.prefill_attempts >= retries.prefill_attempts {
@@ -443,7 +445,7 @@ pub(crate) async fn run(
                             exclude: &ex_d,
                             prefill_id,
                             current: d_engine.id,
-                            queued: &queued,
+                            who,
                         },
                     )
                     .await
@@ -471,14 +473,19 @@ pub(crate) async fn run(
                 guard,
             };
             let seen_before = handoff.as_mut().map(Handoff::sending);
+            // A decode leg that carries a prefill's KV reports on that transfer too.
+            let kv_from = prefill_id.filter(|_| params.is_some());
             match decode_leg(st, target, params.as_deref(), req, fin, cached).await {
                 Ok(done) => {
+                    st.pools.succeeded(&d_engine, kv_from);
                     if let Some(h) = handoff.take() {
                         h.delivered();
                     }
                     return Ok(done);
                 }
                 Err(LegError::Relay(e)) => {
+                    // The engine answered: it is up, whatever it thought of the request.
+                    st.pools.succeeded(&d_engine, None);
                     // A 4xx is the decode engine's serving layer refusing it, which frees the
                     // KV; any other answer drops the handoff, whose release leg frees it.
                     if let (Some(h), ProxyError::Engine { status, .. }) = (handoff.take(), &e) {
@@ -498,9 +505,8 @@ pub(crate) async fn run(
                     let reason = kind.as_str();
                     count_retry(st, "decode", reason);
                     tracing::warn!(request_id = %fin.request_id, engine = %d_engine.url, reason, %message, "decode leg failed before its first byte");
-                    if suspect {
-                        report(st, &d_engine);
-                    }
+                    st.pools
+                        .failed(&d_engine, kind, suspect, kv_from.filter(|_| delivered));
                     ex_d.push(d_engine.id);
                     if let (Some(h), Some(seen)) = (handoff.as_mut(), seen_before) {
                         h.avoid(d_engine.id);
@@ -609,14 +615,6 @@ fn count_retry(st: &State, leg: &'static str, reason: &'static str) {
         .inc();
 }
 
-fn report(st: &State, e: &Engine) {
-    // Best effort: a full queue means a probe round is already due.
-    let _ = st.pools.suspects.try_send(Suspect {
-        pool: e.pool,
-        id: e.id,
-    });
-}
-
 /// How long a non-streaming decode may take: nothing arrives until the whole answer is ready.
 fn full_deadline(st: &State, req: &Parsed) -> Duration {
     let tokens = req.max_tokens.unwrap_or(4096).clamp(1, 100_000) as u32;
@@ -677,6 +675,7 @@ async fn decode_leg(
                 first,
                 guard,
                 content_type,
+                engine: engine.clone(),
             }))
         }
         DecodeAnswer::Full { body, content_type } => {

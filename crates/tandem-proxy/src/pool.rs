@@ -21,6 +21,12 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::engine::{EngineClient, Probe};
 use crate::metrics::Metrics;
 use crate::rate::PrefillRate;
+use crate::tls::EngineTls;
+
+mod outlier;
+
+use outlier::{Missed, Outcome, Outliers};
+pub use outlier::{OutlierView, State as OutlierState};
 
 /// One engine Tandem routes to. Lives as long as any snapshot or request refers to it.
 #[derive(Debug)]
@@ -48,6 +54,8 @@ pub struct Engine {
     pub rate: PrefillRate,
     /// Origin of the seconds `rate` is fed with.
     born: Instant,
+    /// Failures whose report found the control loop's queue full (see `pool/outlier.rs`).
+    missed: Missed,
 }
 
 /// Reservations by id: blocks, and the scrape count when the engine began the request (`None`
@@ -216,6 +224,11 @@ pub struct EngineStatus {
     pub last_error: Option<String>,
     successes: u32,
     failures: u32,
+    /// The probes' own verdict: `health` is this, but `Ejected` while outlier detection holds a
+    /// healthy engine out, and `Draining` once it drains.
+    probed: Health,
+    /// Outlier detection and slow start (`pool/outlier.rs`).
+    pub outlier: OutlierView,
 }
 
 impl EngineStatus {
@@ -246,6 +259,8 @@ impl Default for EngineStatus {
             last_error: None,
             successes: 0,
             failures: 0,
+            probed: Health::Unknown,
+            outlier: OutlierView::default(),
         }
     }
 }
@@ -285,7 +300,8 @@ impl Pools {
                     id: e.engine.id,
                     url: e.engine.url.clone(),
                     health: e.status.health,
-                    weight: e.engine.weight,
+                    // Ramped down while the engine slow-starts.
+                    weight: e.engine.weight * e.status.outlier.weight_factor,
                     inflight: e.engine.inflight(),
                     queued_prefill_tokens: e.engine.queued_prefill_tokens(),
                     model: e.status.model.clone(),
@@ -320,18 +336,12 @@ impl Pools {
     }
 }
 
-/// A request task's hint that an engine just failed; the control loop re-probes it at once.
-#[derive(Debug, Clone, Copy)]
-pub struct Suspect {
-    pub pool: PoolKind,
-    pub id: usize,
-}
-
 /// Handles for readers.
 #[derive(Debug, Clone)]
 pub struct PoolHandle {
     pub pools: watch::Receiver<Arc<Pools>>,
-    pub suspects: mpsc::Sender<Suspect>,
+    /// Legs' outcomes for the control loop (see `PoolHandle::succeeded` and `failed`).
+    outcomes: mpsc::Sender<Outcome>,
     /// Notified whenever a KV reservation is released (admission waits on it).
     pub freed: Arc<Notify>,
 }
@@ -360,8 +370,16 @@ impl Resolver for SystemResolver {
     }
 }
 
+/// Legs' outcomes the control loop may be behind by; failures beyond it are still counted.
+const OUTCOMES: usize = 4096;
+
 /// Build the engine table from static endpoints and start the control loop.
-pub fn start(cfg: &Config, metrics: Arc<Metrics>, resolver: Arc<dyn Resolver>) -> PoolHandle {
+pub fn start(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    resolver: Arc<dyn Resolver>,
+    tls: EngineTls,
+) -> PoolHandle {
     let mut ctl_ids = 0usize;
     let freed = Arc::new(Notify::new());
     let connect = Duration::from_millis(cfg.timeouts.connect_ms);
@@ -372,7 +390,7 @@ pub fn start(cfg: &Config, metrics: Arc<Metrics>, resolver: Arc<dyn Resolver>) -
             .map(|e| {
                 ctl_ids += 1;
                 let client =
-                    EngineClient::new(pool.protocol, &e.url, e.metrics.as_deref(), connect);
+                    EngineClient::new(pool.protocol, &e.url, e.metrics.as_deref(), connect, &tls);
                 new_entry(ctl_ids - 1, kind, &e.url, e.weight, false, client, &freed)
             })
             .collect()
@@ -383,11 +401,13 @@ pub fn start(cfg: &Config, metrics: Arc<Metrics>, resolver: Arc<dyn Resolver>) -
         probed: false,
     };
     let (tx, rx) = watch::channel(Arc::new(initial));
-    let (stx, srx) = mpsc::channel(256);
+    let (otx, orx) = mpsc::channel(OUTCOMES);
     let ctl = Control {
         cfg: cfg.clone(),
         tx,
-        suspects: srx,
+        outcomes: orx,
+        outliers: Outliers::new(&cfg.outlier),
+        tls,
         metrics,
         ratio_warned: false,
         resolver,
@@ -398,7 +418,7 @@ pub fn start(cfg: &Config, metrics: Arc<Metrics>, resolver: Arc<dyn Resolver>) -
     tokio::spawn(ctl.run());
     PoolHandle {
         pools: rx,
-        suspects: stx,
+        outcomes: otx,
         freed,
     }
 }
@@ -429,6 +449,7 @@ fn new_entry(
             reserved_blocks: AtomicU64::new(0),
             scrapes_sent: AtomicU64::new(0),
             freed: freed.clone(),
+            missed: Missed::default(),
         }),
         status: EngineStatus::default(),
     }
@@ -438,7 +459,10 @@ fn new_entry(
 struct Control {
     cfg: Config,
     tx: watch::Sender<Arc<Pools>>,
-    suspects: mpsc::Receiver<Suspect>,
+    outcomes: mpsc::Receiver<Outcome>,
+    /// The only writer of outlier state.
+    outliers: Outliers,
+    tls: EngineTls,
     metrics: Arc<Metrics>,
     ratio_warned: bool,
     resolver: Arc<dyn Resolver>,
@@ -454,16 +478,23 @@ impl Control {
         let interval = Duration::from_millis(self.cfg.health.interval_ms);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(256);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     self.discover().await;
+                    self.outcomes_in(&[]);
                     self.round(None).await
                 }
-                s = self.suspects.recv() => match s {
-                    Some(s) => self.round(Some(s)).await,
-                    None => return,
-                },
+                n = self.outcomes.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        return;
+                    }
+                    for s in self.outcomes_in(&batch) {
+                        self.round(Some(s)).await;
+                    }
+                    batch.clear();
+                }
             }
             if self.tx.is_closed() {
                 return;
@@ -471,8 +502,30 @@ impl Control {
         }
     }
 
+    /// Count legs' outcomes (and failures that missed the queue); publish at once if an engine
+    /// was ejected. Returns the engines to re-probe now, each once.
+    fn outcomes_in(&mut self, batch: &[Outcome]) -> Vec<(PoolKind, usize)> {
+        let now = Instant::now();
+        let current = self.tx.borrow().clone();
+        let mut ejected = self.outliers.drain_missed(&current, now, &self.metrics);
+        let mut reprobe = Vec::new();
+        for o in batch {
+            ejected |= self.outliers.record(&current, o, now, &self.metrics);
+            if o.reprobe && !reprobe.contains(&(o.pool, o.id)) {
+                reprobe.push((o.pool, o.id));
+            }
+        }
+        if ejected {
+            let mut next = (*current).clone();
+            self.outliers.settle(&mut next, |_, _| None, now);
+            self.metrics.observe_pools(&next);
+            let _ = self.tx.send(Arc::new(next));
+        }
+        reprobe
+    }
+
     /// Probe every engine (or one suspect) and publish the result.
-    async fn round(&mut self, only: Option<Suspect>) {
+    async fn round(&mut self, only: Option<(PoolKind, usize)>) {
         let current = self.tx.borrow().clone();
         let now = Instant::now();
         let scrape_every = Duration::from_millis(self.cfg.health.scrape_interval_ms);
@@ -480,7 +533,7 @@ impl Control {
         let targets: Vec<(PoolKind, EngineEntry)> = [PoolKind::Prefill, PoolKind::Decode]
             .into_iter()
             .flat_map(|k| current.pool(k).iter().map(move |e| (k, e.clone())))
-            .filter(|(k, e)| only.is_none_or(|s| s.pool == *k && s.id == e.engine.id))
+            .filter(|(k, e)| only.is_none_or(|s| s == (*k, e.engine.id)))
             .collect();
         let probes = futures::future::join_all(targets.iter().map(|(_, e)| {
             let scrape = e
@@ -510,6 +563,8 @@ impl Control {
         if only.is_none() {
             next.probed = true;
         }
+        self.outliers
+            .settle(&mut next, |k, id| results.get(&(k, id)).map(|p| p.ok), now);
         self.metrics.observe_pools(&next);
         self.check_ratio(&next);
         let changed_health = health_summary(&current) != health_summary(&next);
@@ -609,6 +664,7 @@ impl Control {
                             u,
                             metrics_url(u, dns.metrics_port).as_deref(),
                             connect,
+                            &self.tls,
                         ),
                         &self.freed,
                     ));
@@ -661,17 +717,19 @@ fn apply(cfg: &Config, st: &mut EngineStatus, p: &Probe, now: Instant) {
         st.successes += 1;
         st.failures = 0;
         st.last_error = None;
-        if st.health != Health::Healthy && st.successes >= cfg.health.healthy_after {
-            st.health = Health::Healthy;
+        if st.probed != Health::Healthy && st.successes >= cfg.health.healthy_after {
+            st.probed = Health::Healthy;
         }
     } else {
         st.failures += 1;
         st.successes = 0;
         st.last_error = p.error.clone();
-        if st.health == Health::Unknown || st.failures >= cfg.health.unhealthy_after {
-            st.health = Health::Unhealthy;
+        if st.probed == Health::Unknown || st.failures >= cfg.health.unhealthy_after {
+            st.probed = Health::Unhealthy;
         }
     }
+    // Outlier detection may overlay `Ejected` before publishing (`Outliers::settle`).
+    st.health = st.probed;
     if let Some(m) = &p.model {
         st.model = Some(m.clone());
     }

@@ -100,7 +100,7 @@ async fn leg(
         });
         Ok(PrefillDone { handoff, cached })
     };
-    match tokio::time::timeout(st.deadlines.prefill, leg).await {
+    let result = match tokio::time::timeout(st.deadlines.prefill, leg).await {
         Ok(r) => r,
         Err(_) => Err(retry(
             ErrorKind::Timeout,
@@ -110,7 +110,14 @@ async fn leg(
             ),
             false,
         )),
+    };
+    // Reported here rather than by the request, which may have gone: outlier detection counts
+    // every leg (an engine's own refusal of a body is an answer, so a success).
+    match &result {
+        Ok(_) | Err(LegError::Relay(_)) => st.pools.succeeded(engine, None),
+        Err(LegError::Retry(e)) => st.pools.failed(engine, e.kind, e.suspect, None),
     }
+    result
 }
 
 /// One prefill leg in the engine's throughput estimate: begun when made, ended when dropped with

@@ -1,15 +1,15 @@
-//! Routing one request: prefix-index lookups, the pure plan, KV reservations, and the admission
-//! queue that holds requests no decode engine has room for.
+//! Routing one request: prefix-index lookups, the pure plan, KV reservations, and what it needs
+//! room for before its prefill and at its handoff (it waits for that in `admission/`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tandem_policy::{
     DisaggDecision, DisaggReason, Plan, PlanError, PoolKind, PoolSnapshot, RouteFacts, RouteReason,
     RouteRequest,
 };
-use tokio::time::Instant;
 
+use crate::admission::{self, Held, Stage, Who};
 use crate::error::ProxyError;
 use crate::front::Parsed;
 use crate::pool::{LoadGuard, Pools};
@@ -61,8 +61,8 @@ pub struct Attempt<'a> {
     pub exclude_prefill: &'a [usize],
     pub exclude_decode: &'a [usize],
     pub force_local: Option<DisaggReason>,
-    /// Set once the request has waited in the admission queue (it is counted once).
-    pub queued: &'a AtomicBool,
+    /// Whose request it is, for its place in the admission queue.
+    pub who: &'a Who,
 }
 
 /// A plan with the pool table it was made from and, for a request that runs whole on its decode
@@ -85,76 +85,6 @@ pub enum RouteError {
     Plan(PlanError),
     /// Refused for capacity: 503 with Retry-After.
     Refused(ProxyError),
-}
-
-/// Why a request is held in the admission queue; worded in its 503 if it waits too long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Held {
-    /// No decode engine has KV room for it (or, before its prefill, the decode pool as a whole
-    /// has none left once the requests already in prefill are counted).
-    DecodeKv,
-    /// Every prefill engine has `admission.max_prefill_queue_tokens` queued.
-    PrefillQueue,
-}
-
-impl Held {
-    fn queue_full(self) -> &'static str {
-        match self {
-            Held::DecodeKv => "no decode engine has KV room and the admission queue is full",
-            Held::PrefillQueue => {
-                "every prefill engine's queue is full and the admission queue is full"
-            }
-        }
-    }
-
-    fn waited(self) -> &'static str {
-        match self {
-            Held::DecodeKv => "no decode engine had KV room within admission.max_wait_ms",
-            Held::PrefillQueue => "no prefill engine's queue had room within admission.max_wait_ms",
-        }
-    }
-}
-
-/// Wait in the admission queue until `attempt` finds room (it is retried after every release and
-/// every published scrape), the queue is full, or `admission.max_wait_ms` passes.
-async fn wait_for_room<T>(
-    st: &State,
-    counted: &AtomicBool,
-    mut attempt: impl FnMut(&Arc<Pools>) -> Result<Result<T, Held>, PlanError>,
-) -> Result<T, RouteError> {
-    let mut rx = st.pools.pools.clone();
-    let mut queued: Option<(QueueSlot<'_>, Instant)> = None;
-    loop {
-        // Registered before trying, so a release between the try and the wait still wakes us.
-        let freed = st.pools.freed.notified();
-        tokio::pin!(freed);
-        freed.as_mut().enable();
-        let pools = rx.borrow_and_update().clone();
-        let held = match attempt(&pools).map_err(RouteError::Plan)? {
-            Ok(t) => return Ok(t),
-            Err(h) => h,
-        };
-        let deadline = match &queued {
-            Some((_, d)) => *d,
-            None => {
-                let slot = QueueSlot::take(st, counted)
-                    .ok_or_else(|| RouteError::Refused(overloaded(st, held.queue_full())))?;
-                let d =
-                    Instant::now() + std::time::Duration::from_millis(st.cfg.admission.max_wait_ms);
-                queued = Some((slot, d));
-                d
-            }
-        };
-        tokio::select! {
-            _ = &mut freed => {}
-            r = rx.changed() => if r.is_err() {
-                return Err(RouteError::Plan(PlanError::NoDecodeEngine));
-            },
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(RouteError::Refused(overloaded(st, held.waited())));
-            }
-        }
-    }
 }
 
 /// Decode KV blocks promised, pool-wide, to one request while its prefill runs: requests in
@@ -244,74 +174,83 @@ pub async fn plan_admitted<'s>(
         kv_blocks_needed: need,
         session: req.session,
     };
-    wait_for_room(st, a.queued, |pools| {
-        // Under the lock every decision holds, so the snapshot has every admission before it.
-        let mut rng = st.rng.lock().expect("rng lock");
-        let snap = pools.snapshot();
-        let mut plan_with = |rr: &RouteRequest<'_>| {
-            tandem_policy::plan(
-                &snap,
-                rr,
-                &st.disagg,
-                st.prefill_policy.as_ref(),
-                st.decode_policy.as_ref(),
-                &mut *rng,
-            )
-        };
-        let mut planned = plan_with(&rr);
-        // A prefill engine at `admission.max_prefill_queue_tokens` takes no more: plan again
-        // without the full ones while another can take it, else wait.
-        let full = full_prefill_engines(st, &snap);
-        if let Ok(p) = &planned {
-            if p.prefill.is_some_and(|pp| full.contains(&pp.id)) {
-                let mut ex = a.exclude_prefill.to_vec();
-                ex.extend_from_slice(&full);
-                let open = snap
-                    .prefill
-                    .iter()
-                    .any(|e| e.routable() && !ex.contains(&e.id));
-                if !open {
-                    return Ok(Err(Held::PrefillQueue));
+    let (rx, freed) = (&st.pools.pools, &st.pools.freed);
+    admission::wait_for_room(
+        &st.admission,
+        rx,
+        freed,
+        a.who,
+        Stage::Arrival,
+        need,
+        |pools: &Arc<Pools>| {
+            // Under the lock every decision holds, so the snapshot has every admission before it.
+            let mut rng = st.rng.lock().expect("rng lock");
+            let snap = pools.snapshot();
+            let mut plan_with = |rr: &RouteRequest<'_>| {
+                tandem_policy::plan(
+                    &snap,
+                    rr,
+                    &st.disagg,
+                    st.prefill_policy.as_ref(),
+                    st.decode_policy.as_ref(),
+                    &mut *rng,
+                )
+            };
+            let mut planned = plan_with(&rr);
+            // A prefill engine at `admission.max_prefill_queue_tokens` takes no more: plan again
+            // without the full ones while another can take it, else wait.
+            let full = full_prefill_engines(st, &snap);
+            if let Ok(p) = &planned {
+                if p.prefill.is_some_and(|pp| full.contains(&pp.id)) {
+                    let mut ex = a.exclude_prefill.to_vec();
+                    ex.extend_from_slice(&full);
+                    let open = snap
+                        .prefill
+                        .iter()
+                        .any(|e| e.routable() && !ex.contains(&e.id));
+                    if !open {
+                        return Ok(Err(Held::PrefillQueue));
+                    }
+                    planned = plan_with(&RouteRequest {
+                        exclude_prefill: &ex,
+                        ..rr
+                    });
                 }
-                planned = plan_with(&RouteRequest {
-                    exclude_prefill: &ex,
-                    ..rr
-                });
             }
-        }
-        let plan = match planned {
-            Ok(p) => p,
-            Err(e) if e.is_capacity() => return Ok(Err(Held::DecodeKv)),
-            Err(e) => return Err(e),
-        };
-        // Room promised to requests in prefill counts against every new admission, local ones
-        // included, or a burst of local requests could take the room a handoff was promised.
-        if st.decode_policy.capacity_aware()
-            && !decode_pool_has_room(st, &snap, a.exclude_decode, need)
-        {
-            return Ok(Err(Held::DecodeKv));
-        }
-        let mut pending = None;
-        let admitted = match plan.decision {
-            DisaggDecision::Local => {
-                let engine = &pools
-                    .find(PoolKind::Decode, plan.decode.id)
-                    .expect("the plan came from this snapshot")
-                    .engine;
-                Some(engine.track(0).with_reservation(engine.reserve(need)))
+            let plan = match planned {
+                Ok(p) => p,
+                Err(e) if e.is_capacity() => return Ok(Err(Held::DecodeKv)),
+                Err(e) => return Err(e),
+            };
+            // Room promised to requests in prefill counts against every new admission, local ones
+            // included, or a burst of local requests could take the room a handoff was promised.
+            if st.decode_policy.capacity_aware()
+                && !decode_pool_has_room(st, &snap, a.exclude_decode, need)
+            {
+                return Ok(Err(Held::DecodeKv));
             }
-            DisaggDecision::Disaggregate => {
-                pending = Some(PendingDecode::take(st, need));
-                None
-            }
-        };
-        Ok(Ok(Routed {
-            pools: pools.clone(),
-            plan,
-            admitted,
-            pending,
-        }))
-    })
+            let mut pending = None;
+            let admitted = match plan.decision {
+                DisaggDecision::Local => {
+                    let engine = &pools
+                        .find(PoolKind::Decode, plan.decode.id)
+                        .expect("the plan came from this snapshot")
+                        .engine;
+                    Some(engine.track(0).with_reservation(engine.reserve(need)))
+                }
+                DisaggDecision::Disaggregate => {
+                    pending = Some(PendingDecode::take(st, need));
+                    None
+                }
+            };
+            Ok(Ok(Routed {
+                pools: pools.clone(),
+                plan,
+                admitted,
+                pending,
+            }))
+        },
+    )
     .await
 }
 
@@ -325,7 +264,7 @@ pub struct HandoffAt<'a> {
     pub prefill_id: Option<usize>,
     /// The provisional decode engine.
     pub current: usize,
-    pub queued: &'a AtomicBool,
+    pub who: &'a Who,
 }
 
 /// The decode engine for a request whose KV is ready on prefill engine `prefill_id`: the
@@ -347,7 +286,7 @@ pub async fn admit_decode(
         exclude,
         prefill_id,
         current,
-        queued,
+        who,
     } = *h;
     let need = blocks_needed(st, req);
     let facts = RouteFacts {
@@ -357,68 +296,39 @@ pub async fn admit_decode(
         kv_blocks_needed: need,
         session: req.session,
     };
-    wait_for_room(st, queued, |pools| {
-        // The snapshot is taken under the RNG lock, which every decision holds, so it includes
-        // every admission decided before this one.
-        let mut rng = st.rng.lock().expect("rng lock");
-        let snap = pools.snapshot();
-        let p = match tandem_policy::plan_decode(
-            &snap,
-            facts,
-            exclude,
-            prefill_id,
-            st.decode_policy.as_ref(),
-            &mut *rng,
-        ) {
-            Ok(p) => p,
-            Err(e) if e.is_capacity() => return Ok(Err(Held::DecodeKv)),
-            Err(e) => return Err(e),
-        };
-        let reason = (p.id != current).then_some(p.reason);
-        let engine = &pools
-            .find(PoolKind::Decode, p.id)
-            .expect("the pick came from this snapshot")
-            .engine;
-        let admitted = engine.track(0).with_reservation(engine.reserve(need));
-        Ok(Ok((pools.clone(), reason, p.id, admitted)))
-    })
+    let (rx, freed) = (&st.pools.pools, &st.pools.freed);
+    admission::wait_for_room(
+        &st.admission,
+        rx,
+        freed,
+        who,
+        Stage::Handoff,
+        need,
+        |pools: &Arc<Pools>| {
+            // The snapshot is taken under the RNG lock, which every decision holds, so it includes
+            // every admission decided before this one.
+            let mut rng = st.rng.lock().expect("rng lock");
+            let snap = pools.snapshot();
+            let p = match tandem_policy::plan_decode(
+                &snap,
+                facts,
+                exclude,
+                prefill_id,
+                st.decode_policy.as_ref(),
+                &mut *rng,
+            ) {
+                Ok(p) => p,
+                Err(e) if e.is_capacity() => return Ok(Err(Held::DecodeKv)),
+                Err(e) => return Err(e),
+            };
+            let reason = (p.id != current).then_some(p.reason);
+            let engine = &pools
+                .find(PoolKind::Decode, p.id)
+                .expect("the pick came from this snapshot")
+                .engine;
+            let admitted = engine.track(0).with_reservation(engine.reserve(need));
+            Ok(Ok((pools.clone(), reason, p.id, admitted)))
+        },
+    )
     .await
-}
-
-fn overloaded(st: &State, reason: &'static str) -> ProxyError {
-    st.metrics.admission_rejected.inc();
-    ProxyError::Overloaded {
-        reason,
-        retry_after: st.cfg.admission.retry_after_secs,
-    }
-}
-
-/// A place in the admission queue; gives it back when dropped.
-struct QueueSlot<'a> {
-    st: &'a State,
-}
-
-impl<'a> QueueSlot<'a> {
-    fn take(st: &'a State, counted: &AtomicBool) -> Option<Self> {
-        let max = st.cfg.admission.max_queued;
-        st.admission_waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()?;
-        if !counted.swap(true, Ordering::AcqRel) {
-            st.metrics.admission_queued.inc();
-        }
-        st.metrics
-            .admission_waiting
-            .set(i64::from(st.admission_waiting.load(Ordering::Acquire)));
-        Some(QueueSlot { st })
-    }
-}
-
-impl Drop for QueueSlot<'_> {
-    fn drop(&mut self) {
-        let n = self.st.admission_waiting.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.st.metrics.admission_waiting.set(i64::from(n));
-    }
 }

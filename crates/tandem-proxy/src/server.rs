@@ -483,6 +483,7 @@ async fn engines(AxState(st): AxState<Arc<State>>) -> Response {
                 },
                 "last_scrape_age_s": s.last_scrape.map(|t| now.duration_since(t).as_secs_f64()),
                 "last_error": s.last_error,
+                "outlier": s.outlier.json(e.engine.weight, now),
             })
         })
         .collect();

@@ -6,6 +6,9 @@
 //! chosen decode engine is made ready while the prefill runs; and aborting a leg must close its
 //! TCP connection at once, because that is how a vLLM engine learns to abort the request and free
 //! its KV blocks. A [`Conn`] dropped without [`Conn::release`] closes its socket.
+//!
+//! An `https://` engine's connections are TLS (`tls.rs`), set up within the connect timeout;
+//! the HTTP/1.1 connection on top is the same either way.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +21,10 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
 
+use crate::tls::EngineTls;
 use crate::trace::Outgoing;
 
 /// Idle connections kept per engine; more than this are closed on release.
@@ -33,6 +39,11 @@ pub enum UpstreamError {
     },
     #[error("connect to {addr} timed out")]
     ConnectTimeout { addr: String },
+    #[error("TLS with {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake { addr: String, source: hyper::Error },
     #[error("request to {addr} failed: {source}")]
@@ -45,7 +56,25 @@ pub struct Upstream {
     /// `host:port`, for TCP connect and the `Host` header.
     authority: String,
     connect_timeout: Duration,
+    /// How an `https://` engine is reached (`None` for `http://`).
+    tls: Option<Tls>,
     idle: Mutex<Vec<Idle>>,
+}
+
+/// An `https://` engine's connector and server name, or why there is none.
+#[derive(Clone)]
+enum Tls {
+    Ready(TlsConnector, ServerName<'static>),
+    Unusable(&'static str),
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tls::Ready(_, name) => write!(f, "Tls({name:?})"),
+            Tls::Unusable(why) => write!(f, "Tls(unusable: {why})"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -71,16 +100,23 @@ impl Drop for Conn {
 }
 
 impl Upstream {
-    /// `base` is `http://host:port` (validated by the config).
-    pub fn new(base: &str, connect_timeout: Duration) -> Arc<Self> {
+    /// `base` is `http[s]://host:port` (validated by the config); `https://` is TLS from `tls`.
+    pub fn new(base: &str, connect_timeout: Duration, tls: &EngineTls) -> Arc<Self> {
         let authority = base
             .trim_start_matches("http://")
             .trim_start_matches("https://")
             .trim_end_matches('/')
             .to_string();
+        let tls =
+            base.starts_with("https://")
+                .then(|| match tls.connector(crate::tls::host_of(base)) {
+                    Some((c, name)) => Tls::Ready(c, name),
+                    None => Tls::Unusable("no TLS client configuration for this host"),
+                });
         Arc::new(Upstream {
             authority,
             connect_timeout,
+            tls,
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -108,26 +144,34 @@ impl Upstream {
     /// A new connection, never from the pool.
     pub async fn connect(self: &Arc<Self>) -> Result<Conn, UpstreamError> {
         let addr = self.authority.clone();
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&addr)).await {
-                Err(_) => return Err(UpstreamError::ConnectTimeout { addr }),
-                Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-                Ok(Ok(s)) => s,
-            };
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(&addr)).await {
+            Err(_) => return Err(UpstreamError::ConnectTimeout { addr }),
+            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+            Ok(Ok(s)) => s,
+        };
         // Tokens are small writes; Nagle would hold them back.
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| UpstreamError::Handshake {
-                addr: addr.clone(),
-                source,
-            })?;
-        let task = tokio::spawn(async move {
-            // Errors here surface to the request through `send`; the task only drives IO.
-            let _ = conn.await;
-        });
+        let sender = match &self.tls {
+            None => handshake(TokioIo::new(stream), &addr).await?,
+            Some(Tls::Unusable(why)) => {
+                return Err(UpstreamError::Tls {
+                    addr,
+                    source: std::io::Error::other(*why),
+                })
+            }
+            Some(Tls::Ready(connector, name)) => {
+                let tls = connector.connect(name.clone(), stream);
+                let stream = match tokio::time::timeout_at(deadline, tls).await {
+                    Err(_) => return Err(UpstreamError::ConnectTimeout { addr }),
+                    Ok(Err(source)) => return Err(UpstreamError::Tls { addr, source }),
+                    Ok(Ok(s)) => s,
+                };
+                handshake(TokioIo::new(stream), &addr).await?
+            }
+        };
         Ok(Conn {
-            inner: Some(Idle { sender, task }),
+            inner: Some(sender),
             upstream: self.clone(),
         })
     }
@@ -138,6 +182,24 @@ impl Upstream {
             c.task.abort();
         }
     }
+}
+
+/// HTTP/1.1 over `io`, its connection driven by a task of its own.
+async fn handshake<T>(io: T, addr: &str) -> Result<Idle, UpstreamError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Handshake {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let task = tokio::spawn(async move {
+        // Errors here surface to the request through `send`; the task only drives IO.
+        let _ = conn.await;
+    });
+    Ok(Idle { sender, task })
 }
 
 impl Conn {

@@ -289,6 +289,31 @@ fn other_positive_settings() {
 }
 
 #[test]
+fn admission_settings_are_checked() {
+    for key in [
+        "admission.max_wait_ms",
+        "admission.interactive_max_wait_ms",
+        "admission.batch_max_wait_ms",
+        "admission.max_queued_per_tenant",
+    ] {
+        invalid_override(&[(key, "0")], key);
+    }
+    let doc = with_pools(
+        "[admission]\nmax_queued = 8\nmax_queued_per_tenant = 2\ninteractive_max_wait_ms = 500\n\
+         batch_max_wait_ms = 90000\nshed = false",
+    );
+    let cfg = from_toml_str(&doc).unwrap();
+    let a = &cfg.admission;
+    assert_eq!(a.max_queued_per_tenant, Some(2));
+    assert!(!a.shed);
+    assert_eq!(a.max_wait_ms_for(Priority::Interactive), 500);
+    assert_eq!(a.max_wait_ms_for(Priority::Default), 5_000);
+    assert_eq!(a.max_wait_ms_for(Priority::Batch), 90_000);
+    // Unset, one tenant may fill the queue (with [auth] off every request is one tenant).
+    assert_eq!(AdmissionConfig::default().max_queued_per_tenant, None);
+}
+
+#[test]
 fn front_door_settings_are_checked() {
     for key in [
         "server.header_read_timeout_ms",

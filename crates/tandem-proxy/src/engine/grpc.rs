@@ -177,10 +177,30 @@ impl KvParams {
 }
 
 impl GrpcEngine {
-    /// `url` is `http://host:port` (h2c); `metrics`, the engine's HTTP base URL, if any.
-    pub fn new(url: &str, metrics: Option<&str>, connect_timeout: Duration) -> Self {
-        let channel = Endpoint::from_shared(url.to_string())
-            .expect("a URL the config validated")
+    /// `url` is `http://host:port` (h2c) or `https://host:port` (HTTP/2 over TLS from `tls`);
+    /// `metrics`, the engine's HTTP base URL, if any.
+    pub fn new(
+        url: &str,
+        metrics: Option<&str>,
+        connect_timeout: Duration,
+        tls: &crate::tls::EngineTls,
+    ) -> Self {
+        let mut endpoint =
+            Endpoint::from_shared(url.to_string()).expect("a URL the config validated");
+        if url.starts_with("https://") {
+            let host = crate::tls::host_of(url);
+            // Without a usable configuration tonic refuses the https:// URL at the first call,
+            // which the probes report; the same CA and host are used for HTTP engines.
+            match tls.grpc(host).map(|c| endpoint.clone().tls_config(c)) {
+                Some(Ok(e)) => endpoint = e,
+                Some(Err(e)) => tracing::error!(engine = url, error = %e, "gRPC TLS configuration"),
+                None => tracing::error!(
+                    engine = url,
+                    "gRPC engine over https:// without TLS configured"
+                ),
+            }
+        }
+        let channel = endpoint
             .connect_timeout(connect_timeout)
             // SMG's profile: keepalive pings often enough that a dead engine is noticed.
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -190,7 +210,7 @@ impl GrpcEngine {
             .connect_lazy();
         GrpcEngine {
             channel,
-            http: metrics.map(|m| super::http::HttpEngine::new(m, connect_timeout)),
+            http: metrics.map(|m| super::http::HttpEngine::new(m, connect_timeout, tls)),
             discovered: Mutex::new(Discovered::default()),
         }
     }

@@ -69,9 +69,9 @@ pub(crate) fn snippet(b: &[u8]) -> String {
 }
 
 impl HttpEngine {
-    pub fn new(url: &str, connect_timeout: Duration) -> Self {
+    pub fn new(url: &str, connect_timeout: Duration, tls: &crate::tls::EngineTls) -> Self {
         HttpEngine {
-            upstream: Upstream::new(url, connect_timeout),
+            upstream: Upstream::new(url, connect_timeout, tls),
         }
     }
 

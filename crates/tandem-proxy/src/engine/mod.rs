@@ -180,19 +180,20 @@ pub struct Probe {
 
 impl EngineClient {
     /// The client for an engine at `url` (validated by the config), over `protocol`;
-    /// `metrics` is a gRPC engine's HTTP base URL, if given.
+    /// `metrics` is a gRPC engine's HTTP base URL, if given. `https://` URLs use `tls`.
     pub fn new(
         protocol: tandem_config::Protocol,
         url: &str,
         metrics: Option<&str>,
         connect_timeout: Duration,
+        tls: &crate::tls::EngineTls,
     ) -> Self {
         match protocol {
             tandem_config::Protocol::Http => {
-                EngineClient::Http(http::HttpEngine::new(url, connect_timeout))
+                EngineClient::Http(http::HttpEngine::new(url, connect_timeout, tls))
             }
             tandem_config::Protocol::Grpc => {
-                EngineClient::Grpc(grpc::GrpcEngine::new(url, metrics, connect_timeout))
+                EngineClient::Grpc(grpc::GrpcEngine::new(url, metrics, connect_timeout, tls))
             }
         }
     }

@@ -5,6 +5,7 @@ fn tenant(rpm: Option<u64>, tpm: Option<u64>, conc: Option<u32>) -> Arc<Tenant> 
     Arc::new(Tenant {
         name: "t".into(),
         priority: Priority::Default,
+        weight: 1,
         limits: TenantLimits {
             requests_per_minute: rpm,
             tokens_per_minute: tpm,

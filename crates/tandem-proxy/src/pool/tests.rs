@@ -49,7 +49,12 @@ async fn dns_discovery_adds_drains_and_removes_engines() {
     .unwrap();
     let dns = Arc::new(FakeDns::default());
     set(&dns, Some(&["127.0.0.1:9", "127.0.0.2:9"]));
-    let h = start(&cfg, Arc::new(Metrics::new(None, true)), dns.clone());
+    let h = start(
+        &cfg,
+        Arc::new(Metrics::new(None, true)),
+        dns.clone(),
+        EngineTls::none(),
+    );
     let mut rx = h.pools.clone();
     let p = wait_for(&mut rx, |p| p.decode.len() == 2).await;
     assert!(p.decode.iter().all(|e| e.engine.discovered));

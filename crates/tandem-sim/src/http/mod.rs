@@ -182,7 +182,10 @@ async fn tokenize(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Json<Va
         .tokenizer
         // vLLM's defaults: true for a prompt, false for messages (the chat template already
         // writes any BOS).
-        .encode(&text, req.add_special_tokens.unwrap_or(req.messages.is_none()))
+        .encode(
+            &text,
+            req.add_special_tokens.unwrap_or(req.messages.is_none()),
+        )
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let token_strs = if req.return_token_strs.unwrap_or(false) {
         let strs: Vec<String> = tokens
