@@ -175,6 +175,10 @@ fn body(max_tokens: u64, stream: bool) -> Value {
 
 /// An error answer names no engine: no URL, address or port.
 pub fn assert_no_engine_named(text: &str, c: &Cluster) {
+    // Nor a file path or panic text: nothing internal leaks into an answer.
+    for leak in ["panicked", ".rs:", "/src/", "/root/", "/tmp/", "RUST_BACKTRACE"] {
+        assert!(!text.contains(leak), "leaks {leak:?}: {text}");
+    }
     assert!(!text.contains("http://"), "{text}");
     assert!(!text.contains("tcp://"), "{text}");
     assert!(!text.contains("127.0.0.1"), "{text}");
