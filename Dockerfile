@@ -25,7 +25,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /out/tandem /usr/local/bin/tandem
 USER 10001:10001
-# The OpenAI API, /health, /ready, /metrics and /admin (server.listen); `tandem sim` uses 8000 too.
-EXPOSE 8000
+# 8000: the OpenAI API, /health and /ready (server.listen; /metrics and /admin too unless
+# server.admin_listen is set); 9000: the admin listener deploy/ configures (server.admin_listen).
+# `tandem sim` uses 8000 too. deploy/ mounts its config at /etc/tandem/config and passes --config.
+EXPOSE 8000 9000
 ENTRYPOINT ["tandem"]
 CMD ["serve", "--config", "/etc/tandem/tandem.toml"]

@@ -10,12 +10,19 @@ structurally here (field names and types, the selector and port it must hit).
 
 Tandem's config is checked by the real binary: `tandem config check` on the rendered ConfigMap's
 tandem.toml with the container's TANDEM__* variables (`$TANDEM_BIN`, else target/debug/tandem).
+`config check` also reads and validates `[auth] keys_file`: the test takes that file from the
+rendered Secret mounted over its path (the same volume lookup as the ConfigMap's), writes it to a
+temporary copy and points keys_file there (TANDEM__AUTH__KEYS_FILE) for the check only; the config
+the tests see keeps the pod's path.
 A pool's `protocol` decides what its engines must serve: "http" pools are dialled on the engine's
 HTTP port, "grpc" pools on its --grpc-port, with its HTTP port as dns.metrics_port.
+Tandem serves the OpenAI API on `server.listen` and, with `server.admin_listen`, /metrics and
+/admin/* on the admin port only (both ports answer /health and /ready).
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -26,6 +33,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -47,6 +55,11 @@ K8S_VERSIONS = ("1.30", "1.37")
 TANDEM_DEPLOYMENT = "tandem"
 TANDEM_CONTAINER = "tandem"
 RATIO_ENV = "TANDEM__POOLS__TARGET_RATIO"
+KEYS_FILE_ENV = "TANDEM__AUTH__KEYS_FILE"
+# The Secret Tandem's key file comes from, by the name deploy/README.md tells users to create.
+KEYS_SECRET = "tandem-api-keys"
+# The base's key file is a placeholder: this hash (64 zeros) is the only one it may hold.
+PLACEHOLDER_SHA256 = "0" * 64
 # vLLM's default for VLLM_NIXL_ABORT_REQUEST_TIMEOUT, seconds.
 VLLM_NIXL_ABORT_DEFAULT_S = 480
 
@@ -215,6 +228,95 @@ def parse_ratio(s: str) -> Fraction:
     return Fraction(int(p), int(d))
 
 
+def addr_port(addr: str) -> int:
+    """The port of a `host:port` socket address as Tandem's config renders it."""
+    return int(addr.rsplit(":", 1)[1])
+
+
+def service_port_targets(c: dict, svc: dict) -> set[int]:
+    """The container ports a Service's ports lead to, on the pods running container `c`."""
+    return {resolve_port(c, p.get("targetPort", p["port"])) for p in svc["spec"]["ports"]}
+
+
+def mounted_volume(pod: dict, c: dict, path: str) -> tuple[dict, dict, str]:
+    """The volume mount of container `c` that `path` is on (the deepest one holding it, as in the
+    container; or a file mounted at `path` itself with subPath): (mount, volume, the path inside
+    the volume)."""
+    def depth(m: dict) -> int:
+        mp = m["mountPath"].rstrip("/")
+        if mp == path and m.get("subPath"):
+            return len(mp) + 1
+        return len(mp) if path.startswith(mp + "/") else -1
+
+    mount = max(c.get("volumeMounts", []), key=depth, default=None)
+    assert mount is not None and depth(mount) >= 0, f"no volume mounted over {path}"
+    volume = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]][0]
+    rel = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    if mount.get("subPath"):
+        rel = f"{mount['subPath']}/{rel}" if rel else mount["subPath"]
+    return mount, volume, rel
+
+
+def volume_item(source: dict, rel: str) -> str:
+    """The ConfigMap/Secret key a file of a configMap/secret volume shows (`items` may rename)."""
+    items = source.get("items")
+    if items is None:
+        assert "/" not in rel, f"{rel}: a ConfigMap/Secret volume without items has no subdirectories"
+        return rel
+    hits = [i["key"] for i in items if i["path"] == rel]
+    assert hits, f"no item of the volume is at {rel}"
+    return hits[0]
+
+
+def secret_text(secret: dict, key: str) -> str:
+    if key in secret.get("stringData", {}):
+        return secret["stringData"][key]
+    assert key in secret.get("data", {}), f"Secret {secret['metadata']['name']} has no key {key}"
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def tandem_keys_file(o: Objects, toml_text: str) -> str | None:
+    """[auth] keys_file as the pod sees it: the container's TANDEM__AUTH__KEYS_FILE, else the file's."""
+    c = container(o.tandem()["spec"]["template"], TANDEM_CONTAINER)
+    env = env_map(c)
+    if KEYS_FILE_ENV in env and env[KEYS_FILE_ENV].get("value"):
+        return env[KEYS_FILE_ENV]["value"]
+    return tomllib.loads(toml_text).get("auth", {}).get("keys_file")
+
+
+@functools.lru_cache(maxsize=None)
+def key_file(overlay: Path) -> tuple[dict, dict, dict, str]:
+    """Tandem's API key file as the pod sees it: (mount, volume, Secret, the file's text). The
+    file must come from a Secret volume (the rendered Secret: kustomize generates it)."""
+    o = Objects(overlay)
+    pod = o.tandem()["spec"]["template"]
+    c = container(pod, TANDEM_CONTAINER)
+    toml_text = tandem_toml(o)
+    path = tandem_keys_file(o, toml_text)
+    assert path, f"{overlay}: [auth] keys_file is not set: API keys are off"
+    assert path.startswith("/"), f"auth.keys_file {path} must be absolute"
+    mount, volume, rel = mounted_volume(pod, c, path)
+    assert "secret" in volume, f"{path} is not on a Secret volume (volume {volume['name']})"
+    secret = o.get("Secret", volume["secret"]["secretName"])
+    return mount, volume, secret, secret_text(secret, volume_item(volume["secret"], rel))
+
+
+def tandem_toml(o: Objects) -> str:
+    """The tandem.toml `tandem serve --config` reads, from the ConfigMap mounted over it."""
+    pod = o.tandem()["spec"]["template"]
+    c = container(pod, TANDEM_CONTAINER)
+    args = c.get("args", [])
+    assert args[:1] == ["serve"], f"Tandem runs `tandem serve`, got {args}"
+    path = flag(args, "--config")
+    assert path, "tandem serve needs --config"
+    mount, volume, rel = mounted_volume(pod, c, path)
+    assert not mount.get("subPath"), f"mount the ConfigMap's directory over {path}, not a subPath"
+    cm = o.get("ConfigMap", volume["configMap"]["name"])
+    key = volume_item(volume["configMap"], rel)
+    assert key in cm["data"], f"ConfigMap {cm['metadata']['name']} has no key {key}"
+    return cm["data"][key]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tandem's effective configuration, as the pod sees it
 
@@ -224,27 +326,26 @@ def effective_config(overlay: Path, tmp: Path) -> dict:
     o = Objects(overlay)
     pod = o.tandem()["spec"]["template"]
     c = container(pod, TANDEM_CONTAINER)
-    args = c.get("args", [])
-    assert args[:1] == ["serve"], f"Tandem runs `tandem serve`, got {args}"
-    path = flag(args, "--config")
-    assert path, "tandem serve needs --config"
-    mounts = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
-    assert len(mounts) == 1, f"no volume mounted over {path}"
-    volume = [v for v in pod["spec"]["volumes"] if v["name"] == mounts[0]["name"]][0]
-    cm = o.get("ConfigMap", volume["configMap"]["name"])
-    key = path[len(mounts[0]["mountPath"].rstrip("/")) + 1 :]
-    assert key in cm["data"], f"ConfigMap {cm['metadata']['name']} has no key {key}"
-    toml_text = cm["data"][key]
+    toml_text = tandem_toml(o)
     assert "target_ratio" not in tomllib.loads(toml_text).get("pools", {}), (
         "target_ratio is derived from deploy/k8s/pools; do not set it in tandem.toml"
     )
-    file = tmp / f"{re.sub(r'[^A-Za-z0-9]+', '_', str(overlay.relative_to(K8S)))}.toml"
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", str(overlay.relative_to(K8S)))
+    file = tmp / f"{stem}.toml"
     file.write_text(toml_text)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
     for e in c.get("env", []):
         if e["name"].startswith("TANDEM__"):
             assert "value" in e, f"{e['name']} must be a literal value to be checked"
             env[e["name"]] = e["value"]
+    # `config check` reads the key file: give it the rendered Secret's file, at a copy.
+    keys_path = tandem_keys_file(o, toml_text)
+    keys_copy = None
+    if keys_path:
+        keys_copy = tmp / f"{stem}.keys" / Path(keys_path).name
+        keys_copy.parent.mkdir(exist_ok=True)
+        keys_copy.write_text(key_file(overlay)[3])
+        env[KEYS_FILE_ENV] = str(keys_copy)
     out = subprocess.run(
         [tandem_bin(), "config", "check", str(file)],
         capture_output=True,
@@ -253,7 +354,14 @@ def effective_config(overlay: Path, tmp: Path) -> dict:
         timeout=30,
     )
     assert out.returncode == 0, f"tandem config check failed for {overlay}:\n{out.stderr}{out.stdout}"
-    return tomllib.loads(out.stdout)
+    cfg = tomllib.loads(out.stdout)
+    if keys_copy is not None:
+        assert re.search(rf"^# auth: \d+ tenant\(s\) and \d+ key\(s\) in {re.escape(str(keys_copy))}$", out.stdout, re.M), (
+            f"tandem config check did not read the key file:\n{out.stdout}"
+        )
+        assert cfg["auth"]["keys_file"] == str(keys_copy)
+        cfg["auth"]["keys_file"] = keys_path  # the pod's path, for the checks below
+    return cfg
 
 
 @pytest.fixture
@@ -333,7 +441,7 @@ def check_service_monitor(sm: dict, objs: Objects) -> list[str]:
 
 def test_overlays_found():
     names = set(IDS)
-    assert {"base", "overlays/sim", "overlays/hpa", "overlays/vllm-rs-grpc"} <= names, names
+    assert {"base", "overlays/sim", "overlays/hpa", "overlays/vllm-rs-grpc", "overlays/redis-limits"} <= names, names
 
 
 @pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
@@ -388,15 +496,19 @@ def test_tandem_deployment(objs: Objects, cfg: dict):
         assert "replicas" not in dep["spec"], "with the HPA, the Deployment must not pin replicas"
         assert hpa["spec"]["minReplicas"] >= 2
 
-    # Probes on Tandem's real endpoints and the port server.listen binds.
-    listen_port = int(cfg["server"]["listen"].rsplit(":", 1)[1])
+    # Probes on Tandem's real endpoints. Both listeners answer /health and /ready: readiness on
+    # the port server.listen binds (the one client traffic takes), liveness on the admin port when
+    # there is one (so a public listener full of clients cannot get the pod restarted).
+    listen_port = addr_port(cfg["server"]["listen"])
+    admin = cfg["server"].get("admin_listen")
+    admin_port = addr_port(admin) if admin else None
     ports = {p["containerPort"] for p in c["ports"]}
     assert listen_port in ports
     ready, live = c["readinessProbe"]["httpGet"], c["livenessProbe"]["httpGet"]
     assert ready["path"] == "/ready"
     assert live["path"] == "/health"
     assert resolve_port(c, ready["port"]) == listen_port
-    assert resolve_port(c, live["port"]) == listen_port
+    assert resolve_port(c, live["port"]) == (admin_port or listen_port)
 
     # The Service reaches that port.
     svc = objs.get("Service", TANDEM_DEPLOYMENT)
@@ -426,13 +538,176 @@ def test_tandem_deployment(objs: Objects, cfg: dict):
     assert spread and all(selects(t["labelSelector"], labels) for t in spread)
     assert {t["topologyKey"] for t in spread} >= {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
 
-    # Scraped by prometheus-operator.
+    # Scraped by prometheus-operator, on the port that serves /metrics: the admin port when
+    # server.admin_listen is set (the public one answers 404 there), else server.listen.
+    metrics_port = admin_port or listen_port
+    tandem_svcs = [x for x in objs.of("Service") if selects(x["spec"].get("selector", {}), labels)]
     sms = [
-        s
+        (s, x)
         for s in objs.of("ServiceMonitor")
-        if selects(s["spec"]["selector"], svc["metadata"]["labels"])
+        for x in tandem_svcs
+        if selects(s["spec"]["selector"], x["metadata"].get("labels", {}))
     ]
-    assert sms and all(ep.get("path", "/metrics") == "/metrics" for s in sms for ep in s["spec"]["endpoints"])
+    assert sms and all(ep.get("path", "/metrics") == "/metrics" for s, _ in sms for ep in s["spec"]["endpoints"])
+    for s, x in sms:
+        by_name = {p.get("name"): p for p in x["spec"]["ports"]}
+        for ep in s["spec"]["endpoints"]:
+            sp = by_name[ep["port"]]
+            assert resolve_port(c, sp.get("targetPort", sp["port"])) == metrics_port, (
+                f"ServiceMonitor/{s['metadata']['name']} scrapes Service/{x['metadata']['name']} port "
+                f"{ep['port']!r}, not the port serving /metrics ({metrics_port})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Access: API keys from a Secret, /metrics and /admin on the admin listener only
+
+
+def test_tandem_reads_its_api_keys_from_a_mounted_secret(objs: Objects, cfg: dict):
+    # Auth is on: keys_file is set (`tandem config check` read and validated the rendered file:
+    # effective_config asserts its "# auth:" line).
+    path = cfg["auth"].get("keys_file")
+    assert path, "[auth] keys_file must be set: API keys on"
+    mount, volume, secret, text = key_file(objs.overlay)
+
+    # The whole Secret directory, read-only: a subPath mount never sees the Secret's updates,
+    # so Tandem's reload would never see a rotated key.
+    assert "subPath" not in mount and "subPathExpr" not in mount, (
+        f"mount {mount['name']} uses a subPath: Secret updates would not reach {path}"
+    )
+    assert mount.get("readOnly") is True, f"mount {mount['name']} must be readOnly"
+    src = volume["secret"]
+    assert src.get("optional", False) is False, "the key Secret must not be optional: Tandem needs the file"
+    assert secret["type"] == "Opaque"
+    # Its plain name, no hash suffix: an updated key file updates this Secret in place (and so the
+    # file Tandem reloads) instead of creating a new Secret and rolling the pods; and it is the
+    # Secret `kubectl create secret generic tandem-api-keys` (deploy/README.md) makes.
+    assert src["secretName"] == secret["metadata"]["name"] == KEYS_SECRET, (
+        f"the key Secret is {src['secretName']}, not {KEYS_SECRET} (disableNameSuffixHash)"
+    )
+
+    # Readable by Tandem's user: "others" may read, or the group may and the files get fsGroup.
+    psc = objs.tandem()["spec"]["template"]["spec"].get("securityContext", {})
+    item_modes = [i["mode"] for i in src.get("items", []) if "mode" in i]
+    for mode in item_modes or [src.get("defaultMode", 0o644)]:
+        assert mode & 0o004 or (mode & 0o040 and psc.get("fsGroup")), (
+            f"key file mode {mode:o} is not readable by UID {psc.get('runAsUser')} (set fsGroup)"
+        )
+        assert not mode & 0o222, f"key file mode {mode:o}: nobody needs to write it"
+
+    # Hashes, not keys, in the manifests.
+    doc = tomllib.loads(text)
+    assert doc.get("keys"), "the key file names no key"
+    for i, k in enumerate(doc["keys"]):
+        assert "key" not in k and re.fullmatch(r"[0-9a-fA-F]{64}", k.get("key_sha256", "")), (
+            f"keys[{i}]: write key_sha256 (the key's SHA-256), never the key itself"
+        )
+
+
+def test_the_base_ships_only_a_placeholder_key():
+    """The base's Secret accepts no key until it is replaced: only the 64-zero hash, which no
+    known key has. Real hashes belong in an overlay (or a Secret made outside kustomize)."""
+    _, _, _, text = key_file(K8S / "base")
+    doc = tomllib.loads(text)
+    assert [k.get("key_sha256") for k in doc["keys"]] == [PLACEHOLDER_SHA256] * len(doc["keys"])
+    assert "PLACEHOLDER" in text and "REPLACE" in text, "the placeholder says loudly that it is one"
+
+
+def test_metrics_and_admin_are_on_the_admin_port_only(objs: Objects, cfg: dict):
+    pod = objs.tandem()["spec"]["template"]
+    c = container(pod, TANDEM_CONTAINER)
+    labels = pod["metadata"]["labels"]
+    admin = cfg["server"].get("admin_listen")
+    assert admin, "server.admin_listen must be set: /metrics and /admin/* off the public port"
+    assert admin.startswith("0.0.0.0:"), "the admin listener must be reachable by Prometheus: all interfaces"
+    admin_port, listen_port = addr_port(admin), addr_port(cfg["server"]["listen"])
+    assert admin_port != listen_port
+    assert resolve_port(c, "admin") == admin_port, "container port `admin` is server.admin_listen's port"
+
+    # The public Service (what clients call) does not lead to the admin port...
+    public = objs.get("Service", TANDEM_DEPLOYMENT)
+    assert admin_port not in service_port_targets(c, public), (
+        "Service/tandem exposes the admin port (no API key there): use a separate Service"
+    )
+    # ... another Service does, and Tandem's ServiceMonitors scrape that one, never the public one.
+    admin_svcs = [
+        x
+        for x in objs.of("Service")
+        if selects(x["spec"].get("selector", {}), labels) and admin_port in service_port_targets(c, x)
+    ]
+    assert admin_svcs, "no Service reaches the admin port"
+    for x in admin_svcs:
+        assert x["spec"].get("type", "ClusterIP") == "ClusterIP", f"Service/{x['metadata']['name']} must stay in-cluster"
+        assert listen_port not in service_port_targets(c, x), "the admin Service carries the admin port only"
+    scraping = [s for s in objs.of("ServiceMonitor") if any(selects(s["spec"]["selector"], x["metadata"]["labels"]) for x in admin_svcs)]
+    assert scraping, "no ServiceMonitor scrapes the admin Service"
+    for s in objs.of("ServiceMonitor"):
+        assert not selects(s["spec"]["selector"], public["metadata"].get("labels", {})), (
+            f"ServiceMonitor/{s['metadata']['name']} selects the public Service: /metrics is 404 there"
+        )
+
+
+def admitted_peers(np: dict, pod: dict, port: int) -> list[dict | None]:
+    """The `from` peers NetworkPolicy `np` admits to container port `port` of `pod` (None: anyone)."""
+    def port_matches(p: dict) -> bool:
+        if p.get("port") is None:
+            return True
+        if isinstance(p["port"], int):
+            return p["port"] <= port <= p.get("endPort", p["port"])
+        return any(
+            cp.get("name") == p["port"] and cp["containerPort"] == port
+            for c in pod["spec"]["containers"]
+            for cp in c.get("ports", [])
+        )
+
+    peers: list[dict | None] = []
+    for rule in np["spec"].get("ingress", []):
+        if not rule.get("ports") or any(port_matches(p) for p in rule["ports"]):
+            peers += rule.get("from") or [None]
+    return peers
+
+
+def same_namespace_pods(peer: dict | None) -> dict | None:
+    """A peer's podSelector when it admits only pods of the policy's own namespace."""
+    return peer["podSelector"] if peer is not None and set(peer) == {"podSelector"} else None
+
+
+def ingress_policies(objs: Objects, pod: dict) -> list[dict]:
+    return [
+        np
+        for np in objs.of("NetworkPolicy")
+        if "Ingress" in np["spec"].get("policyTypes", ["Ingress"])
+        and selects(np["spec"]["podSelector"], pod["metadata"]["labels"])
+    ]
+
+
+def test_network_policies_admit_what_the_wiring_needs(objs: Objects, cfg: dict):
+    """Where a NetworkPolicy isolates a pod, it still admits what the manifests rely on: clients
+    and Prometheus to Tandem's two ports, Tandem to Redis."""
+    pod = objs.tandem()["spec"]["template"]
+    tandem_labels = pod["metadata"]["labels"]
+    nps = ingress_policies(objs, pod)
+    if nps:
+        ports = {addr_port(cfg["server"]["listen"]), addr_port(cfg["server"].get("admin_listen", cfg["server"]["listen"]))}
+        for port in ports:
+            assert any(admitted_peers(np, pod, port) for np in nps), f"a NetworkPolicy shuts Tandem's port {port}"
+    redis = objs.maybe("Deployment", "tandem-redis")
+    if redis is not None:
+        rpod = redis["spec"]["template"]
+        port = resolve_port(container(rpod), "redis")
+        nps = ingress_policies(objs, rpod)
+        assert nps, "Redis has no password: a NetworkPolicy must admit the Tandem pods only"
+        peers = [peer for np in nps for peer in admitted_peers(np, rpod, port)]
+        assert any(
+            peer is None or ((sel := same_namespace_pods(peer)) is not None and selects(sel, tandem_labels))
+            for peer in peers
+        ), "no NetworkPolicy admits the Tandem pods to Redis"
+        stranger = {"app.kubernetes.io/name": "someone-else"}
+        for peer in peers:
+            sel = same_namespace_pods(peer)
+            assert sel is not None and sel != {} and not selects(sel, stranger), (
+                f"Redis admits more than the Tandem pods: {peer}"
+            )
 
 
 def test_containers_run_as_non_root(objs: Objects):
@@ -671,6 +946,113 @@ def check_hpa(hpa: dict):
         assert name in served, f"HPA metric {name} is not served by {ADAPTER_VALUES.name}"
         series = re.match(r"(\w+)", served[name]["seriesQuery"]).group(1)
         assert series in registered_metrics(), f"{series} is not a metric Tandem exports"
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional Redis for the tenants' shared budgets
+
+
+def memory_bytes(q: str) -> int:
+    """A Kubernetes memory quantity (Mi, Gi, M, ...) or a Redis size (mb, gb, ...) in bytes."""
+    m = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", q.strip())
+    assert m, q
+    n, unit = int(m.group(1)), m.group(2)
+    factors = {
+        "": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3,
+        "kb": 1024, "mb": 1024**2, "gb": 1024**3,  # Redis: "mb" is 1024*1024 bytes
+    }
+    key = unit if unit in factors else unit.lower()
+    assert key in factors, f"unknown unit in {q}"
+    return n * factors[key]
+
+
+def redis_flag(args: list[str], name: str) -> str | None:
+    """The value of `redis-server ... --name value` (its options take the value as the next argument)."""
+    for i, a in enumerate(args[:-1]):
+        if a == name:
+            return args[i + 1]
+    return None
+
+
+def check_redis_limits(objs: Objects, cfg: dict):
+    """[limits] backend = "redis": the URL names a Redis Service in Tandem's namespace, on one of its
+    ports, leading to a Redis container serving that port, hardened like the other pods."""
+    c = container(objs.tandem()["spec"]["template"], TANDEM_CONTAINER)
+    env = env_map(c)
+    # Set by environment overrides on the Tandem container (the ConfigMap stays the base's).
+    assert env.get("TANDEM__LIMITS__BACKEND", {}).get("value") == "redis"
+    url = env["TANDEM__LIMITS__REDIS_URL"]["value"]
+    assert cfg["limits"]["backend"] == "redis" and cfg["limits"]["redis_url"] == url, "the override is in force"
+    u = urlsplit(url)
+    assert u.scheme == "redis" and u.hostname, url
+    port = u.port or 6379
+    parts = u.hostname.rstrip(".").split(".")
+    assert len(parts) >= 2 and parts[2:] in (["svc"], ["svc", "cluster", "local"]), (
+        f"{url}: name a Service as <service>.<namespace>.svc[.cluster.local]"
+    )
+    assert parts[1] == objs.namespace(), f"{url} is not in namespace {objs.namespace()}"
+    svc = objs.get("Service", parts[0])
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", "Redis stays inside the cluster"
+    sp = [p for p in svc["spec"]["ports"] if p["port"] == port]
+    assert sp, f"{url}: port {port} is not a port of Service/{parts[0]}"
+    deps = [d for d in objs.of("Deployment") if selects(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])]
+    assert len(deps) == 1, f"Service/{parts[0]} selects {len(deps)} Deployments"
+    dep = deps[0]
+    assert dep["spec"].get("replicas", 1) == 1, "one Redis: several unreplicated ones would split the budgets"
+    pod = dep["spec"]["template"]
+    r = container(pod)
+    target = resolve_port(r, sp[0].get("targetPort", sp[0]["port"]))
+    assert target in {p["containerPort"] for p in r["ports"]}
+    args = r.get("command", []) + r.get("args", [])
+    assert any(Path(a).name == "redis-server" for a in args), f"runs redis-server, got {args}"
+    assert int(redis_flag(args, "--port") or 6379) == target, "redis-server listens where the Service leads"
+
+    # Hardened like the other pods (non-root etc.: test_containers_run_as_non_root), plus:
+    sc = r["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert pod["spec"].get("automountServiceAccountToken") is False
+    assert pod["spec"].get("securityContext", {}).get("seccompProfile", {}).get("type") == "RuntimeDefault"
+    res = r["resources"]
+    assert res["requests"]["cpu"] and res["requests"]["memory"] and res["limits"]["memory"]
+    assert r.get("readinessProbe") and r.get("livenessProbe")
+    # Nothing persisted (the buckets refill within a minute anyway), and its working directory
+    # on an emptyDir, so the read-only root filesystem is never written.
+    assert redis_flag(args, "--save") == "" and redis_flag(args, "--appendonly") == "no", (
+        "persistence off: no RDB snapshots, no AOF"
+    )
+    data_dir = redis_flag(args, "--dir")
+    assert data_dir, "--dir: Redis's working directory, on a volume"
+    mounts = [m for m in r.get("volumeMounts", []) if m["mountPath"].rstrip("/") == data_dir.rstrip("/")]
+    assert len(mounts) == 1 and not mounts[0].get("readOnly"), f"--dir {data_dir} needs a writable volume"
+    vol = [v for v in pod["spec"]["volumes"] if v["name"] == mounts[0]["name"]][0]
+    assert "emptyDir" in vol, f"--dir {data_dir} is not on an emptyDir"
+    # maxmemory below the container's limit, and evicting only keys with a TTL (all of Tandem's).
+    maxmem = redis_flag(args, "--maxmemory")
+    assert maxmem and memory_bytes(maxmem) < memory_bytes(res["limits"]["memory"]), (
+        f"--maxmemory {maxmem} must stay below the memory limit {res['limits']['memory']}"
+    )
+    assert redis_flag(args, "--maxmemory-policy") in ("volatile-ttl", "volatile-lru", "volatile-lfu", "noeviction"), (
+        "never evict a key without a TTL"
+    )
+
+
+def test_redis_limits_wherever_configured(objs: Objects, cfg: dict):
+    if cfg["limits"]["backend"] == "redis":
+        check_redis_limits(objs, cfg)
+    else:
+        assert objs.maybe("Deployment", "tandem-redis") is None, "a Redis nobody uses"
+
+
+def test_redis_overlay_shares_the_limits_through_redis(tmp_path_factory):
+    overlay = K8S / "overlays" / "redis-limits"
+    cfg = effective_config(overlay, tmp_path_factory.getbasetemp())
+    assert cfg["limits"]["backend"] == "redis"
+    assert cfg["limits"]["redis_url"] == "redis://tandem-redis.tandem.svc.cluster.local:6379"
+    check_redis_limits(Objects(overlay), cfg)
+    # Everything else is the base's: only the two variables differ on the Tandem container.
+    base_env = env_map(container(Objects(K8S / "base").tandem()["spec"]["template"], TANDEM_CONTAINER))
+    env = env_map(container(Objects(overlay).tandem()["spec"]["template"], TANDEM_CONTAINER))
+    assert set(env) - set(base_env) == {"TANDEM__LIMITS__BACKEND", "TANDEM__LIMITS__REDIS_URL"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -176,7 +176,14 @@ fn body(max_tokens: u64, stream: bool) -> Value {
 /// An error answer names no engine: no URL, address or port.
 pub fn assert_no_engine_named(text: &str, c: &Cluster) {
     // Nor a file path or panic text: nothing internal leaks into an answer.
-    for leak in ["panicked", ".rs:", "/src/", "/root/", "/tmp/", "RUST_BACKTRACE"] {
+    for leak in [
+        "panicked",
+        ".rs:",
+        "/src/",
+        "/root/",
+        "/tmp/",
+        "RUST_BACKTRACE",
+    ] {
         assert!(!text.contains(leak), "leaks {leak:?}: {text}");
     }
     assert!(!text.contains("http://"), "{text}");

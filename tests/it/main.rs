@@ -23,6 +23,7 @@ mod protocols;
 mod routing;
 mod side_endpoints;
 mod sim_grpc;
+mod splits;
 mod support;
 mod tenants;
 mod tls;

@@ -75,6 +75,10 @@ pub struct Tenant {
     /// Its share of its class's admissions while tenants of the class wait (default 1).
     pub weight: u32,
     pub limits: TenantLimits,
+    /// The engine group (`pools.groups`, an endpoint's `group`) its requests are pinned to,
+    /// unless one names another with `x-tandem-group`; a group the configuration does not know
+    /// is ignored (the split decides).
+    pub group: Option<String>,
 }
 
 /// A key as the file gives it. `Debug` never shows it.
@@ -140,6 +144,7 @@ struct TenantDoc {
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
     max_concurrent_requests: Option<u32>,
+    group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -206,11 +211,21 @@ pub fn parse_keys(text: &str) -> Result<KeyFile, KeyFileError> {
                 format!("must be 1 to {MAX_WEIGHT}"),
             ));
         }
+        if let Some(g) = &t.group {
+            if g.len() > 32 {
+                return Err(invalid(
+                    format!("{item}.group"),
+                    "must be 1 to 32 characters",
+                ));
+            }
+            check_name(g).map_err(|reason| invalid(format!("{item}.group"), reason))?;
+        }
         tenants.push(Tenant {
             name: t.name,
             priority: t.priority,
             weight,
             limits: l,
+            group: t.group,
         });
     }
     let mut keys = Vec::with_capacity(doc.keys.len());
@@ -371,6 +386,20 @@ tenant = "free"
         };
         assert_eq!(h[0], 0x5e);
         assert_eq!(h[31], 0xd8);
+    }
+
+    #[test]
+    fn a_tenant_may_pin_an_engine_group() {
+        let f = parse_keys("[[tenants]]\nname = \"t\"\ngroup = \"canary\"\n").unwrap();
+        assert_eq!(f.tenants[0].group.as_deref(), Some("canary"));
+        assert_eq!(parse_keys(DOC).unwrap().tenants[0].group, None);
+        let e = parse_keys("[[tenants]]\nname = \"t\"\ngroup = \"a b\"\n").unwrap_err();
+        assert!(matches!(e, KeyFileError::Invalid { ref item, .. } if item == "tenants[0].group"));
+        let long = format!(
+            "[[tenants]]\nname = \"t\"\ngroup = \"{}\"\n",
+            "g".repeat(33)
+        );
+        assert!(parse_keys(&long).is_err());
     }
 
     #[test]

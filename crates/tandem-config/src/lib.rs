@@ -41,8 +41,9 @@ pub use schema::{
     AuthConfig, Config, DisaggregationConfig, DisaggregationMode, DnsConfig, Endpoint,
     EndpointSpec, HealthConfig, LimitsBackend, LimitsConfig, LogFormat, LoggingConfig, ModelConfig,
     OtlpProtocol, PoolConfig, PoolsConfig, Protocol, Ratio, RetryConfig, ServerConfig,
-    TelemetryConfig, TimeoutsConfig,
+    TelemetryConfig, TimeoutsConfig, DEFAULT_GROUP,
 };
+pub use validate::{MAX_GROUPS, MAX_GROUP_WEIGHT};
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@
 //! that states each default; `tandem.example.toml` mirrors them and a test
 //! keeps the two in step.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -266,7 +267,17 @@ pub struct PoolsConfig {
     /// fraction of the target.
     #[serde(default = "default_ratio_tolerance")]
     pub ratio_tolerance: f64,
+    /// The traffic split over engine groups (an endpoint's or a DNS table's `group`; unset =
+    /// [`DEFAULT_GROUP`]): each request not matched by `x-tandem-group` or its tenant's pinned
+    /// group goes to a group drawn by these weights, and both its legs stay in it. Empty = every
+    /// such request to [`DEFAULT_GROUP`]. A group with weight 0 gets header and tenant
+    /// matches only.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, u32>,
 }
+
+/// The group of an engine that names none.
+pub const DEFAULT_GROUP: &str = "default";
 
 fn default_ratio_tolerance() -> f64 {
     0.25
@@ -282,7 +293,23 @@ impl PoolsConfig {
             decode,
             target_ratio: None,
             ratio_tolerance: default_ratio_tolerance(),
+            groups: BTreeMap::new(),
         }
+    }
+
+    /// Every group the configuration names (on an endpoint, a DNS table or in `groups`), with
+    /// [`DEFAULT_GROUP`], sorted: the bounded set of `group` metric labels.
+    pub fn group_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.groups.keys().cloned().collect();
+        for pool in [&self.prefill, &self.decode] {
+            for g in pool.groups() {
+                names.push(g.to_owned());
+            }
+        }
+        names.push(DEFAULT_GROUP.to_owned());
+        names.sort();
+        names.dedup();
+        names
     }
 }
 
@@ -306,6 +333,18 @@ pub struct PoolConfig {
 }
 
 impl PoolConfig {
+    /// The groups this pool's endpoints and DNS table belong to (with repeats).
+    pub fn groups(&self) -> impl Iterator<Item = &str> {
+        self.endpoints
+            .iter()
+            .map(|e| e.group.as_deref().unwrap_or(DEFAULT_GROUP))
+            .chain(
+                self.dns
+                    .iter()
+                    .map(|d| d.group.as_deref().unwrap_or(DEFAULT_GROUP)),
+            )
+    }
+
     /// The pool's policy; `policy` is always set after loading, the fallback only matters for
     /// configurations built in code.
     pub fn policy_or(&self, default: PolicyName) -> PolicyName {
@@ -331,6 +370,9 @@ pub struct Endpoint {
     /// it, `kv-capacity` counts Tandem's own reservations against the engine's
     /// `total_kv_blocks`.
     pub metrics: Option<String>,
+    /// The engine group (model version, GPU type) it belongs to; `None` = [`DEFAULT_GROUP`].
+    /// A request's prefill and decode engines always share a group.
+    pub group: Option<String>,
 }
 
 impl Endpoint {
@@ -342,6 +384,7 @@ impl Endpoint {
             kv_events: None,
             kv_events_replay: None,
             metrics: None,
+            group: None,
         }
     }
 }
@@ -364,6 +407,8 @@ pub enum EndpointSpec {
         kv_events_replay: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         metrics: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
     },
 }
 
@@ -377,12 +422,14 @@ impl From<EndpointSpec> for Endpoint {
                 kv_events,
                 kv_events_replay,
                 metrics,
+                group,
             } => Endpoint {
                 url,
                 weight,
                 kv_events,
                 kv_events_replay,
                 metrics,
+                group,
             },
         }
     }
@@ -394,6 +441,7 @@ impl From<Endpoint> for EndpointSpec {
             && ep.kv_events.is_none()
             && ep.kv_events_replay.is_none()
             && ep.metrics.is_none()
+            && ep.group.is_none()
         {
             EndpointSpec::Url(ep.url)
         } else {
@@ -403,6 +451,7 @@ impl From<Endpoint> for EndpointSpec {
                 kv_events: ep.kv_events,
                 kv_events_replay: ep.kv_events_replay,
                 metrics: ep.metrics,
+                group: ep.group,
             }
         }
     }
@@ -422,6 +471,8 @@ struct EndpointTable {
     kv_events_replay: Option<String>,
     #[serde(default)]
     metrics: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
 }
 
 // Hand-written rather than `#[serde(untagged)]` because the derived untagged
@@ -454,6 +505,7 @@ impl<'de> Deserialize<'de> for EndpointSpec {
                     kv_events: t.kv_events,
                     kv_events_replay: t.kv_events_replay,
                     metrics: t.metrics,
+                    group: t.group,
                 })
             }
         }
@@ -479,6 +531,9 @@ pub struct DnsConfig {
     /// HTTP `/metrics` on (vLLM-rs keeps them on its HTTP port), read for KV load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_port: Option<u16>,
+    /// The engine group every discovered engine belongs to (see [`Endpoint::group`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 fn default_dns_scheme() -> String {

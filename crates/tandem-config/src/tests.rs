@@ -632,7 +632,10 @@ fn render_round_trips_a_config_with_every_option_set() {
         interval_secs: 10,
         weight: 2.0,
         metrics_port: Some(8001),
+        group: Some("canary".into()),
     });
+    cfg.pools.prefill.endpoints[1].group = Some("canary".into());
+    cfg.pools.groups = [("default".to_owned(), 95), ("canary".to_owned(), 5)].into();
     cfg.pools.decode.policy = Some(PolicyName::RoundRobin);
     cfg.pools.decode.kv_events = Some(KvEventsConfig::default());
     cfg.timeouts.idle_ms = i64::MAX as u64;

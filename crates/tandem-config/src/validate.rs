@@ -78,6 +78,7 @@ impl Config {
         let never = self.disaggregation.mode == DisaggregationMode::Never;
         validate_pool("pools.prefill", &self.pools.prefill, !never)?;
         validate_pool("pools.decode", &self.pools.decode, true)?;
+        self.validate_groups()?;
         let tol = self.pools.ratio_tolerance;
         if !(tol > 0.0 && tol <= 10.0) {
             return Err(invalid(
@@ -166,6 +167,64 @@ impl Config {
         }
         if t.service_name.trim().is_empty() {
             return Err(invalid("telemetry.service_name", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Group names (they become metric labels), and a split over groups both pools can serve.
+    fn validate_groups(&self) -> Result<(), ConfigError> {
+        for (prefix, pool) in [
+            ("pools.prefill", &self.pools.prefill),
+            ("pools.decode", &self.pools.decode),
+        ] {
+            for (i, ep) in pool.endpoints.iter().enumerate() {
+                if let Some(g) = &ep.group {
+                    check_group(g)
+                        .map_err(|r| invalid(format!("{prefix}.endpoints[{i}].group"), r))?;
+                }
+            }
+            if let Some(g) = pool.dns.as_ref().and_then(|d| d.group.as_ref()) {
+                check_group(g).map_err(|r| invalid(format!("{prefix}.dns.group"), r))?;
+            }
+        }
+        let never = self.disaggregation.mode == DisaggregationMode::Never;
+        let mut total = 0u64;
+        for (g, &w) in &self.pools.groups {
+            let key = format!("pools.groups.{g}");
+            check_group(g).map_err(|r| invalid(&key, r))?;
+            if w > MAX_GROUP_WEIGHT {
+                return Err(invalid(key, format!("must be at most {MAX_GROUP_WEIGHT}")));
+            }
+            total += u64::from(w);
+            let served = |pool: &PoolConfig| pool.groups().any(|pg| pg == g);
+            let missing = if !served(&self.pools.decode) {
+                Some("pools.decode")
+            } else if !never && !served(&self.pools.prefill) {
+                Some("pools.prefill")
+            } else {
+                None
+            };
+            if let (true, Some(pool)) = (w > 0, missing) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "no endpoint or `dns` table of {pool} is in group `{g}`: a weighted \
+                         group needs engines in both pools"
+                    ),
+                ));
+            }
+        }
+        if !self.pools.groups.is_empty() && total == 0 {
+            return Err(invalid(
+                "pools.groups",
+                "at least one group needs a weight greater than 0",
+            ));
+        }
+        if self.pools.group_names().len() > MAX_GROUPS {
+            return Err(invalid(
+                "pools.groups",
+                format!("at most {MAX_GROUPS} engine groups (they are metric labels)"),
+            ));
         }
         Ok(())
     }
@@ -573,5 +632,25 @@ fn check_zmq(s: &str) -> Result<(), String> {
             Ok(())
         }
         _ => Err(format!("expected tcp://host:port with a port; got {s:?}")),
+    }
+}
+
+/// The most engine groups a configuration may name, `default` included.
+pub const MAX_GROUPS: usize = 16;
+/// The largest weight of one group in `pools.groups`.
+pub const MAX_GROUP_WEIGHT: u32 = 10_000;
+
+/// Group names become metric labels and a header's value: short, from a plain alphabet.
+fn check_group(name: &str) -> Result<(), String> {
+    let ok = (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be 1 to 32 characters of A-Z, a-z, 0-9, '.', '_', '-'; got {name:?}"
+        ))
     }
 }

@@ -75,6 +75,10 @@ pub struct EngineView {
     /// Prefill throughput the coordinator measured on this engine (tokens/s of uncached prompt
     /// per second busy with its prefill legs, decayed); `None` until measured.
     pub prefill_tokens_per_sec: Option<f64>,
+    /// The engine group it belongs to (model version, GPU type; the coordinator's `default`
+    /// when configured without one); `None` only in views built without groups. A P/D pair is
+    /// never planned across groups.
+    pub group: Option<Arc<str>>,
 }
 
 impl EngineView {
@@ -94,6 +98,7 @@ impl EngineView {
             kv_used_blocks: None,
             kv_reserved_blocks: 0,
             prefill_tokens_per_sec: None,
+            group: None,
         }
     }
 
@@ -113,8 +118,8 @@ impl EngineView {
         )
     }
 
-    /// Whether a prefill on `self` can hand its KV to `decode`: same model, block size and
-    /// engine version where both are known (vLLM refuses mismatched block sizes at the NIXL
+    /// Whether a prefill on `self` can hand its KV to `decode`: the same group, and the same
+    /// model, block size and engine version where both are known (vLLM refuses mismatched block sizes at the NIXL
     /// handshake; gRPC's `ServerInfo` has no compatibility hash, so equal versions stand in).
     pub fn compatible_with(&self, decode: &EngineView) -> bool {
         fn agree<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
@@ -123,7 +128,8 @@ impl EngineView {
                 _ => true,
             }
         }
-        agree(&self.model, &decode.model)
+        self.group == decode.group
+            && agree(&self.model, &decode.model)
             && agree(&self.block_size, &decode.block_size)
             && agree(&self.engine_version, &decode.engine_version)
     }
@@ -134,4 +140,60 @@ impl EngineView {
 pub struct PoolSnapshot {
     pub prefill: Vec<EngineView>,
     pub decode: Vec<EngineView>,
+}
+
+impl PoolSnapshot {
+    /// Only the engines of `group` in both pools (a view with `group: None` counts as
+    /// `default_group`'s): what a request routed to that group may be planned on.
+    pub fn in_group(mut self, group: &str, default_group: &str) -> PoolSnapshot {
+        let keep = |e: &EngineView| e.group.as_deref().unwrap_or(default_group) == group;
+        self.prefill.retain(keep);
+        self.decode.retain(keep);
+        self
+    }
+
+    /// Whether both pools (only decode when `need_prefill` is false) have a routable engine in
+    /// `group`.
+    pub fn group_routable(&self, group: &str, default_group: &str, need_prefill: bool) -> bool {
+        let any = |es: &[EngineView]| {
+            es.iter()
+                .any(|e| e.routable() && e.group.as_deref().unwrap_or(default_group) == group)
+        };
+        any(&self.decode) && (!need_prefill || any(&self.prefill))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_group(id: usize, group: Option<&str>) -> EngineView {
+        EngineView {
+            group: group.map(Arc::from),
+            ..EngineView::healthy(id, format!("http://e{id}"))
+        }
+    }
+
+    #[test]
+    fn pairs_never_cross_groups_and_views_filter_by_group() {
+        let a = in_group(0, Some("canary"));
+        let b = in_group(1, Some("default"));
+        let c = in_group(2, Some("canary"));
+        assert!(a.compatible_with(&c));
+        assert!(!a.compatible_with(&b));
+        let snap = PoolSnapshot {
+            prefill: vec![a.clone(), b.clone(), in_group(3, None)],
+            decode: vec![c.clone(), b.clone()],
+        };
+        let only = snap.clone().in_group("canary", "default");
+        assert_eq!(only.prefill, vec![a]);
+        assert_eq!(only.decode, vec![c]);
+        let dflt = snap.clone().in_group("default", "default");
+        assert_eq!(
+            dflt.prefill.iter().map(|e| e.id).collect::<Vec<_>>(),
+            [1, 3]
+        );
+        assert!(snap.group_routable("canary", "default", true));
+        assert!(!snap.group_routable("blue", "default", false));
+    }
 }

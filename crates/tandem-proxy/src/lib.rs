@@ -27,6 +27,7 @@ mod relay;
 mod route;
 mod server;
 mod side;
+mod split;
 mod timing;
 mod tls;
 pub mod trace;
@@ -122,6 +123,8 @@ pub(crate) struct State {
     pub auth: Option<Arc<auth::Auth>>,
     /// Tenants' budgets.
     pub limits: Arc<limits::Limiter>,
+    /// Engine groups and the traffic split over them.
+    pub splits: split::Splits,
 }
 
 impl State {
@@ -320,6 +323,7 @@ fn build(
         trace_link: edges.trace_link,
         auth,
         limits,
+        splits: split::Splits::new(&cfg.pools),
         cfg,
     }))
 }

@@ -51,12 +51,21 @@ pub const DISPATCH_BUCKETS: [f64; 16] = [
 pub struct RequestLabels {
     pub route: &'static str,
     pub outcome: &'static str,
+    /// The engine group (a configured name; empty for a request refused before it had one).
+    pub group: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TtftLabels {
     pub route: &'static str,
     pub model: String,
+    pub group: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub group: String,
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -200,6 +209,7 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub ttft: HistFamily<TtftLabels>,
+    groups_selected: Family<GroupLabels, Counter>,
     pub phase: HistFamily<PhaseLabels>,
     pub itl: Histogram,
     pub tpot: Histogram,
@@ -238,8 +248,14 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         r.register(
             "tandem_requests",
-            "Requests finished, by route (disaggregated | local) and outcome",
+            "Requests finished, by route (disaggregated | local), outcome and engine group",
             requests.clone(),
+        );
+        let groups_selected = Family::<GroupLabels, Counter>::default();
+        r.register(
+            "tandem_group_selected",
+            "Requests routed in each engine group, by why (header, tenant, split, fallback)",
+            groups_selected.clone(),
         );
         let ttft: HistFamily<TtftLabels> = Family::new_with_constructor(|| hist(&TTFT_BUCKETS));
         r.register(
@@ -426,6 +442,7 @@ impl Metrics {
             registry: r,
             requests,
             ttft,
+            groups_selected,
             phase,
             itl,
             tpot,
@@ -459,6 +476,18 @@ impl Metrics {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// Count one request's engine group and why it was chosen (`split.rs`).
+    pub fn group_selected(&self, group: &str, reason: &'static str) {
+        if self.enabled {
+            self.groups_selected
+                .get_or_create(&GroupLabels {
+                    group: group.to_owned(),
+                    reason,
+                })
+                .inc();
+        }
     }
 
     /// Count one handoff's end (see `handoff::Outcome`).
@@ -609,14 +638,17 @@ mod tests {
             .get_or_create(&RequestLabels {
                 route: "local",
                 outcome: "ok",
+                group: "default".into(),
             })
             .inc();
         m.ttft
             .get_or_create(&TtftLabels {
                 route: "local",
                 model: "m".into(),
+                group: "default".into(),
             })
             .observe(0.1);
+        m.group_selected("default", "split");
         m.phase
             .get_or_create(&PhaseLabels { phase: "queue" })
             .observe(0.1);

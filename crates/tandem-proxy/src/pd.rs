@@ -42,6 +42,7 @@ use crate::route::{self, RouteError};
 use crate::timing::Finisher;
 use crate::trace;
 use crate::State;
+use tandem_config::DEFAULT_GROUP;
 
 /// A successful decode leg, before its body is relayed.
 pub(crate) enum Done {
@@ -102,7 +103,7 @@ pub(crate) async fn handle(
         .then(|| headers.get(front::SESSION_HEADER).map(|v| v.as_bytes()))
         .flatten();
     // Its place in the admission queue: its tenant's class and weight.
-    let who = crate::admission::Who::of(tenant.as_deref());
+    let mut who = crate::admission::Who::of(tenant.as_deref());
     let parsed = match front::parse(kind, &raw, &st.tokenizer, &st.cfg.limits, session) {
         Ok(p) => p,
         Err(e) => {
@@ -110,6 +111,17 @@ pub(crate) async fn handle(
             return e.into_response();
         }
     };
+    // Its engine group, once for the whole request (every prompt of a list, every retry).
+    match choose_group(&st, &headers, tenant.as_deref()) {
+        Ok(g) => {
+            fin.group = Some(g.clone());
+            who.group = g;
+        }
+        Err(e) => {
+            fin.finish(e.outcome());
+            return with_request_id(e.into_response(), &request_id);
+        }
+    }
     fin.prompt_tokens = parsed.prompt_tokens;
     // The tenant's budgets, before any engine work.
     let rate = match crate::limits::admit(&st, tenant.as_ref(), &parsed, &mut fin).await {
@@ -140,6 +152,51 @@ pub(crate) async fn handle(
         }
     };
     with_ids(resp)
+}
+
+/// The request's engine group: `x-tandem-group` (a group the configuration does not name is
+/// refused with 400), else the tenant's pinned group, else the split; then the first group
+/// with routable engines in both pools if the chosen one has none (counted as a fallback).
+fn choose_group(
+    st: &State,
+    headers: &HeaderMap,
+    tenant: Option<&tandem_config::Tenant>,
+) -> Result<Arc<str>, ProxyError> {
+    let header = match headers.get(crate::split::GROUP_HEADER) {
+        None => None,
+        Some(v) => {
+            let known = v.to_str().ok().and_then(|v| st.splits.known(v.trim()));
+            match known {
+                Some(g) => Some(g),
+                None => {
+                    let names: Vec<&str> = st.splits.names().iter().map(|n| &**n).collect();
+                    return Err(ProxyError::BadRequest(format!(
+                        "{} names no engine group; known groups: {}",
+                        crate::split::GROUP_HEADER,
+                        names.join(", ")
+                    )));
+                }
+            }
+        }
+    };
+    let (group, reason) = st
+        .splits
+        .choose(header, tenant.and_then(|t| t.group.as_deref()));
+    // With one group there is nothing to fall back to.
+    let (group, fell_back) = if st.splits.names().len() > 1 {
+        let need_prefill = st.cfg.disaggregation.mode != tandem_config::DisaggregationMode::Never;
+        let snap = st.pools.pools.borrow().snapshot();
+        st.splits.settle(&snap, group, need_prefill)
+    } else {
+        (group, false)
+    };
+    let reason = if fell_back {
+        crate::split::Reason::Fallback
+    } else {
+        reason
+    };
+    st.metrics.group_selected(&group, reason.as_str());
+    Ok(group)
 }
 
 fn with_request_id(mut resp: Response, request_id: &str) -> Response {
@@ -194,6 +251,7 @@ async fn run_batch(
                 fin.trace.clone(),
             );
             f.prompt_tokens = p.prompt_tokens;
+            f.group = fin.group.clone();
             if let Some(permit) = &permit {
                 f.set_permit(permit.clone(), p.prompt_tokens);
             }
@@ -305,7 +363,7 @@ pub(crate) async fn run(
     let pred = route::predict(st, req);
     // Each pass spends at least one attempt, so this bounds re-planning.
     for _ in 0..(retries.prefill_attempts + retries.decode_attempts) {
-        relax_decode_exclusions(st, &mut ex_d, None);
+        relax_decode_exclusions(st, &who.group, &mut ex_d, None);
         let attempt = route::Attempt {
             seq,
             exclude_prefill: &ex_p,
@@ -435,7 +493,7 @@ pub(crate) async fn run(
                     // from the state at this handoff (the provisional one only if the policy
                     // picks it again), or wait for room. A refusal drops the handoff, which
                     // releases the prefill's KV.
-                    relax_decode_exclusions(st, &mut ex_d, prefill_id);
+                    relax_decode_exclusions(st, &who.group, &mut ex_d, prefill_id);
                     let (pools, reason, id, r) = route::admit_decode(
                         st,
                         req,
@@ -526,7 +584,7 @@ pub(crate) async fn run(
                             // The decode engine had the params and failed: the fault may be the
                             // prefill side's (a handshake or a KV read that fails), so the fresh
                             // prefill goes to another prefill engine if there is one.
-                            if another_prefill_engine(st, &ex_p, p) {
+                            if another_prefill_engine(st, &who.group, &ex_p, p) {
                                 ex_p.push(p);
                             }
                         }
@@ -549,11 +607,16 @@ pub(crate) async fn run(
 /// request's KV, if any) is excluded, the oldest exclusions lapse until one is not. (Prefill
 /// exclusions stay: with every prefill engine excluded the request falls back to a local
 /// prefill, or fails if disaggregation is enforced.)
-fn relax_decode_exclusions(st: &State, ex_d: &mut Vec<usize>, prefill: Option<usize>) {
+fn relax_decode_exclusions(st: &State, group: &str, ex_d: &mut Vec<usize>, prefill: Option<usize>) {
     if ex_d.is_empty() {
         return;
     }
-    let snap = st.pools.pools.borrow().snapshot();
+    let snap = st
+        .pools
+        .pools
+        .borrow()
+        .snapshot()
+        .in_group(group, DEFAULT_GROUP);
     let p = prefill.and_then(|id| snap.prefill.iter().find(|e| e.id == id));
     let candidates: Vec<usize> = snap
         .decode
@@ -566,15 +629,18 @@ fn relax_decode_exclusions(st: &State, ex_d: &mut Vec<usize>, prefill: Option<us
     }
 }
 
-/// Whether a healthy prefill engine other than `id` is not excluded.
-fn another_prefill_engine(st: &State, ex_p: &[usize], id: usize) -> bool {
+/// Whether a healthy prefill engine of `group` other than `id` is not excluded.
+fn another_prefill_engine(st: &State, group: &str, ex_p: &[usize], id: usize) -> bool {
     st.pools
         .pools
         .borrow()
         .pool(PoolKind::Prefill)
         .iter()
         .any(|e| {
-            e.engine.id != id && e.status.health == Health::Healthy && !ex_p.contains(&e.engine.id)
+            e.engine.id != id
+                && *e.engine.group == *group
+                && e.status.health == Health::Healthy
+                && !ex_p.contains(&e.engine.id)
         })
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tandem_config::Config;
+use tandem_config::{Config, DEFAULT_GROUP};
 use tandem_policy::{EngineView, Health, PoolKind, PoolSnapshot};
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -35,6 +35,8 @@ pub struct Engine {
     pub pool: PoolKind,
     pub url: Arc<str>,
     pub weight: f64,
+    /// Its engine group (`tandem_config::DEFAULT_GROUP` when configured without one).
+    pub group: Arc<str>,
     pub client: EngineClient,
     /// Found by DNS (drained when it leaves the answer) rather than configured.
     pub discovered: bool,
@@ -311,6 +313,7 @@ impl Pools {
                     kv_used_blocks: e.status.kv_used_blocks(),
                     kv_reserved_blocks: e.engine.reserved_blocks(),
                     prefill_tokens_per_sec: e.engine.rate.tokens_per_sec(),
+                    group: Some(e.engine.group.clone()),
                 })
                 .collect()
         }
@@ -391,7 +394,9 @@ pub fn start(
                 ctl_ids += 1;
                 let client =
                     EngineClient::new(pool.protocol, &e.url, e.metrics.as_deref(), connect, &tls);
-                new_entry(ctl_ids - 1, kind, &e.url, e.weight, false, client, &freed)
+                let group = e.group.as_deref().unwrap_or(DEFAULT_GROUP);
+                let at = (e.weight, group);
+                new_entry(ctl_ids - 1, kind, &e.url, at, false, client, &freed)
             })
             .collect()
     };
@@ -427,7 +432,7 @@ fn new_entry(
     id: usize,
     pool: PoolKind,
     url: &str,
-    weight: f64,
+    (weight, group): (f64, &str),
     discovered: bool,
     client: EngineClient,
     freed: &Arc<Notify>,
@@ -438,6 +443,7 @@ fn new_entry(
             pool,
             url: url.into(),
             weight,
+            group: group.into(),
             client,
             discovered,
             inflight: AtomicU32::new(0),
@@ -657,7 +663,7 @@ impl Control {
                         self.next_id,
                         kind,
                         u,
-                        dns.weight,
+                        (dns.weight, dns.group.as_deref().unwrap_or(DEFAULT_GROUP)),
                         true,
                         EngineClient::new(
                             protocol,

@@ -9,6 +9,8 @@ use tandem_policy::{
     RouteRequest,
 };
 
+use tandem_config::DEFAULT_GROUP;
+
 use crate::admission::{self, Held, Stage, Who};
 use crate::error::ProxyError;
 use crate::front::Parsed;
@@ -185,7 +187,8 @@ pub async fn plan_admitted<'s>(
         |pools: &Arc<Pools>| {
             // Under the lock every decision holds, so the snapshot has every admission before it.
             let mut rng = st.rng.lock().expect("rng lock");
-            let snap = pools.snapshot();
+            // Only the request's engine group, in both pools: its P/D pair never crosses groups.
+            let snap = pools.snapshot().in_group(&a.who.group, DEFAULT_GROUP);
             let mut plan_with = |rr: &RouteRequest<'_>| {
                 tandem_policy::plan(
                     &snap,
@@ -308,7 +311,7 @@ pub async fn admit_decode(
             // The snapshot is taken under the RNG lock, which every decision holds, so it includes
             // every admission decided before this one.
             let mut rng = st.rng.lock().expect("rng lock");
-            let snap = pools.snapshot();
+            let snap = pools.snapshot().in_group(&who.group, DEFAULT_GROUP);
             let p = match tandem_policy::plan_decode(
                 &snap,
                 facts,

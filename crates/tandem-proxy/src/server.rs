@@ -468,6 +468,7 @@ async fn engines(AxState(st): AxState<Arc<State>>) -> Response {
                 "pool": e.engine.pool.as_str(),
                 "url": e.engine.url.as_ref(),
                 "weight": e.engine.weight,
+                "group": e.engine.group.as_ref(),
                 "state": s.health.as_str(),
                 "model": s.model.as_deref(),
                 "block_size": s.block_size,

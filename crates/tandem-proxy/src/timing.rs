@@ -27,6 +27,8 @@ pub struct RequestRecord {
     pub decision_reason: &'static str,
     pub prefill_engine: Option<String>,
     pub decode_engine: Option<String>,
+    /// The engine group both legs ran in (`None`: refused before one was chosen).
+    pub group: Option<String>,
     pub prefill_attempts: u32,
     pub decode_attempts: u32,
     pub prompt_tokens: u64,
@@ -107,6 +109,8 @@ pub struct Finisher {
     pub decision: Option<(&'static str, &'static str)>,
     pub prefill_engine: Option<String>,
     pub decode_engine: Option<String>,
+    /// The request's engine group, once chosen (`split.rs`).
+    pub group: Option<Arc<str>>,
     pub prefill_attempts: u32,
     pub decode_attempts: u32,
     pub prompt_tokens: u64,
@@ -160,6 +164,7 @@ impl Finisher {
             decision: None,
             prefill_engine: None,
             decode_engine: None,
+            group: None,
             prefill_attempts: 0,
             decode_attempts: 0,
             prompt_tokens: 0,
@@ -292,6 +297,7 @@ impl Finisher {
                 .get_or_create(&TtftLabels {
                     route: self.route(),
                     model: self.model.clone(),
+                    group: self.group.as_deref().unwrap_or_default().to_owned(),
                 })
                 .observe(secs(self.arrival, fc));
         }
@@ -320,6 +326,7 @@ impl Finisher {
             decision_reason: self.decision.map_or("none", |d| d.1),
             prefill_engine: self.prefill_engine.clone(),
             decode_engine: self.decode_engine.clone(),
+            group: self.group.as_deref().map(str::to_owned),
             prefill_attempts: self.prefill_attempts,
             decode_attempts: self.decode_attempts,
             prompt_tokens: self.prompt_tokens,
@@ -345,6 +352,7 @@ impl Finisher {
             .get_or_create(&RequestLabels {
                 route: rec.route,
                 outcome,
+                group: rec.group.clone().unwrap_or_default(),
             })
             .inc();
         if let Some((decision, reason)) = self.decision {

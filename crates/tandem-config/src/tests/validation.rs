@@ -430,3 +430,61 @@ fn auth_limits_backend_and_admin_listener_are_checked() {
     assert_eq!(from_toml_str(&render(&cfg)).unwrap(), cfg);
     assert!(!Config::new(cfg.pools.clone()).auth.enabled());
 }
+
+/// Two pools with a `default` and a `canary` engine each, then `extra`.
+fn grouped(extra: &str) -> String {
+    format!(
+        "[pools]\n{extra}\n\
+         [pools.prefill]\nendpoints = [\"http://p:1\", {{ url = \"http://p:2\", group = \"canary\" }}]\n\
+         [pools.decode]\nendpoints = [\"http://d:1\", {{ url = \"http://d:2\", group = \"canary\" }}]\n"
+    )
+}
+
+#[test]
+fn group_splits_are_accepted_and_name_every_group() {
+    let cfg = from_toml_str(&grouped("groups = { default = 95, canary = 5 }")).unwrap();
+    assert_eq!(cfg.pools.groups["canary"], 5);
+    assert_eq!(
+        cfg.pools.prefill.endpoints[1].group.as_deref(),
+        Some("canary")
+    );
+    assert_eq!(cfg.pools.group_names(), ["canary", "default"]);
+    // A weight-0 group is header- and tenant-only; no table at all sends everything to default.
+    from_toml_str(&grouped("groups = { default = 1, canary = 0 }")).unwrap();
+    let plain = from_toml_str(&grouped("")).unwrap();
+    assert!(plain.pools.groups.is_empty());
+}
+
+#[test]
+fn group_splits_are_validated() {
+    let r = invalid_toml(
+        &grouped("groups = { default = 95, blue = 5 }"),
+        "pools.groups.blue",
+    );
+    assert!(r.contains("pools.decode"), "{r}");
+    let r = invalid_toml(
+        &grouped("groups = { default = 0, canary = 0 }"),
+        "pools.groups",
+    );
+    assert!(r.contains("greater than 0"), "{r}");
+    let r = invalid_toml(
+        &grouped("groups = { canary = 10001 }"),
+        "pools.groups.canary",
+    );
+    assert!(r.contains("at most 10000"), "{r}");
+    invalid_toml(&grouped("groups = { \"a b\" = 1 }"), "pools.groups.a b");
+    let long = "g".repeat(33);
+    let doc = decode_endpoints(&format!("{{ url = \"http://d:1\", group = \"{long}\" }}"));
+    let r = invalid_toml(&doc, "pools.decode.endpoints[0].group");
+    assert!(r.contains("1 to 32"), "{r}");
+    // A weighted group missing from the prefill pool.
+    let doc = "[pools]\ngroups = { canary = 1 }\n[pools.prefill]\nendpoints = [\"http://p:1\"]\n\
+               [pools.decode]\nendpoints = [{ url = \"http://d:1\", group = \"canary\" }]\n";
+    let r = invalid_toml(doc, "pools.groups.canary");
+    assert!(r.contains("pools.prefill"), "{r}");
+    // Too many groups to be metric labels.
+    let many: Vec<String> = (0..MAX_GROUPS)
+        .map(|i| format!("{{ url = \"http://d:{}\", group = \"g{i}\" }}", i + 1))
+        .collect();
+    invalid_toml(&decode_endpoints(&many.join(", ")), "pools.groups");
+}

@@ -31,12 +31,14 @@ pub(crate) use queue::{Held, Stage};
 use queue::{Limits, Queue, Refusal, Request, CLASSES};
 
 /// Whose request this is, as the queue orders it: the tenant (with `[auth]` off, one anonymous
-/// tenant of the default class), its class and weight.
+/// tenant of the default class), its class and weight; and the engine group it is routed in
+/// (`split.rs`), so every plan and handoff of the request sees only that group's engines.
 #[derive(Debug, Clone)]
 pub(crate) struct Who {
     tenant: Arc<str>,
     class: Priority,
     weight: u32,
+    pub group: Arc<str>,
 }
 
 impl Who {
@@ -46,11 +48,13 @@ impl Who {
                 tenant: t.name.as_str().into(),
                 class: t.priority,
                 weight: t.weight,
+                group: tandem_config::DEFAULT_GROUP.into(),
             },
             None => Who {
                 tenant: "".into(),
                 class: Priority::Default,
                 weight: 1,
+                group: tandem_config::DEFAULT_GROUP.into(),
             },
         }
     }

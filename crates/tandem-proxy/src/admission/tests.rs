@@ -535,6 +535,7 @@ fn who(class: Priority, tenant: &str) -> Who {
         tenant: tenant.into(),
         class,
         weight: 1,
+        group: "default".into(),
     }
 }
 

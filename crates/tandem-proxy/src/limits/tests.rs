@@ -11,6 +11,7 @@ fn tenant(rpm: Option<u64>, tpm: Option<u64>, conc: Option<u32>) -> Arc<Tenant> 
             tokens_per_minute: tpm,
             max_concurrent_requests: conc,
         },
+        group: None,
     })
 }
 

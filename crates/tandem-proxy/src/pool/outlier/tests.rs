@@ -158,7 +158,7 @@ fn pools(kind: PoolKind, first: usize, n: usize) -> Pools {
                 Duration::from_secs(1),
                 &EngineTls::none(),
             );
-            let mut e = new_entry(id, kind, &url, 1.0, false, client, &freed);
+            let mut e = new_entry(id, kind, &url, (1.0, "default"), false, client, &freed);
             e.status.probed = Health::Healthy;
             e.status.health = Health::Healthy;
             e
