@@ -6,6 +6,7 @@
 
 pub mod chat;
 mod hf_config;
+pub mod pbjson;
 pub mod template;
 pub mod tokenizer;
 pub mod words;

@@ -29,9 +29,7 @@ pub(crate) const DEFAULT_TEMPERATURE: f32 = 1.0;
 /// vLLM's `CompletionRequest.max_tokens` default (the field's pydantic default; chat has none).
 pub(crate) const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
 
-/// The largest integer a double holds exactly (2^53): beyond it an integral double is not
-/// necessarily the integer that was meant.
-const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_992.0;
+use tandem_model::pbjson::MAX_SAFE_INTEGER;
 
 /// Which leg of a request the `GenerateRequest` is for.
 #[derive(Debug, Clone, PartialEq)]
@@ -348,67 +346,13 @@ pub(crate) fn stringify_remote_port(mut s: prost_types::Struct) -> prost_types::
     s
 }
 
-/// JSON → `Struct`; `None` unless `v` is an object. Every number becomes a double (the only
-/// number a `Struct` has): integers above 2^53 lose precision, as on any protobuf path.
-pub(crate) fn json_to_struct(v: &Value) -> Option<prost_types::Struct> {
-    let Value::Object(m) = v else { return None };
-    Some(prost_types::Struct {
-        fields: m
-            .iter()
-            .map(|(k, v)| (k.clone(), json_to_value(v)))
-            .collect(),
-    })
-}
-
-fn json_to_value(v: &Value) -> prost_types::Value {
-    let kind = match v {
-        Value::Null => PbKind::NullValue(0),
-        Value::Bool(b) => PbKind::BoolValue(*b),
-        Value::Number(n) => PbKind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => PbKind::StringValue(s.clone()),
-        Value::Array(a) => PbKind::ListValue(prost_types::ListValue {
-            values: a.iter().map(json_to_value).collect(),
-        }),
-        Value::Object(_) => PbKind::StructValue(json_to_struct(v).unwrap_or_default()),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
+pub(crate) use tandem_model::pbjson::json_to_struct;
 
 /// `Struct` → JSON, with integral doubles within ±2^53 as JSON integers. A gRPC prefill's params
 /// may go on to an HTTP decode engine, whose NixlConnector needs `remote_port`, `tp_size` and the
-/// block ids as ints (`5600.0` breaks its ZMQ address). Keys come out sorted (a `Struct` is a
-/// sorted map); NaN and infinities, which JSON cannot hold, become `null`.
+/// block ids as ints (`5600.0` breaks its ZMQ address).
 pub(crate) fn struct_to_json(s: &prost_types::Struct) -> Value {
-    Value::Object(
-        s.fields
-            .iter()
-            .map(|(k, v)| (k.clone(), value_to_json(v)))
-            .collect(),
-    )
-}
-
-fn value_to_json(v: &prost_types::Value) -> Value {
-    match &v.kind {
-        None | Some(PbKind::NullValue(_)) => Value::Null,
-        Some(PbKind::BoolValue(b)) => Value::Bool(*b),
-        Some(PbKind::NumberValue(n)) => number_to_json(*n),
-        Some(PbKind::StringValue(s)) => Value::String(s.clone()),
-        Some(PbKind::ListValue(l)) => Value::Array(l.values.iter().map(value_to_json).collect()),
-        Some(PbKind::StructValue(s)) => struct_to_json(s),
-    }
-}
-
-fn number_to_json(n: f64) -> Value {
-    if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
-        // `-0.0` is integral and non-negative here: it becomes 0.
-        if n >= 0.0 {
-            Value::from(n as u64)
-        } else {
-            Value::from(n as i64)
-        }
-    } else {
-        serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
-    }
+    tandem_model::pbjson::struct_to_json(s, tandem_model::pbjson::Numbers::Integral)
 }
 
 // Field readers, lax as vLLM's pydantic request models are (the front door accepts the same

@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use prost_types::value::Kind;
 use serde_json::{json, Value};
 use tonic::Status;
 use vllm_proto::{GenerateRequest, ResponseOptions};
@@ -399,54 +398,10 @@ pub(crate) fn kv_params(id: &KvIdentity, kv: &KvHandle) -> Value {
 
 /// `Struct` → JSON, as vLLM does it: numbers stay doubles (`5600` becomes `5600.0`).
 pub(crate) fn struct_to_json(s: &prost_types::Struct) -> Value {
-    Value::Object(
-        s.fields
-            .iter()
-            .map(|(k, v)| (k.clone(), value_to_json(v)))
-            .collect(),
-    )
+    tandem_model::pbjson::struct_to_json(s, tandem_model::pbjson::Numbers::Doubles)
 }
 
-fn value_to_json(v: &prost_types::Value) -> Value {
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(*b),
-        // NaN and infinities have no JSON form.
-        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
-            .map(Value::Number)
-            .unwrap_or(Value::Null),
-        Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(value_to_json).collect()),
-        Some(Kind::StructValue(s)) => struct_to_json(s),
-    }
-}
-
-/// JSON → `Struct`; `None` unless it is an object.
-pub(crate) fn json_to_struct(v: &Value) -> Option<prost_types::Struct> {
-    match v {
-        Value::Object(m) => Some(prost_types::Struct {
-            fields: m
-                .iter()
-                .map(|(k, v)| (k.clone(), json_to_value(v)))
-                .collect(),
-        }),
-        _ => None,
-    }
-}
-
-fn json_to_value(v: &Value) -> prost_types::Value {
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.iter().map(json_to_value).collect(),
-        }),
-        Value::Object(_) => Kind::StructValue(json_to_struct(v).unwrap_or_default()),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
+pub(crate) use tandem_model::pbjson::json_to_struct;
 
 #[cfg(test)]
 #[path = "convert_tests.rs"]

@@ -1,3 +1,4 @@
+use prost_types::value::Kind;
 use serde_json::json;
 use tonic::Code;
 use vllm_proto::generate_request::Prompt;
