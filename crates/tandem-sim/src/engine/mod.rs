@@ -31,7 +31,7 @@ use crate::tokenizer::SimTokenizer;
 
 pub use output::random_suffix;
 use output::{decide, floor_char_boundary, wall_clock_secs, DetokState};
-pub use transfer::{RemoteKv, TransferError};
+pub use transfer::{ParamNumbers, RemoteKv, TransferError};
 pub use types::*;
 
 enum Command {

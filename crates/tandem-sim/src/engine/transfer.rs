@@ -18,6 +18,8 @@ use super::link::LinkHandle;
 use super::{Command, EngineConfig, SimClock};
 use crate::kv_cache::BlockDigest;
 use crate::metrics::EngineMetrics;
+use serde_json::Value;
+
 use crate::scheduler::SeqId;
 use crate::side_channel::{self, SideChannelError};
 
@@ -30,6 +32,86 @@ pub struct RemoteKv {
     pub host: String,
     pub port: u16,
     pub tp_size: u32,
+}
+
+/// How numbers in the params may be spelled: as JSON integers (vLLM's HTTP server hands the
+/// JSON on as the client sent it), or also as integral doubles (vLLM's gRPC server turns every
+/// `Struct` number into a double: `remote_port` arrives as `5600.0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamNumbers {
+    Integers,
+    Doubles,
+}
+
+impl ParamNumbers {
+    /// A non-negative integer: a JSON integer, a decimal string (Dynamo's workaround for a
+    /// double port), or with `Doubles` an integral double within 2^53.
+    fn uint(self, v: &Value) -> Option<u64> {
+        if let Some(n) = v.as_u64() {
+            return Some(n);
+        }
+        if self == ParamNumbers::Doubles {
+            if let Some(f) = v.as_f64() {
+                return (f >= 0.0 && f.fract() == 0.0 && f <= 9_007_199_254_740_992.0)
+                    .then_some(f as u64);
+            }
+        }
+        v.as_str().and_then(|s| s.trim().parse().ok())
+    }
+}
+
+impl RemoteKv {
+    /// The decode role's half of `kv_transfer_params`: `Ok(None)` when the request is not a
+    /// decode leg (`do_remote_prefill` not true); `Err(key)` when it claims to be one but a
+    /// required key is missing or malformed (vLLM then warns and prefills locally).
+    pub fn from_params(p: &Value, numbers: ParamNumbers) -> Result<Option<RemoteKv>, String> {
+        if p.get("do_remote_prefill").and_then(Value::as_bool) != Some(true) {
+            return Ok(None);
+        }
+        let ids = match p.get("remote_block_ids") {
+            // HMA engines send one list per KV-cache group; the simulator has one group.
+            Some(Value::Array(a)) if a.first().is_some_and(Value::is_array) => &a[0],
+            Some(v) => v,
+            None => return Err("remote_block_ids".into()),
+        };
+        let block_ids = ids
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|v| numbers.uint(v).and_then(|n| u32::try_from(n).ok()))
+                    .collect::<Option<Vec<u32>>>()
+            })
+            .ok_or("remote_block_ids")?;
+        if block_ids.is_empty() {
+            return Err("remote_block_ids is empty".into());
+        }
+        let s = |k: &str| {
+            p.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| k.to_string())
+        };
+        let port = p
+            .get("remote_port")
+            .and_then(|v| numbers.uint(v))
+            .and_then(|v| u16::try_from(v).ok())
+            .ok_or("remote_port")?;
+        let tp_size = match p.get("tp_size") {
+            None | Some(Value::Null) => 1,
+            Some(v) => numbers
+                .uint(v)
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or("tp_size")?,
+        };
+        Ok(Some(RemoteKv {
+            block_ids,
+            engine_id: s("remote_engine_id")?,
+            request_id: s("remote_request_id")?,
+            host: s("remote_host")?,
+            port,
+            tp_size,
+        }))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

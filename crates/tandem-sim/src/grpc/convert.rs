@@ -309,68 +309,9 @@ pub(crate) fn role_of(p: &Value) -> Role {
     }
 }
 
-/// A non-negative integer sent as a JSON integer, an integral double (what a `Struct` makes of
-/// every number: `remote_port` arrives as `5600.0`) or a decimal string (Dynamo's workaround for
-/// servers that pass the double on).
-fn as_uint(v: &Value) -> Option<u64> {
-    if let Some(n) = v.as_u64() {
-        return Some(n);
-    }
-    if let Some(f) = v.as_f64() {
-        // Integral and exactly representable (2^53).
-        return (f >= 0.0 && f.fract() == 0.0 && f <= 9_007_199_254_740_992.0).then_some(f as u64);
-    }
-    v.as_str().and_then(|s| s.trim().parse().ok())
-}
-
-/// Decode-role params: `Ok(None)` when the request is not a decode leg; `Err(key)` when it
-/// claims to be one but a required key is missing or malformed.
+/// Decode-role params as the gRPC server sees them: every number a double.
 pub(crate) fn remote_of(p: &Value) -> Result<Option<RemoteKv>, String> {
-    if p.get("do_remote_prefill").and_then(Value::as_bool) != Some(true) {
-        return Ok(None);
-    }
-    let ids = match p.get("remote_block_ids") {
-        // HMA engines send one list per KV-cache group; the simulator has one group.
-        Some(Value::Array(a)) if a.first().is_some_and(Value::is_array) => &a[0],
-        Some(v) => v,
-        None => return Err("remote_block_ids".into()),
-    };
-    let block_ids = ids
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .map(|v| as_uint(v).and_then(|n| u32::try_from(n).ok()))
-                .collect::<Option<Vec<u32>>>()
-        })
-        .ok_or("remote_block_ids")?;
-    if block_ids.is_empty() {
-        return Err("remote_block_ids is empty".into());
-    }
-    let s = |k: &str| {
-        p.get(k)
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| k.to_string())
-    };
-    let port = p
-        .get("remote_port")
-        .and_then(as_uint)
-        .and_then(|v| u16::try_from(v).ok())
-        .ok_or("remote_port")?;
-    let tp_size = match p.get("tp_size") {
-        None | Some(Value::Null) => 1,
-        Some(v) => as_uint(v)
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or("tp_size")?,
-    };
-    Ok(Some(RemoteKv {
-        block_ids,
-        engine_id: s("remote_engine_id")?,
-        request_id: s("remote_request_id")?,
-        host: s("remote_host")?,
-        port,
-        tp_size,
-    }))
+    RemoteKv::from_params(p, crate::engine::ParamNumbers::Doubles)
 }
 
 /// This engine's half of the params a prefill returns.

@@ -134,42 +134,7 @@ fn release_remote(s: &AppState, remote: Option<RemoteKv>) {
 /// Decode-role params: `Ok(None)` when the request is not a decode leg; `Err` (logged by the
 /// caller) when it claims to be one but lacks a required key.
 fn parse_remote(p: &Value) -> Result<Option<RemoteKv>, String> {
-    if p.get("do_remote_prefill").and_then(Value::as_bool) != Some(true) {
-        return Ok(None);
-    }
-    let ids = match p.get("remote_block_ids") {
-        // HMA engines send one list per KV-cache group; the simulator has one group.
-        Some(Value::Array(a)) if a.first().is_some_and(Value::is_array) => a[0].clone(),
-        Some(v) => v.clone(),
-        None => Value::Null,
-    };
-    let block_ids: Vec<u32> =
-        serde_json::from_value(ids).map_err(|_| "remote_block_ids".to_string())?;
-    if block_ids.is_empty() {
-        return Err("remote_block_ids is empty".into());
-    }
-    let s = |k: &str| {
-        p.get(k)
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| k.to_string())
-    };
-    let port = p
-        .get("remote_port")
-        .and_then(|v| {
-            v.as_u64()
-                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-        })
-        .and_then(|v| u16::try_from(v).ok())
-        .ok_or("remote_port")?;
-    Ok(Some(RemoteKv {
-        block_ids,
-        engine_id: s("remote_engine_id")?,
-        request_id: s("remote_request_id")?,
-        host: s("remote_host")?,
-        port,
-        tp_size: p.get("tp_size").and_then(Value::as_u64).unwrap_or(1) as u32,
-    }))
+    RemoteKv::from_params(p, crate::engine::ParamNumbers::Integers)
 }
 
 fn prepare(s: &AppState, headers: &HeaderMap, body: &Bytes, kind: Kind) -> Result<Job, ApiError> {
