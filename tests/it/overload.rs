@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use crate::support::{held_by, Sim, Tandem};
 
-const PROMPT_CHARS: usize = 2_000;
+pub(crate) const PROMPT_CHARS: usize = 2_000;
 const MAX_TOKENS: u64 = 64;
 
 struct Pool {
@@ -29,26 +29,33 @@ struct Pool {
     tandem: Tandem,
 }
 
+/// The overload pools (also `priority.rs`'s): 2 prefill sims and 2 decode sims with 4,096 KV
+/// blocks each, and a KV lease long enough that a leak cannot hide behind its expiry.
+pub(crate) async fn spawn_sims() -> [Sim; 4] {
+    let lease = ["--nixl-abort-timeout", "100000"];
+    let p = |seed: &'static str| {
+        let mut a = vec!["--seed", seed];
+        a.extend_from_slice(&lease);
+        a
+    };
+    let d = |seed: &'static str| {
+        let mut a = vec!["--seed", seed, "--num-gpu-blocks-override", "4096"];
+        a.extend_from_slice(&lease);
+        a
+    };
+    let (a0, a1, a2, a3) = (p("1"), p("2"), d("3"), d("4"));
+    let (p0, p1, d0, d1) = tokio::join!(
+        Sim::spawn(&a0),
+        Sim::spawn(&a1),
+        Sim::spawn(&a2),
+        Sim::spawn(&a3)
+    );
+    [p0, p1, d0, d1]
+}
+
 impl Pool {
     async fn start() -> Pool {
-        let lease = ["--nixl-abort-timeout", "100000"];
-        let p = |seed: &'static str| {
-            let mut a = vec!["--seed", seed];
-            a.extend_from_slice(&lease);
-            a
-        };
-        let d = |seed: &'static str| {
-            let mut a = vec!["--seed", seed, "--num-gpu-blocks-override", "4096"];
-            a.extend_from_slice(&lease);
-            a
-        };
-        let (a0, a1, a2, a3) = (p("1"), p("2"), d("3"), d("4"));
-        let (p0, p1, d0, d1) = tokio::join!(
-            Sim::spawn(&a0),
-            Sim::spawn(&a1),
-            Sim::spawn(&a2),
-            Sim::spawn(&a3)
-        );
+        let [p0, p1, d0, d1] = spawn_sims().await;
         let conf = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n\n\
              [pools.prefill]\nendpoints = [{:?}, {:?}]\n\n\
@@ -99,7 +106,8 @@ struct Answer {
     error_ok: bool,
 }
 
-fn prompt(rng: &mut ChaCha8Rng) -> String {
+/// A prompt of `PROMPT_CHARS` whose first characters are its own.
+pub(crate) fn prompt(rng: &mut ChaCha8Rng) -> String {
     // Its own first characters, so no two requests share a cached block.
     let mut s = format!("{:016x} ", rng.random::<u64>());
     while s.len() < PROMPT_CHARS {

@@ -27,9 +27,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
+use crate::overload::prompt;
 use crate::support::{held_by, metric_in, temp_dir, Peer, Sim, Tandem};
 
-const PROMPT_CHARS: usize = 2_000;
 const MAX_TOKENS: u64 = 64;
 /// The interactive class's p99 TTFT objective. Unloaded, one of these requests takes ~0.2 s to
 /// its first token; its class waits at most `interactive_max_wait_ms` (1 s) for room.
@@ -85,24 +85,7 @@ impl Drop for Pool {
 
 impl Pool {
     async fn start() -> Pool {
-        let lease = ["--nixl-abort-timeout", "100000"];
-        let p = |seed: &'static str| {
-            let mut a = vec!["--seed", seed];
-            a.extend_from_slice(&lease);
-            a
-        };
-        let d = |seed: &'static str| {
-            let mut a = vec!["--seed", seed, "--num-gpu-blocks-override", "4096"];
-            a.extend_from_slice(&lease);
-            a
-        };
-        let (a0, a1, a2, a3) = (p("1"), p("2"), d("3"), d("4"));
-        let (p0, p1, d0, d1) = tokio::join!(
-            Sim::spawn(&a0),
-            Sim::spawn(&a1),
-            Sim::spawn(&a2),
-            Sim::spawn(&a3)
-        );
+        let [p0, p1, d0, d1] = crate::overload::spawn_sims().await;
         let keys = temp_dir("priority-keys");
         let mut doc = String::new();
         for (t, (name, _, _, _)) in TENANTS.iter().enumerate() {
@@ -176,15 +159,6 @@ struct Answer {
     done: bool,
     ttft: Option<f64>,
     error_ok: bool,
-}
-
-fn prompt(rng: &mut ChaCha8Rng) -> String {
-    // Its own first characters, so no two requests share a cached block.
-    let mut s = format!("{:016x} ", rng.random::<u64>());
-    while s.len() < PROMPT_CHARS {
-        s.push_str(["alpha ", "beta ", "gamma ", "delta "][rng.random_range(0..4)]);
-    }
-    s
 }
 
 async fn one(client: &reqwest::Client, url: &str, tenant: usize, prompt: String) -> Answer {

@@ -212,13 +212,9 @@ pub fn parse_keys(text: &str) -> Result<KeyFile, KeyFileError> {
             ));
         }
         if let Some(g) = &t.group {
-            if g.len() > 32 {
-                return Err(invalid(
-                    format!("{item}.group"),
-                    "must be 1 to 32 characters",
-                ));
-            }
-            check_name(g).map_err(|reason| invalid(format!("{item}.group"), reason))?;
+            // The same rule as the groups the pools name, which it must match.
+            crate::validate::check_group(g)
+                .map_err(|reason| invalid(format!("{item}.group"), reason))?;
         }
         tenants.push(Tenant {
             name: t.name,
@@ -291,15 +287,7 @@ fn invalid(item: impl Into<String>, reason: impl Into<String>) -> KeyFileError {
 
 /// Tenant names become metric labels and Redis keys: short, and from a plain alphabet.
 fn check_name(name: &str) -> Result<(), String> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err("must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', '-'".into())
-    }
+    crate::validate::check_label(name, 64)
 }
 
 /// A key must fit in an `Authorization: Bearer` header as clients send it.

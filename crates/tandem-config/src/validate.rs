@@ -640,9 +640,10 @@ pub const MAX_GROUPS: usize = 16;
 /// The largest weight of one group in `pools.groups`.
 pub const MAX_GROUP_WEIGHT: u32 = 10_000;
 
-/// Group names become metric labels and a header's value: short, from a plain alphabet.
-fn check_group(name: &str) -> Result<(), String> {
-    let ok = (1..=32).contains(&name.len())
+/// A name that becomes a metric label (and a header value or Redis key): 1 to `max` characters
+/// of a plain alphabet.
+pub(crate) fn check_label(name: &str, max: usize) -> Result<(), String> {
+    let ok = (1..=max).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
@@ -650,7 +651,12 @@ fn check_group(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "must be 1 to 32 characters of A-Z, a-z, 0-9, '.', '_', '-'; got {name:?}"
+            "must be 1 to {max} characters of A-Z, a-z, 0-9, '.', '_', '-'; got {name:?}"
         ))
     }
+}
+
+/// Group names become metric labels and a header's value.
+pub(crate) fn check_group(name: &str) -> Result<(), String> {
+    check_label(name, 32)
 }
