@@ -11,6 +11,9 @@ mod faults;
 mod front_door;
 mod fuzz;
 mod kv_events;
+mod kv_probe;
+#[cfg(feature = "nixl")]
+mod nixl;
 mod observability;
 mod openai_fields;
 #[cfg(feature = "otel")]
@@ -20,6 +23,7 @@ mod overload;
 mod pd;
 mod priority;
 mod protocols;
+mod recommend;
 mod routing;
 mod side_endpoints;
 mod sim_grpc;

@@ -66,6 +66,9 @@ pub enum BenchCommand {
     /// Decode placement under closed-loop P/D load: how evenly decode policies spread requests,
     /// with ITL and the decode-first-token phase.
     Balance(crate::balance_bench::BalanceArgs),
+    /// Relay cost against nginx and direct: tokens/s, CPU and writes per token, memory per held
+    /// stream, memory after bursts, added TTFT.
+    Relay(crate::relay_bench::RelayArgs),
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<(), Box<dyn std::error::Error>> {
@@ -73,6 +76,7 @@ pub async fn run(cmd: BenchCommand) -> Result<(), Box<dyn std::error::Error>> {
         BenchCommand::Overhead(a) => overhead(a).await,
         BenchCommand::Trace(a) => crate::trace_bench::run(a).await,
         BenchCommand::Balance(a) => crate::balance_bench::run(a).await,
+        BenchCommand::Relay(a) => crate::relay_bench::run(a).await,
     }
 }
 

@@ -8,6 +8,7 @@ use tandem_sim::cost::LinkClass;
 use tandem_sim::engine::KvLoadFailurePolicy;
 use tandem_sim::faults::FaultSpec;
 use tandem_sim::kv_events::KvEventsConfig;
+use tandem_sim::nixl::KvTransport;
 use tandem_sim::profile::GpuKind;
 use tandem_sim::{SimConfig, SimError};
 
@@ -144,6 +145,33 @@ pub struct SimArgs {
     /// Fault: the next N requests sample EOS first.
     #[arg(long)]
     fault_eos_next: Option<u64>,
+    /// Fault: advertise the NIXL side channel in kv_transfer_params but close it right after
+    /// start, so decode engines cannot reach it.
+    #[arg(long)]
+    fault_side_channel_down: bool,
+    /// How KV bytes move to a decode engine: `tcp` (the side channel carries a digest per
+    /// block) or `nixl` (real NIXL READs of registered host memory over UCX; needs a build with
+    /// feature `nixl` and the NIXL libraries on LD_LIBRARY_PATH / NIXL_PLUGIN_DIR).
+    #[arg(long, default_value = "tcp", value_parser = parse_transport)]
+    kv_transport: KvTransport,
+    /// With `--kv-transport nixl`: bytes of one block in one layer region, the scaled-down
+    /// stand-in of the modeled block (the timing model still charges the modeled size).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(32..))]
+    nixl_block_bytes: u32,
+    /// Run as vLLM does without `--kv-transfer-config`: kv_transfer_params are ignored and
+    /// every prompt is prefilled locally.
+    #[arg(long)]
+    no_kv_connector: bool,
+    /// KV cache dtype (vLLM's `--kv-cache-dtype`), a NIXL compatibility-hash factor.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
+    /// Attention backend name, a NIXL compatibility-hash factor.
+    #[arg(long, env = "VLLM_ATTENTION_BACKEND", default_value = "FLASH_ATTN")]
+    attention_backend: String,
+}
+
+fn parse_transport(s: &str) -> Result<KvTransport, String> {
+    KvTransport::parse(s).ok_or_else(|| format!("unknown KV transport `{s}` (tcp, nixl)"))
 }
 
 fn parse_gpu(s: &str) -> Result<GpuKind, String> {
@@ -214,6 +242,12 @@ impl SimArgs {
         c.max_logprobs = self.max_logprobs;
         c.disable_request_id_randomization = self.disable_request_id_randomization;
         c.grpc_port = self.grpc_port;
+        c.kv_transport = self.kv_transport;
+        c.nixl_block_bytes = self.nixl_block_bytes;
+        c.no_kv_connector = self.no_kv_connector;
+        c.kv_cache_dtype = self.kv_cache_dtype;
+        c.attention_backend = self.attention_backend;
+        c.side_channel_down = self.fault_side_channel_down;
         c.faults = FaultSpec {
             fail_next: self.fault_fail_next,
             stall_next: self.fault_stall_next,

@@ -28,6 +28,8 @@ use tandem_workload::{
 
 use crate::harness::BoxError;
 
+mod plot;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// JSONL with timestamp, input_length, output_length, hash_ids (512-token blocks).
@@ -102,6 +104,20 @@ pub struct TraceArgs {
     /// Write every summary as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write charts (PNG and SVG) into this directory: TTFT and TPOT CDFs per policy, the
+    /// per-phase TTFT split, and each engine's load over time.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
+}
+
+/// One policy's run: its summary, and the per-request outcomes the plots are drawn from.
+struct RunResult {
+    summary: Summary,
+    /// Tokens of KV each prefill engine holds.
+    capacity: u64,
+    outcomes: Vec<Outcome>,
+    prefill_urls: Vec<String>,
+    decode_urls: Vec<String>,
 }
 
 fn load_trace(a: &TraceArgs) -> Result<Trace, BoxError> {
@@ -197,14 +213,14 @@ fn parse_policy(s: &str) -> Result<PolicyName, BoxError> {
     serde_json::from_value(v).map_err(|_| format!("unknown policy `{s}`").into())
 }
 
-/// One policy's run: returns its summary.
+/// One policy's run.
 async fn run_one(
     a: &TraceArgs,
     trace: &Trace,
     synth: &Synthesizer,
     spec: &str,
     bound: f64,
-) -> Result<(Summary, u64), BoxError> {
+) -> Result<RunResult, BoxError> {
     let (p_name, d_name) = match spec.split_once(':') {
         Some((p, d)) => (parse_policy(p)?, parse_policy(d)?),
         None => (parse_policy(spec)?, PolicyName::KvCapacity),
@@ -371,11 +387,18 @@ async fn run_one(
     )
     .with_hit_bound(bound)
     .with_engines(&urls(&prefill), &urls(&decode));
+    let (prefill_urls, decode_urls) = (urls(&prefill), urls(&decode));
     drop(coordinator);
     for (_, s) in prefill.into_iter().chain(decode) {
         let _ = s.send(());
     }
-    Ok((summary, capacity))
+    Ok(RunResult {
+        summary,
+        capacity,
+        outcomes,
+        prefill_urls,
+        decode_urls,
+    })
 }
 
 fn progress(spec: &str, done: usize, sent: usize, n: usize) {
@@ -496,11 +519,13 @@ pub async fn run(a: TraceArgs) -> Result<(), BoxError> {
     );
     let synth = Synthesizer::new(a.seed, 0..256)?;
     let mut results: Vec<(String, Summary)> = Vec::new();
+    let mut runs: Vec<(String, RunResult)> = Vec::new();
     let mut capacity = 0;
     for spec in &a.compare {
-        let (s, cap) = run_one(&a, &trace, &synth, spec, inf.token_fraction()).await?;
-        capacity = cap;
-        results.push((spec.clone(), s));
+        let r = run_one(&a, &trace, &synth, spec, inf.token_fraction()).await?;
+        capacity = r.capacity;
+        results.push((spec.clone(), r.summary.clone()));
+        runs.push((spec.clone(), r));
     }
     // What caches of the engines' real size allow: the infinite bound cannot be reached when
     // each engine holds a few hundred thousand tokens. An offline LRU simulation with the
@@ -558,6 +583,25 @@ pub async fn run(a: TraceArgs) -> Result<(), BoxError> {
             "runs": results.iter().map(|(n, s)| json!({"policy": n, "summary": s})).collect::<Vec<_>>(),
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    if let Some(dir) = &a.plot {
+        let arrivals: Vec<f64> = trace.requests.iter().map(|r| r.at_ms).collect();
+        let views: Vec<plot::PolicyRun<'_>> = runs
+            .iter()
+            .map(|(name, r)| plot::PolicyRun {
+                name,
+                outcomes: &r.outcomes,
+                arrivals_ms: &arrivals,
+                prefill_urls: &r.prefill_urls,
+                decode_urls: &r.decode_urls,
+            })
+            .collect();
+        let slo = Slo {
+            ttft_ms: a.slo_ttft_ms,
+            tpot_ms: a.slo_tpot_ms,
+        };
+        let files = plot::write_all(dir, &trace.name, &views, slo)?;
+        eprintln!("wrote {} chart files into {}", files.len(), dir.display());
     }
     Ok(())
 }

@@ -23,6 +23,7 @@ mod pool;
 mod prefill;
 mod prefix;
 mod rate;
+mod recommend;
 mod relay;
 mod route;
 mod server;

@@ -238,6 +238,10 @@ pub struct Metrics {
     pool_engines: Family<PoolStateLabels, Gauge>,
     pd_ratio: Family<RatioLabels, Gauge<f64, AtomicU64>>,
     engine_prefill_rate: Family<EngineLabels, Gauge<f64, AtomicU64>>,
+    /// The live P:D recommendation, fed every pool view `observe_pools` sees, on the seconds
+    /// since `born` (`recommend.rs`).
+    recommender: std::sync::Mutex<crate::recommend::Tracker>,
+    born: tokio::time::Instant,
     pub access: AccessMetrics,
     pub outlier: OutlierMetrics,
 }
@@ -425,7 +429,7 @@ impl Metrics {
         let pd_ratio = Family::<RatioLabels, Gauge<f64, AtomicU64>>::default();
         r.register(
             "tandem_pd_ratio",
-            "Prefill:decode engine ratio, live (healthy engines) and target",
+            "Prefill:decode engine ratio: live (healthy engines), target (configured) and recommended (what the pools' work calls for, see /admin/plan)",
             pd_ratio.clone(),
         );
         if let Some(t) = target_ratio {
@@ -471,7 +475,17 @@ impl Metrics {
             pool_engines,
             pd_ratio,
             engine_prefill_rate,
+            recommender: Default::default(),
+            born: tokio::time::Instant::now(),
         }
+    }
+
+    /// The recommender's state for `/admin/plan`.
+    pub fn plan(&self) -> crate::recommend::Tracker {
+        self.recommender
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn enabled(&self) -> bool {
@@ -545,6 +559,22 @@ impl Metrics {
             self.pd_ratio
                 .get_or_create(&RatioLabels { kind: "live" })
                 .set(np as f64 / nd as f64);
+        }
+        let sample = |kind| -> Vec<_> {
+            p.pool(kind)
+                .iter()
+                .map(crate::recommend::EngineSample::of)
+                .collect()
+        };
+        let (ps, ds) = (sample(PoolKind::Prefill), sample(PoolKind::Decode));
+        let now = self.born.elapsed().as_secs_f64();
+        let mut t = self.recommender.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = t.observe(now, &ps, &ds) {
+            self.pd_ratio
+                .get_or_create(&RatioLabels {
+                    kind: "recommended",
+                })
+                .set(r.ratio);
         }
     }
 

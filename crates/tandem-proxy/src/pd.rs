@@ -37,7 +37,7 @@ use crate::handoff::Handoff;
 use crate::metrics::{RetryLabels, RouteLabels};
 use crate::pool::{Engine, LoadGuard};
 use crate::prefill;
-use crate::relay::{Event, RelayError};
+use crate::relay::{Burst, Event, RelayError};
 use crate::route::{self, RouteError};
 use crate::timing::Finisher;
 use crate::trace;
@@ -72,7 +72,13 @@ pub(crate) async fn handle(
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 256)
         .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        // From the thread's RNG: `new_v4` asks the kernel for randomness on every request.
+        .unwrap_or_else(|| {
+            uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .simple()
+                .to_string()
+        });
     let incoming = trace::Incoming::from_headers(&headers);
     let span = tracing::info_span!(
         "request",
@@ -279,9 +285,11 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
             fin.mark_content();
         }
         yield Ok::<Bytes, std::io::Error>(first.bytes().clone());
+        let want_usage = fin.wants_usage();
         loop {
+            let mut burst = Burst::default();
             let next = tokio::select! {
-                r = stream.next(idle) => Some(r),
+                r = stream.next_burst(idle, &mut burst, want_usage) => Some(r),
                 () = &mut grace_over => None,
             };
             let Some(next) = next else {
@@ -292,30 +300,25 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
                 break;
             };
             match next {
-                Ok(Some(ev)) => {
-                    // Whatever else already arrived goes out in the same write.
-                    let mut out = bytes::BytesMut::new();
-                    let mut next = Some(ev);
-                    let mut done = false;
-                    while let Some(ev) = next.take() {
-                        fin.saw(ev.bytes());
-                        match &ev {
-                            Event::Content(_) => fin.mark_content(),
-                            Event::Error(_) => fin.finish("engine_error"),
-                            Event::Done(_) => done = true,
-                            Event::Other(_) => {}
-                        }
-                        out.extend_from_slice(ev.bytes());
-                        if !done {
-                            next = stream.buffered();
-                        }
+                Ok(()) if burst.parts.is_empty() => break,
+                Ok(()) => {
+                    // Everything that arrived together goes out together: each part a slice of
+                    // the engine's read, and hyper gathers parts that are ready at once into
+                    // one write to the client.
+                    fin.mark_contents(burst.content);
+                    if let Some(u) = burst.usage {
+                        fin.saw_usage(u);
                     }
-                    yield Ok(out.freeze());
-                    if done {
+                    if burst.error {
+                        fin.finish("engine_error");
+                    }
+                    for part in burst.parts {
+                        yield Ok(part);
+                    }
+                    if burst.done {
                         break;
                     }
                 }
-                Ok(None) => break,
                 Err(e) => {
                     let (reason, kind) = match e {
                         RelayError::Idle(_) => ("decode_stalled", ErrorKind::Timeout),

@@ -1,15 +1,16 @@
-//! Relaying the decode engine's response to the client: SSE events one by one (so each content
-//! chunk is timed as it is handed over), with the usage rewritten to carry the prefill side's
-//! cached-token count.
+//! Relaying the decode engine's response to the client: SSE events as `Bytes` slices of what
+//! the engine's socket delivered (each content chunk timed as it is handed over, every event
+//! one read brought in relayed in one client write), with the usage rewritten to carry the
+//! prefill side's cached-token count.
 
 use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::upstream::{Conn, Step};
 
 /// One SSE event from the engine, classified.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +30,62 @@ impl Event {
         match self {
             Event::Content(b) | Event::Other(b) | Event::Error(b) | Event::Done(b) => b,
         }
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Event::Content(b) | Event::Other(b) | Event::Error(b) | Event::Done(b) => b,
+        }
+    }
+}
+
+/// The events that arrived together, for one client write.
+#[derive(Debug, Default)]
+pub struct Burst {
+    /// Their bytes: slices of the engine's reads, one per run of events that needed no rewrite.
+    pub parts: Vec<Bytes>,
+    /// Content events among them (each is a token for ITL).
+    pub content: u32,
+    pub error: bool,
+    pub done: bool,
+    /// The last usage seen, when asked for (a token budget settles on it).
+    pub usage: Option<(u64, u64)>,
+}
+
+impl Burst {
+    /// Count `ev` (its bytes are added by the caller).
+    pub fn count(&mut self, ev: &Event, want_usage: bool) {
+        match ev {
+            Event::Content(_) => self.content += 1,
+            Event::Error(_) => self.error = true,
+            Event::Done(_) => self.done = true,
+            Event::Other(_) => {}
+        }
+        if want_usage {
+            if let Some(u) = usage_of(ev.bytes()) {
+                self.usage = Some(u);
+            }
+        }
+    }
+
+    /// The engine frames each event as an HTTP chunk (or gRPC message) of its own, so a burst
+    /// is several slices; joined, it goes to the client as one chunk (one copy per write, not
+    /// per event), as a relay reading raw bytes would send it.
+    pub fn join(&mut self) {
+        if self.parts.len() > 1 {
+            let total = self.parts.iter().map(Bytes::len).sum();
+            let mut joined = BytesMut::with_capacity(total);
+            for p in self.parts.drain(..) {
+                joined.extend_from_slice(&p);
+            }
+            self.parts.push(joined.freeze());
+        }
+    }
+
+    /// Count `ev` and add its bytes as a part of their own.
+    pub fn push(&mut self, ev: Event, want_usage: bool) {
+        self.count(&ev, want_usage);
+        self.parts.push(ev.into_bytes());
     }
 }
 
@@ -69,33 +126,161 @@ struct DeltaLite<'a> {
 /// Reads SSE events off an engine response body.
 #[derive(Debug)]
 pub struct EventReader {
-    body: Incoming,
-    buf: BytesMut,
+    conn: Conn,
+    /// Whole events not yet handed out: a slice of one piece of body, no copy.
+    ready: Bytes,
+    /// The start of an event whose end has not arrived (the only bytes ever copied).
+    partial: BytesMut,
     /// Replace `usage.prompt_tokens_details.cached_tokens` with this (the prefill side's count).
     cached_override: Option<u64>,
     done: bool,
 }
 
 impl EventReader {
-    pub fn new(body: Incoming, cached_override: Option<u64>) -> Self {
+    /// Events of the body of the response whose head `conn` has just read.
+    pub fn new(conn: Conn, cached_override: Option<u64>) -> Self {
         EventReader {
-            body,
-            buf: BytesMut::new(),
+            conn,
+            ready: Bytes::new(),
+            partial: BytesMut::new(),
             cached_override,
             done: false,
         }
     }
 
-    /// An event already complete in the buffer, without waiting (to coalesce a burst into
+    /// An event already complete in what was read, without waiting (to coalesce a burst into
     /// one write).
     pub fn buffered(&mut self) -> Option<Event> {
-        let pos = memchr::memmem::find(&self.buf, b"\n\n")?;
-        let raw = self.buf.split_to(pos + 2).freeze();
+        loop {
+            if let Some(ev) = self.take_ready() {
+                return Some(ev);
+            }
+            if self.done {
+                return None;
+            }
+            // A broken body is reported by the next `next`.
+            match self.conn.buffered() {
+                Ok(Step::Data(d)) => self.absorb(d),
+                _ => return None,
+            }
+        }
+    }
+
+    fn take_ready(&mut self) -> Option<Event> {
+        let pos = find_blank(&self.ready)?;
+        let raw = self.ready.split_to(pos + 2);
         let ev = classify(raw, self.cached_override);
         if matches!(ev, Event::Done(_)) {
             self.done = true;
         }
         Some(ev)
+    }
+
+    /// Take in one piece of body: its whole events become `ready` as they are; a trailing
+    /// part of an event waits in `partial` for the rest.
+    fn absorb(&mut self, d: Bytes) {
+        debug_assert!(self.ready.is_empty());
+        if self.partial.is_empty() {
+            match rfind_blank(&d) {
+                Some(end) if end + 2 == d.len() => self.ready = d,
+                Some(end) => {
+                    self.ready = d.slice(..end + 2);
+                    self.partial.extend_from_slice(&d[end + 2..]);
+                }
+                None => self.partial.extend_from_slice(&d),
+            }
+            return;
+        }
+        // The blank line may straddle the two pieces, so look from just before the join.
+        let from = self.partial.len().saturating_sub(1);
+        self.partial.extend_from_slice(&d);
+        if let Some(end) = rfind_blank(&self.partial[from..]) {
+            self.ready = self.partial.split_to(from + end + 2).freeze();
+        }
+    }
+
+    /// Every whole event already read into `burst`, without waiting: runs of events that need
+    /// no rewrite stay one slice of the engine's read each.
+    pub fn drain(&mut self, burst: &mut Burst, want_usage: bool) {
+        loop {
+            let ready = std::mem::take(&mut self.ready);
+            let (mut run, mut pos) = (0, 0);
+            while let Some(i) = find_blank(&ready[pos..]) {
+                let end = pos + i + 2;
+                let (kind, rewritten) = judge(&ready[pos..end], self.cached_override);
+                match kind {
+                    Kind::Content => burst.content += 1,
+                    Kind::Error => burst.error = true,
+                    Kind::Done => burst.done = true,
+                    Kind::Other => {}
+                }
+                let bytes = rewritten.as_deref().unwrap_or(&ready[pos..end]);
+                if want_usage {
+                    if let Some(u) = usage_of(bytes) {
+                        burst.usage = Some(u);
+                    }
+                }
+                if let Some(new) = rewritten {
+                    // The run so far, then the new bytes.
+                    if pos > run {
+                        burst.parts.push(ready.slice(run..pos));
+                    }
+                    burst.parts.push(new);
+                    run = end;
+                }
+                pos = end;
+                if burst.done {
+                    self.done = true;
+                    break;
+                }
+            }
+            if pos > run {
+                burst.parts.push(ready.slice(run..pos));
+            }
+            if self.done {
+                break;
+            }
+            match self.conn.buffered() {
+                Ok(Step::Data(d)) => self.absorb(d),
+                // A broken body is reported by the next read.
+                _ => break,
+            }
+        }
+        burst.join();
+    }
+
+    /// Wait at most `wait` for at least one event, then take every one already read into
+    /// `burst`. Nothing in it and `finished()`: the stream is over.
+    pub async fn next_burst(
+        &mut self,
+        wait: Duration,
+        burst: &mut Burst,
+        want_usage: bool,
+    ) -> Result<(), RelayError> {
+        loop {
+            self.drain(burst, want_usage);
+            if !burst.parts.is_empty() || self.done {
+                return Ok(());
+            }
+            let piece = match tokio::time::timeout(wait, self.conn.data()).await {
+                Err(_) => return Err(RelayError::Idle(wait)),
+                Ok(Err(e)) => return Err(RelayError::Broken(e.to_string())),
+                Ok(Ok(p)) => p,
+            };
+            match piece {
+                Some(d) => self.absorb(d),
+                None if self.partial.iter().all(u8::is_ascii_whitespace) => {
+                    return Err(RelayError::Truncated)
+                }
+                None => {
+                    // A last event without its blank line: deliver it as is.
+                    let raw = self.partial.split().freeze();
+                    self.done = true;
+                    burst.push(classify(raw, self.cached_override), want_usage);
+                    return Ok(());
+                }
+            }
+        }
     }
 
     /// The next event, waiting at most `wait` for more bytes. `Ok(None)` after `[DONE]`.
@@ -107,22 +292,22 @@ impl EventReader {
             if self.done {
                 return Ok(None);
             }
-            let frame = match tokio::time::timeout(wait, self.body.frame()).await {
+            let piece = match tokio::time::timeout(wait, self.conn.data()).await {
                 Err(_) => return Err(RelayError::Idle(wait)),
-                Ok(None) => {
-                    return if self.buf.iter().all(u8::is_ascii_whitespace) {
-                        Err(RelayError::Truncated)
-                    } else {
-                        // A last event without its blank line: deliver it as is.
-                        let raw = self.buf.split().freeze();
-                        Ok(Some(classify(raw, self.cached_override)))
-                    };
-                }
-                Ok(Some(Err(e))) => return Err(RelayError::Broken(e.to_string())),
-                Ok(Some(Ok(f))) => f,
+                Ok(Err(e)) => return Err(RelayError::Broken(e.to_string())),
+                Ok(Ok(p)) => p,
             };
-            if let Ok(data) = frame.into_data() {
-                self.buf.extend_from_slice(&data);
+            match piece {
+                Some(d) => self.absorb(d),
+                None if self.partial.iter().all(u8::is_ascii_whitespace) => {
+                    return Err(RelayError::Truncated)
+                }
+                None => {
+                    // A last event without its blank line: deliver it as is.
+                    let raw = self.partial.split().freeze();
+                    self.done = true;
+                    return Ok(Some(classify(raw, self.cached_override)));
+                }
             }
         }
     }
@@ -130,26 +315,90 @@ impl EventReader {
     pub fn finished(&self) -> bool {
         self.done
     }
+
+    /// The connection, once the stream is over.
+    pub fn into_conn(self) -> Conn {
+        self.conn
+    }
 }
 
+/// The blank line that ends an SSE event: its offset.
+fn find_blank(b: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', b).find(|&i| b.get(i + 1) == Some(&b'\n'))
+}
+
+fn rfind_blank(b: &[u8]) -> Option<usize> {
+    memchr::memrchr_iter(b'\n', b)
+        .find(|&i| i > 0 && b[i - 1] == b'\n')
+        .map(|i| i - 1)
+}
+
+/// Byte patterns looked for in every event, each searcher built once.
+struct Needles {
+    usage: memchr::memmem::Finder<'static>,
+    index: memchr::memmem::Finder<'static>,
+    tool_calls: memchr::memmem::Finder<'static>,
+    text: memchr::memmem::Finder<'static>,
+    content: memchr::memmem::Finder<'static>,
+    completion_tokens: memchr::memmem::Finder<'static>,
+}
+
+/// Immutable, built on first use: a searcher costs more to build than one event takes to scan.
+static NEEDLES: std::sync::LazyLock<Needles> = std::sync::LazyLock::new(|| Needles {
+    usage: memchr::memmem::Finder::new(b"\"usage\":"),
+    index: memchr::memmem::Finder::new(b"\"index\":"),
+    tool_calls: memchr::memmem::Finder::new(b"\"tool_calls\":[{"),
+    text: memchr::memmem::Finder::new(b"\"text\":"),
+    content: memchr::memmem::Finder::new(b"\"content\":"),
+    completion_tokens: memchr::memmem::Finder::new(b"\"completion_tokens\""),
+});
+
 fn classify(raw: Bytes, cached_override: Option<u64>) -> Event {
-    let text = raw.strip_prefix(b"data: ").unwrap_or(&raw);
+    let (kind, rewritten) = judge(&raw, cached_override);
+    kind.event(rewritten.unwrap_or(raw))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Content,
+    Other,
+    Error,
+    Done,
+}
+
+impl Kind {
+    fn event(self, b: Bytes) -> Event {
+        match self {
+            Kind::Content => Event::Content(b),
+            Kind::Other => Event::Other(b),
+            Kind::Error => Event::Error(b),
+            Kind::Done => Event::Done(b),
+        }
+    }
+}
+
+/// What an event is, and its bytes rewritten when its usage must carry the prefill side's
+/// cached tokens. Reads the event in place: the relay makes no handle for it unless rewritten.
+fn judge(raw: &[u8], cached_override: Option<u64>) -> (Kind, Option<Bytes>) {
+    let text = raw.strip_prefix(b"data: ").unwrap_or(raw);
     let payload = trim_ascii(text);
     if payload == b"[DONE]" {
-        return Event::Done(raw);
+        return (Kind::Done, None);
     }
     if payload.starts_with(b"{\"error\"") {
-        return Event::Error(raw);
+        return (Kind::Error, None);
     }
     // Most events are token chunks without usage: decide those with byte scans and leave the
     // JSON parse to the rare usage chunk (and to chunks whose text the scan cannot judge).
-    let usage = memchr::memmem::find(payload, b"\"usage\":")
+    let usage = NEEDLES
+        .usage
+        .find(payload)
         .is_some_and(|i| !payload[i + 8..].starts_with(b"null"));
     let content = match quick_content(payload) {
         Some(c) if !usage => c,
         _ => {
             let Ok(chunk) = serde_json::from_slice::<ChunkLite>(payload) else {
-                return Event::Other(raw);
+                return (Kind::Other, None);
             };
             chunk.choices.iter().any(|c| {
                 c.text.as_deref().is_some_and(|t| !t.is_empty())
@@ -160,15 +409,12 @@ fn classify(raw: Bytes, cached_override: Option<u64>) -> Event {
             })
         }
     };
-    let raw = match (usage, cached_override) {
-        (true, Some(cached)) => rewrite_event(payload, cached).unwrap_or(raw),
-        _ => raw,
+    let rewritten = match (usage, cached_override) {
+        (true, Some(cached)) => rewrite_event(payload, cached),
+        _ => None,
     };
-    if content {
-        Event::Content(raw)
-    } else {
-        Event::Other(raw)
-    }
+    let kind = if content { Kind::Content } else { Kind::Other };
+    (kind, rewritten)
 }
 
 /// Whether a single-choice chunk carries text, judged from its bytes: `"text":"` or
@@ -177,14 +423,13 @@ fn classify(raw: Bytes, cached_override: Option<u64>) -> Event {
 fn quick_content(payload: &[u8]) -> Option<bool> {
     // A tool-call delta has no `"content"` but is content (and its `"index"`es are not
     // choices'); a chat chunk's logprobs hold `"content":[` after the delta: let the parse judge.
-    if memchr::memmem::find_iter(payload, b"\"index\":").count() > 1
-        || memchr::memmem::find(payload, b"\"tool_calls\":[{").is_some()
-    {
+    let n = &*NEEDLES;
+    if n.index.find_iter(payload).nth(1).is_some() || n.tool_calls.find(payload).is_some() {
         return None;
     }
-    for key in [&b"\"text\":"[..], b"\"content\":"] {
-        if let Some(i) = memchr::memmem::find(payload, key) {
-            let rest = &payload[i + key.len()..];
+    for key in [&n.text, &n.content] {
+        if let Some(i) = key.find(payload) {
+            let rest = &payload[i + key.needle().len()..];
             return Some(rest.starts_with(b"\"") && !rest.starts_with(b"\"\""));
         }
     }
@@ -244,7 +489,7 @@ struct UsageLite {
 /// `(prompt_tokens, completion_tokens)` from an SSE event or a whole response body that carries
 /// usage; `None` for anything else (judged by a byte scan first: most events have none).
 pub fn usage_of(bytes: &[u8]) -> Option<(u64, u64)> {
-    memchr::memmem::find(bytes, b"\"completion_tokens\"")?;
+    NEEDLES.completion_tokens.find(bytes)?;
     let payload = trim_ascii(bytes.strip_prefix(b"data: ").unwrap_or(bytes));
     let u = serde_json::from_slice::<WithUsage>(payload).ok()?.usage?;
     Some((u.prompt_tokens, u.completion_tokens))

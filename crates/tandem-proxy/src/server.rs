@@ -78,6 +78,7 @@ fn admin_routes() -> Router<Arc<State>> {
         .route("/admin/requests", get(recent))
         .route("/admin/requests/pinned", get(pinned))
         .route("/admin/engines", get(engines))
+        .route("/admin/plan", get(plan))
 }
 
 /// The answers every listener shares: 404 and 405 in vLLM's shape, the header limits, panics.
@@ -493,6 +494,31 @@ async fn engines(AxState(st): AxState<Arc<State>>) -> Response {
         "engines": list,
         "kv_feeds": feeds,
         "decode_blocks_pending": st.pending_decode_blocks.load(std::sync::atomic::Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+/// The live P:D recommendation and its reasoning (`recommend.rs`), beside the live and target
+/// ratios.
+async fn plan(AxState(st): AxState<Arc<State>>) -> Response {
+    use crate::recommend::{BACKLOG_HORIZON_S, KV_TARGET, WINDOW_SECS};
+    let pools = st.pools.pools.borrow().clone();
+    let (np, nd) = (
+        pools.healthy(PoolKind::Prefill),
+        pools.healthy(PoolKind::Decode),
+    );
+    let t = st.metrics.plan();
+    let (p, d) = t.sides();
+    Json(json!({
+        "live": {"prefill": np, "decode": nd, "ratio": (nd > 0).then(|| np as f64 / nd as f64)},
+        "target": st.cfg.pools.target_ratio.map(|r| r.value()),
+        "recommended": t.current(),
+        "load": {"prefill": p, "decode": d},
+        "model": {
+            "window_s": WINDOW_SECS,
+            "kv_target": KV_TARGET,
+            "backlog_horizon_s": BACKLOG_HORIZON_S,
+        },
     }))
     .into_response()
 }

@@ -192,6 +192,18 @@ impl Finisher {
 
     /// An event or a whole answer going to the client: its usage, if it has one, settles the
     /// budget at the end (only read when a budget is kept).
+    /// A token budget settles on the stream's usage, so the relay looks for it.
+    pub fn wants_usage(&self) -> bool {
+        self.budget.is_some()
+    }
+
+    /// The usage a stream event carried.
+    pub fn saw_usage(&mut self, u: (u64, u64)) {
+        if let Some(b) = &mut self.budget {
+            b.usage = Some(u);
+        }
+    }
+
     pub fn saw(&mut self, bytes: &[u8]) {
         if let Some(b) = &mut self.budget {
             if let Some(u) = crate::relay::usage_of(bytes) {
@@ -240,7 +252,21 @@ impl Finisher {
 
     /// A content chunk is being handed to the client.
     pub fn mark_content(&mut self) {
-        let now = Instant::now();
+        self.mark_content_at(Instant::now());
+    }
+
+    /// `n` content chunks that arrived together are being handed over in one write (one clock
+    /// read; the ITL between them is what the client sees, zero).
+    pub fn mark_contents(&mut self, n: u32) {
+        if n > 0 {
+            let now = Instant::now();
+            for _ in 0..n {
+                self.mark_content_at(now);
+            }
+        }
+    }
+
+    fn mark_content_at(&mut self, now: Instant) {
         if let Some(prev) = self.last_content {
             if self.metrics.enabled() {
                 self.metrics.itl.observe(secs(prev, now));

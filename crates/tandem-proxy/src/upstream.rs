@@ -1,34 +1,46 @@
 //! HTTP/1.1 client for one engine, with a pool of kept-alive connections that can be warmed
 //! ahead of use.
 //!
-//! Tandem owns its connections instead of using a general-purpose client for two reasons:
+//! Tandem owns its connections instead of using a general-purpose client for three reasons:
 //! the decode leg must fire the instant the prefill's KV params arrive, so a connection to the
-//! chosen decode engine is made ready while the prefill runs; and aborting a leg must close its
+//! chosen decode engine is made ready while the prefill runs; aborting a leg must close its
 //! TCP connection at once, because that is how a vLLM engine learns to abort the request and free
-//! its KV blocks. A [`Conn`] dropped without [`Conn::release`] closes its socket.
+//! its KV blocks (a [`Conn`] dropped without [`Conn::release`] closes its socket); and the relay
+//! reads the body in its own task, straight off the socket (`h1.rs`), so everything one read
+//! brings in goes to the client in one write, with no connection task or body channel per
+//! stream.
 //!
 //! An `https://` engine's connections are TLS (`tls.rs`), set up within the connect timeout;
 //! the HTTP/1.1 connection on top is the same either way.
 
+use std::io::IoSlice;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use crate::tls::EngineTls;
 use crate::trace::Outgoing;
 
+pub mod h1;
+#[cfg(test)]
+mod tests;
+
+use h1::{Framing, HeadBuilder, ProtoError};
+pub use h1::{Head, Request, Step};
+
 /// Idle connections kept per engine; more than this are closed on release.
 const MAX_IDLE: usize = 512;
+/// Bytes asked of the socket per read, at first and at most. A held stream mostly reads one
+/// event of a few hundred bytes at a time, so it starts small (its buffer shares pages with
+/// other streams'); a read that fills the space doubles it for the next, up to the most.
+const READ_FIRST: usize = 1024;
+const READ_MOST: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -44,10 +56,22 @@ pub enum UpstreamError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("HTTP handshake with {addr} failed: {source}")]
-    Handshake { addr: String, source: hyper::Error },
     #[error("request to {addr} failed: {source}")]
-    Send { addr: String, source: hyper::Error },
+    Send {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{addr} closed the connection before answering")]
+    Closed { addr: String },
+    #[error("reading from {addr} failed: {source}")]
+    Read {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{addr} closed the connection mid-body")]
+    Truncated { addr: String },
+    #[error("{addr} broke HTTP/1.1: {source}")]
+    Protocol { addr: String, source: ProtoError },
 }
 
 /// One engine's base address and its idle connections.
@@ -58,7 +82,7 @@ pub struct Upstream {
     connect_timeout: Duration,
     /// How an `https://` engine is reached (`None` for `http://`).
     tls: Option<Tls>,
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<Vec<Io>>,
 }
 
 /// An `https://` engine's connector and server name, or why there is none.
@@ -77,26 +101,83 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-#[derive(Debug)]
-struct Idle {
-    sender: SendRequest<Full<Bytes>>,
-    task: JoinHandle<()>,
+/// The socket under a connection.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// A connection checked out for one request.
+impl std::fmt::Debug for Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Io::Plain(_) => "Io::Plain",
+            Io::Tls(_) => "Io::Tls",
+        })
+    }
+}
+
+impl Io {
+    /// Head and body in as few writes as the socket takes (one, vectored, for plain TCP).
+    async fn write_request(&mut self, r: &Request) -> std::io::Result<()> {
+        match self {
+            Io::Plain(s) => {
+                let (mut head, mut body): (&[u8], &[u8]) = (&r.head, &r.body);
+                while !head.is_empty() || !body.is_empty() {
+                    let n = s
+                        .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+                        .await?;
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::WriteZero.into());
+                    }
+                    let h = n.min(head.len());
+                    head = &head[h..];
+                    body = &body[n - h..];
+                }
+                Ok(())
+            }
+            // rustls gathers both into its records; one flush sends them.
+            Io::Tls(s) => {
+                s.write_all(&r.head).await?;
+                s.write_all(&r.body).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    async fn read(&mut self, buf: &mut BytesMut, want: usize) -> std::io::Result<usize> {
+        if buf.capacity() - buf.len() < want / 2 {
+            buf.reserve(want);
+        }
+        match self {
+            Io::Plain(s) => s.read_buf(buf).await,
+            Io::Tls(s) => s.read_buf(buf).await,
+        }
+    }
+
+    /// An idle connection the engine has closed (or sent anything on) is not reused. Reading
+    /// consumes what arrived, which is fine: such a connection is dropped either way.
+    fn is_stale(&self) -> bool {
+        let tcp = match self {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        };
+        !matches!(tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+/// A connection checked out for one request, and the response being read on it.
 #[derive(Debug)]
 pub struct Conn {
     /// `None` only after `release`.
-    inner: Option<Idle>,
+    io: Option<Io>,
+    /// Read but not yet handed out: the rest of the response head, then of the body.
+    buf: BytesMut,
+    /// Where the current response's body is.
+    framing: Framing,
+    keep_alive: bool,
+    /// How much the next read asks for (see [`READ_FIRST`]).
+    read_size: usize,
     upstream: Arc<Upstream>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        if let Some(c) = self.inner.take() {
-            c.task.abort();
-        }
-    }
 }
 
 impl Upstream {
@@ -125,20 +206,23 @@ impl Upstream {
     pub async fn acquire(self: &Arc<Self>) -> Result<Conn, UpstreamError> {
         loop {
             let idle = self.idle.lock().expect("idle pool lock").pop();
-            let Some(mut c) = idle else { break };
-            if c.sender.is_closed() || c.task.is_finished() {
-                c.task.abort();
-                continue;
+            let Some(io) = idle else { break };
+            if !io.is_stale() {
+                return Ok(self.conn(io));
             }
-            if c.sender.ready().await.is_ok() {
-                return Ok(Conn {
-                    inner: Some(c),
-                    upstream: self.clone(),
-                });
-            }
-            c.task.abort();
         }
         self.connect().await
+    }
+
+    fn conn(self: &Arc<Self>, io: Io) -> Conn {
+        Conn {
+            io: Some(io),
+            buf: BytesMut::new(),
+            framing: Framing::Done,
+            keep_alive: false,
+            read_size: READ_FIRST,
+            upstream: self.clone(),
+        }
     }
 
     /// A new connection, never from the pool.
@@ -152,8 +236,8 @@ impl Upstream {
         };
         // Tokens are small writes; Nagle would hold them back.
         let _ = stream.set_nodelay(true);
-        let sender = match &self.tls {
-            None => handshake(TokioIo::new(stream), &addr).await?,
+        let io = match &self.tls {
+            None => Io::Plain(stream),
             Some(Tls::Unusable(why)) => {
                 return Err(UpstreamError::Tls {
                     addr,
@@ -162,44 +246,20 @@ impl Upstream {
             }
             Some(Tls::Ready(connector, name)) => {
                 let tls = connector.connect(name.clone(), stream);
-                let stream = match tokio::time::timeout_at(deadline, tls).await {
+                match tokio::time::timeout_at(deadline, tls).await {
                     Err(_) => return Err(UpstreamError::ConnectTimeout { addr }),
                     Ok(Err(source)) => return Err(UpstreamError::Tls { addr, source }),
-                    Ok(Ok(s)) => s,
-                };
-                handshake(TokioIo::new(stream), &addr).await?
+                    Ok(Ok(s)) => Io::Tls(Box::new(s)),
+                }
             }
         };
-        Ok(Conn {
-            inner: Some(sender),
-            upstream: self.clone(),
-        })
+        Ok(self.conn(io))
     }
 
     /// Close every idle connection (an engine left the pool).
     pub fn close_idle(&self) {
-        for c in self.idle.lock().expect("idle pool lock").drain(..) {
-            c.task.abort();
-        }
+        self.idle.lock().expect("idle pool lock").clear();
     }
-}
-
-/// HTTP/1.1 over `io`, its connection driven by a task of its own.
-async fn handshake<T>(io: T, addr: &str) -> Result<Idle, UpstreamError>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|source| UpstreamError::Handshake {
-            addr: addr.to_string(),
-            source,
-        })?;
-    let task = tokio::spawn(async move {
-        // Errors here surface to the request through `send`; the task only drives IO.
-        let _ = conn.await;
-    });
-    Ok(Idle { sender, task })
 }
 
 impl Conn {
@@ -211,79 +271,153 @@ impl Conn {
         body: Bytes,
         request_id: &str,
         trace: &Outgoing,
-    ) -> Request<Full<Bytes>> {
-        let mut b = Request::post(path)
-            .header(hyper::header::HOST, self.upstream.authority.as_str())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header("x-request-id", request_id)
-            .header("traceparent", trace.traceparent.clone());
+    ) -> Request {
+        let mut b = HeadBuilder::new("POST", path, &self.upstream.authority)
+            .header("content-type", b"application/json")
+            .header("x-request-id", request_id.as_bytes())
+            .header("traceparent", trace.traceparent.as_bytes());
         if let Some(ts) = &trace.tracestate {
-            b = b.header("tracestate", ts.clone());
+            b = b.header("tracestate", ts.as_bytes());
         }
-        if let Some(h) = b.headers_mut() {
-            h.insert(
-                hyper::header::CONTENT_LENGTH,
-                hyper::header::HeaderValue::from(body.len()),
-            );
-        }
-        b.body(Full::new(body))
-            .expect("static method, path from the router and validated headers")
+        b.finish(body)
     }
 
     /// Build a GET for this engine.
-    pub fn get(&self, path: &str) -> Request<Full<Bytes>> {
-        Request::get(path)
-            .header(hyper::header::HOST, self.upstream.authority.as_str())
-            .body(Full::new(Bytes::new()))
-            .expect("static method and path")
+    pub fn get(&self, path: &str) -> Request {
+        HeadBuilder::new("GET", path, &self.upstream.authority).finish(Bytes::new())
     }
 
-    /// Send a request. A connection the engine closed while it sat idle (in the pool, or warmed
-    /// while a prefill ran; uvicorn's keep-alive timeout is 5 s) fails before the request is
-    /// written; the request then goes out once more on a fresh connection. A request that may
-    /// have reached the engine is never sent twice.
-    pub async fn send(
-        &mut self,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut resent = false;
+    fn addr(&self) -> String {
+        self.upstream.authority.clone()
+    }
+
+    /// Send a request and read the response head; the body is then read with [`Conn::data`].
+    /// A connection the engine closed while it sat idle (in the pool, or warmed while a prefill
+    /// ran; uvicorn's keep-alive timeout is 5 s) is found out before the request is written;
+    /// the request then goes out on a fresh connection. A request that may have reached the
+    /// engine is never sent twice.
+    pub async fn send(&mut self, req: Request) -> Result<Head, UpstreamError> {
+        // Checked on every connection, not only pooled ones: one warmed while a prefill ran may
+        // have sat idle longer than the engine's keep-alive. (One non-blocking read call.)
+        let stale = self.io.as_ref().is_none_or(Io::is_stale);
+        if stale {
+            *self = self.upstream.connect().await?;
+        }
+        let io = self
+            .io
+            .as_mut()
+            .expect("a checked-out connection holds its socket");
+        if let Err(source) = io.write_request(&req).await {
+            return Err(UpstreamError::Send {
+                addr: self.addr(),
+                source,
+            });
+        }
+        self.buf.clear();
         loop {
-            let sender = &mut self
-                .inner
-                .as_mut()
-                .expect("a checked-out connection holds its sender until released")
-                .sender;
-            match sender.try_send_request(req).await {
-                Ok(r) => return Ok(r),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if !resent => {
-                        *self = self.upstream.connect().await?;
-                        req = unsent;
-                        resent = true;
-                    }
-                    _ => {
-                        return Err(UpstreamError::Send {
-                            addr: self.upstream.authority.clone(),
-                            source: e.into_error(),
-                        })
-                    }
-                },
+            match h1::parse_head(&mut self.buf) {
+                Ok(Some(head)) => {
+                    self.framing = head.body;
+                    self.keep_alive = head.keep_alive;
+                    return Ok(head);
+                }
+                Ok(None) => {}
+                Err(source) => {
+                    return Err(UpstreamError::Protocol {
+                        addr: self.addr(),
+                        source,
+                    })
+                }
+            }
+            match self.read().await {
+                Ok(0) => return Err(UpstreamError::Closed { addr: self.addr() }),
+                Ok(_) => {}
+                Err(source) => {
+                    return Err(UpstreamError::Read {
+                        addr: self.addr(),
+                        source,
+                    })
+                }
             }
         }
     }
 
-    /// Return a connection whose last response was read to the end to the idle pool.
+    async fn read(&mut self) -> std::io::Result<usize> {
+        let io = self
+            .io
+            .as_mut()
+            .expect("a checked-out connection holds its socket");
+        let room = self.buf.capacity() - self.buf.len();
+        let n = io.read(&mut self.buf, self.read_size).await?;
+        if n >= room.max(self.read_size / 2) {
+            self.read_size = (self.read_size * 2).min(READ_MOST);
+        }
+        Ok(n)
+    }
+
+    /// The next piece of body already read, without waiting: [`Step::NeedMore`] when the
+    /// socket must be read first.
+    pub fn buffered(&mut self) -> Result<Step, UpstreamError> {
+        h1::decode(&mut self.framing, &mut self.buf).map_err(|source| UpstreamError::Protocol {
+            addr: self.addr(),
+            source,
+        })
+    }
+
+    /// The next piece of body (a slice of what one read brought in), reading when nothing is
+    /// buffered; `None` at the body's end.
+    pub async fn data(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        loop {
+            match self.buffered()? {
+                Step::Data(d) => return Ok(Some(d)),
+                Step::End => return Ok(None),
+                Step::NeedMore => {}
+            }
+            match self.read().await {
+                Ok(0) if h1::at_eof(&mut self.framing) => return Ok(None),
+                Ok(0) => return Err(UpstreamError::Truncated { addr: self.addr() }),
+                Ok(_) => {}
+                Err(source) => {
+                    return Err(UpstreamError::Read {
+                        addr: self.addr(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// The whole body.
+    pub async fn collect(&mut self) -> Result<Bytes, UpstreamError> {
+        let Some(first) = self.data().await? else {
+            return Ok(Bytes::new());
+        };
+        let Some(second) = self.data().await? else {
+            return Ok(first);
+        };
+        let mut all = BytesMut::from(&first[..]);
+        all.extend_from_slice(&second);
+        while let Some(d) = self.data().await? {
+            all.extend_from_slice(&d);
+        }
+        Ok(all.freeze())
+    }
+
+    /// The response's body has been read to its end.
+    pub fn body_done(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    /// Return a connection whose last response was read to the end to the idle pool; any
+    /// other is closed.
     pub fn release(mut self) {
-        let Some(c) = self.inner.take() else { return };
-        if c.sender.is_closed() || c.task.is_finished() {
-            c.task.abort();
+        let Some(io) = self.io.take() else { return };
+        if !(self.body_done() && self.keep_alive && self.buf.is_empty()) {
             return;
         }
         let mut idle = self.upstream.idle.lock().expect("idle pool lock");
-        if idle.len() >= MAX_IDLE {
-            c.task.abort();
-            return;
+        if idle.len() < MAX_IDLE {
+            idle.push(io);
         }
-        idle.push(c);
     }
 }

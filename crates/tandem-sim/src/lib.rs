@@ -15,6 +15,7 @@
 //! - [`http`]: vLLM's OpenAI-compatible HTTP surface (axum) plus `/admin/faults`.
 //! - [`grpc`]: vLLM's native gRPC surface (`vllm.Inference`, `vllm.Control`, health) on the same engine.
 //! - [`side_channel`]: the NIXL-like side channel (ZMQ ROUTER): vLLM's handshake plus a simulated block READ.
+//! - [`nixl`]: the engine's real NIXL agent (`--kv-transport nixl`, feature `nixl`): KV stand-in bytes moved by UCX READs.
 //! - [`kv_events`]: vLLM's KV-event ZMQ PUB publisher with replay.
 //! - [`metrics`]: vLLM's Prometheus metrics, exact names, labels and buckets.
 //! - [`faults`]: fault injection state, set by flags or at runtime.
@@ -28,6 +29,7 @@ pub mod kv_cache;
 pub mod kv_events;
 pub mod link;
 pub mod metrics;
+pub mod nixl;
 pub mod profile;
 pub mod sampler;
 pub mod scheduler;
@@ -103,6 +105,22 @@ pub struct SimConfig {
     /// Serve vLLM's native gRPC on this port of the HTTP listener's address (0: a free one);
     /// `None`: no gRPC server.
     pub grpc_port: Option<u16>,
+    /// How KV bytes move between engines: the TCP stand-in, or real NIXL (feature `nixl`).
+    pub kv_transport: nixl::KvTransport,
+    /// With NIXL: bytes of one block in one layer region (the scaled-down stand-in of the
+    /// modeled block; at least 32).
+    pub nixl_block_bytes: u32,
+    /// Run without a KV connector (vLLM without `--kv-transfer-config`): `kv_transfer_params`
+    /// are ignored and every prompt is prefilled locally.
+    pub no_kv_connector: bool,
+    /// vLLM's `--kv-cache-dtype` (a compatibility-hash factor).
+    pub kv_cache_dtype: String,
+    /// The attention backend's name (a compatibility-hash factor; vLLM's
+    /// `VLLM_ATTENTION_BACKEND`).
+    pub attention_backend: String,
+    /// Fault: advertise the side channel but close it right after start (an unreachable side
+    /// channel: connections are refused).
+    pub side_channel_down: bool,
 }
 
 impl SimConfig {
@@ -140,6 +158,12 @@ impl SimConfig {
             disable_request_id_randomization: false,
             faults: FaultSpec::default(),
             grpc_port: None,
+            kv_transport: nixl::KvTransport::Tcp,
+            nixl_block_bytes: 64,
+            no_kv_connector: false,
+            kv_cache_dtype: "auto".into(),
+            attention_backend: "FLASH_ATTN".into(),
+            side_channel_down: false,
         }
     }
 }
@@ -176,9 +200,13 @@ pub struct RunningSim {
     pub num_host_blocks: u32,
     pub served_model_name: String,
     pub engine: EngineHandle,
+    /// `nixl` or `tcp`.
+    pub kv_transport: &'static str,
+    /// The engine's NIXL agent name, with `--kv-transport nixl`.
+    pub nixl_agent: Option<String>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     grpc: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
-    _side: SideChannelHandle,
+    _side: Option<SideChannelHandle>,
 }
 
 impl RunningSim {
@@ -195,6 +223,8 @@ impl RunningSim {
             "model": self.served_model_name,
             "num_gpu_blocks": self.num_gpu_blocks,
             "num_host_blocks": self.num_host_blocks,
+            "kv_transport": self.kv_transport,
+            "nixl_agent": self.nixl_agent,
         })
         .to_string()
     }
@@ -274,7 +304,7 @@ pub async fn start(
         block_size: cfg.block_size,
         num_gpu_blocks,
         gpu_memory_utilization: cfg.gpu_memory_utilization,
-        cache_dtype: "auto".into(),
+        cache_dtype: cfg.kv_cache_dtype.clone(),
         enable_prefix_caching: cfg.enable_prefix_caching,
         prefix_caching_hash_algo: "sha256_cbor".into(),
     };
@@ -295,13 +325,21 @@ pub async fn start(
         num_kv_heads: profile.model.num_kv_heads,
         head_size: profile.model.head_dim,
         num_hidden_layers: profile.model.num_layers,
-        attn_backend_name: "FLASH_ATTN".into(),
-        cache_dtype: "auto".into(),
+        attn_backend_name: cfg.attention_backend.clone(),
+        cache_dtype: cfg.kv_cache_dtype.clone(),
     };
     let kv_bytes_per_token = profile.kv_bytes_per_token();
     let tp = profile.tp;
-    // Reserve the side-channel port first so it can go into kv_transfer_params.
     let (side_tx, side_rx) = tokio::sync::mpsc::channel(256);
+    let nixl = start_nixl(
+        &cfg,
+        &engine_id,
+        profile.model.num_layers,
+        num_gpu_blocks,
+        &side_tx,
+    )
+    .await?;
+    // Reserve the side-channel port first so it can go into kv_transfer_params.
     let (side, side_endpoint) = SideChannelServer::start(
         &format!("tcp://{}:{}", cfg.side_channel_host, cfg.side_channel_port),
         HandshakeInfo {
@@ -312,6 +350,7 @@ pub async fn start(
             block_len_bytes: kv_bytes_per_token / u64::from(profile.model.num_layers)
                 * u64::from(cfg.block_size),
             factors: compat.clone(),
+            nixl: nixl.as_ref().map(nixl::KvNixl::advert),
         },
         side_tx,
         faults.handshake_stall_flag(),
@@ -326,6 +365,13 @@ pub async fn start(
                 "cannot parse side channel endpoint {side_endpoint}"
             ))
         })?;
+    let side = if cfg.side_channel_down {
+        // The port stays advertised in kv_transfer_params; connecting to it is refused.
+        side.shutdown().await;
+        None
+    } else {
+        Some(side)
+    };
     let side_client = side_channel::SideChannelClient::new();
     let engine = engine::spawn(
         EngineConfig {
@@ -354,6 +400,8 @@ pub async fn start(
             side_channel_timeout: cfg.side_channel_timeout,
             side_client: side_client.clone(),
             kv_bytes_per_token,
+            nixl: nixl.clone(),
+            no_kv_connector: cfg.no_kv_connector,
         },
         tokenizer.clone(),
         metrics.clone(),
@@ -439,10 +487,56 @@ pub async fn start(
         num_host_blocks,
         served_model_name: served,
         engine,
+        kv_transport: cfg.kv_transport.name(),
+        nixl_agent: nixl.as_ref().map(|n| n.agent_name().to_string()),
         server,
         grpc,
         _side: side,
     })
+}
+
+/// With `--kv-transport nixl`: the engine's agent over a region shaped like its KV cache, and
+/// a task that hands the notifications it receives (`"{remote_request_id}:{world_size}"`) to
+/// the engine as the side channel's notifications are.
+async fn start_nixl(
+    cfg: &SimConfig,
+    engine_id: &str,
+    layers: u32,
+    num_blocks: u32,
+    side_tx: &tokio::sync::mpsc::Sender<side_channel::SideRequest>,
+) -> Result<Option<nixl::KvNixl>, SimError> {
+    if cfg.kv_transport != nixl::KvTransport::Nixl {
+        return Ok(None);
+    }
+    let layout = tandem_nixl::Layout {
+        layers,
+        num_blocks,
+        block_len: cfg.nixl_block_bytes as usize,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let agent = nixl::KvNixl::start(engine_id, layout, tx)
+        .await
+        .map_err(|e| SimError::Config(format!("--kv-transport nixl: {e}")))?;
+    let side_tx = side_tx.clone();
+    tokio::spawn(async move {
+        while let Some((from, msg)) = rx.recv().await {
+            // vLLM: `req_id, tp_size = notif.decode().rsplit(":", 1)`.
+            let Some((id, ws)) = msg.rsplit_once(':') else {
+                tracing::warn!("NIXL notification from {from} is not \"id:world_size\": {msg:?}");
+                continue;
+            };
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let req = side_channel::SideRequest::Notify {
+                remote_request_id: id.to_string(),
+                world_size: ws.parse().unwrap_or(1),
+                reply,
+            };
+            if side_tx.send(req).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Some(agent))
 }
 
 /// Blocks of the host-memory tier for `--kv-offloading-size` GiB: whole blocks of the instance's

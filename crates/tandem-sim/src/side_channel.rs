@@ -8,7 +8,12 @@
 //! 2. `[bin(b"tandem_read"), remote_request_id, [block_ids]]`: the simulated RDMA READ, answered
 //!    `{"ok": true, "blocks": [bin, ...]}` or `{"ok": false, "error": str}`;
 //! 3. `[bin(b"tandem_notif"), "<remote_request_id>:<world_size>"]`: the simulated NIXL notification
-//!    (vLLM's payload format), answered `{"ok": true}` or `{"ok": false, "error": str}`.
+//!    (vLLM's payload format), answered `{"ok": true}` or `{"ok": false, "error": str}`;
+//! 4. `[bin(b"tandem_grant"), remote_request_id, [block_ids]]`: with real NIXL (`--kv-transport
+//!    nixl`) the bytes move by a one-sided NIXL READ, so this is only the prefill side's say in
+//!    it: the read faults (refuse, corrupt) and its modeled NIC time apply here, as they do to a
+//!    `tandem_read`, and it is answered `{"ok": true, "blocks": []}` once the blocks are in the
+//!    registered region. vLLM has no such message; a real prefill engine is read without one.
 //!
 //! The server knows no engine state: reads and notifications go to the engine over an mpsc with a
 //! oneshot for the answer. Differences from vLLM, on purpose: an unknown `tp_rank` or an
@@ -36,6 +41,8 @@ pub const GET_META_MSG: &[u8] = b"get_meta_msg";
 pub const TANDEM_READ_MSG: &[u8] = b"tandem_read";
 /// Tag of the simulated NIXL notification.
 pub const TANDEM_NOTIF_MSG: &[u8] = b"tandem_notif";
+/// Tag of the read grant that precedes a real NIXL READ (module docs, item 4).
+pub const TANDEM_GRANT_MSG: &[u8] = b"tandem_grant";
 /// The `NixlAgentMetadata` layout served here is v2's (`NIXL_CONNECTOR_VERSION = 2`).
 pub const NIXL_CONNECTOR_VERSION: u32 = 2;
 /// vLLM's handshake `RCVTIMEO`.
@@ -163,15 +170,29 @@ pub struct HandshakeInfo {
     /// Bytes of one block in one KV region; the payload lists one region per hidden layer.
     pub block_len_bytes: u64,
     pub factors: CompatFactors,
+    /// The real NIXL agent behind the handshake, when KV moves over NIXL.
+    pub nixl: Option<NixlAdvert>,
+}
+
+/// What a handshake advertises of a real NIXL agent: `get_local_md` and its registered region.
+#[derive(Debug, Clone)]
+pub struct NixlAdvert {
+    pub agent_metadata: Vec<u8>,
+    /// One base address per layer region.
+    pub base_addrs: Vec<u64>,
+    /// Bytes of one block in one layer region (the scaled-down stand-in, not the modeled size).
+    pub block_len: u64,
 }
 
 /// A request the side channel forwards to the engine.
 #[derive(Debug)]
 pub enum SideRequest {
-    /// Simulated RDMA READ of `block_ids` pinned for `remote_request_id`.
+    /// Simulated RDMA READ of `block_ids` pinned for `remote_request_id`; with `grant`, the
+    /// grant before a real NIXL READ (answered with no blocks).
     Read {
         remote_request_id: String,
         block_ids: Vec<u32>,
+        grant: bool,
         reply: oneshot::Sender<Result<Vec<Vec<u8>>, String>>,
     },
     /// Consumer rank finished reading (vLLM's `"{remote_request_id}:{world_size}"` notification).
@@ -195,6 +216,8 @@ pub struct RemoteAgent {
     pub block_lens: Vec<u64>,
     pub kv_cache_layout: String,
     pub block_size: u32,
+    /// The v12 field, when the engine sends it (v2 has none; the hash covers the backend).
+    pub attn_backend_name: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,9 +5,8 @@
 
 use std::time::Duration;
 
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -27,20 +26,39 @@ pub struct HttpEngine {
     upstream: std::sync::Arc<Upstream>,
 }
 
-/// A streaming decode answer and the connection it arrives on.
+/// A streaming decode answer, read off the connection it arrives on.
 #[derive(Debug)]
 pub struct HttpStream {
     pub(super) reader: EventReader,
-    conn: Conn,
 }
+
+/// How long a stream read to `[DONE]` may take to end its body before its connection is
+/// closed instead of kept.
+const BODY_END_WAIT: Duration = Duration::from_secs(1);
 
 impl HttpStream {
     pub(super) fn finish(self) {
-        // A stream read to `[DONE]` leaves the connection clean for the next request; any other
-        // end closes it, which is how vLLM learns to abort.
-        if self.reader.finished() {
-            self.conn.release();
+        // A stream read to `[DONE]` leaves the connection clean for the next request once the
+        // body's last chunk is in; any other end closes it, which is how vLLM learns to abort.
+        if !self.reader.finished() {
+            return;
         }
+        let mut conn = self.reader.into_conn();
+        while let Ok(crate::upstream::Step::Data(_)) = conn.buffered() {}
+        if conn.body_done() {
+            conn.release();
+            return;
+        }
+        // The closing chunk is usually a moment behind `[DONE]`: wait for it off the relay.
+        tokio::spawn(async move {
+            let end = tokio::time::timeout(BODY_END_WAIT, async {
+                while let Ok(Some(_)) = conn.data().await {}
+                conn
+            });
+            if let Ok(conn) = end.await {
+                conn.release();
+            }
+        });
     }
 }
 
@@ -98,7 +116,7 @@ impl HttpEngine {
             )
         })?;
         let r = conn.post_json(leg.kind.path(), body.clone(), leg.request_id, leg.trace);
-        let resp = conn.send(r).await.map_err(|e| {
+        let head = conn.send(r).await.map_err(|e| {
             failed(
                 engine,
                 ErrorKind::Send,
@@ -106,21 +124,15 @@ impl HttpEngine {
                 &e,
             )
         })?;
-        let status = resp.status();
-        let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| {
-                failed(
-                    engine,
-                    ErrorKind::Read,
-                    "the prefill engine's answer broke off",
-                    &e,
-                )
-            })?
-            .to_bytes();
+        let (status, ct) = (head.status, head.content_type);
+        let body = conn.collect().await.map_err(|e| {
+            failed(
+                engine,
+                ErrorKind::Read,
+                "the prefill engine's answer broke off",
+                &e,
+            )
+        })?;
         if status.is_server_error() {
             tracing::warn!(engine = %engine.url, %status, body = %snippet(&body), "prefill engine error");
             return Err(retry(
@@ -174,7 +186,7 @@ impl HttpEngine {
             })?,
         };
         let r = conn.post_json(leg.kind.path(), body, leg.request_id, leg.trace);
-        let resp = match tokio::time::timeout(deadlines.head, conn.send(r)).await {
+        let head = match tokio::time::timeout(deadlines.head, conn.send(r)).await {
             Err(_) => {
                 return Err(retry(
                     ErrorKind::HandoffTimeout,
@@ -192,14 +204,12 @@ impl HttpEngine {
             }
             Ok(Ok(r)) => r,
         };
-        let status = resp.status();
-        let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let (status, ct) = (head.status, head.content_type);
         if !status.is_success() {
-            let body = tokio::time::timeout(deadlines.idle, resp.into_body().collect())
+            let body = tokio::time::timeout(deadlines.idle, conn.collect())
                 .await
                 .ok()
                 .and_then(Result::ok)
-                .map(|c| c.to_bytes())
                 .unwrap_or_default();
             if status.is_server_error() {
                 tracing::warn!(engine = %engine.url, %status, body = %snippet(&body), "decode engine error");
@@ -216,7 +226,7 @@ impl HttpEngine {
             }));
         }
         if stream {
-            let mut reader = EventReader::new(resp.into_body(), cached);
+            let mut reader = EventReader::new(conn, cached);
             let first = match reader.next(deadlines.first_event).await {
                 Ok(Some(Event::Error(b))) => {
                     tracing::warn!(engine = %engine.url, event = %snippet(&b), "decode engine streamed an error first");
@@ -251,12 +261,12 @@ impl HttpEngine {
                 }
             };
             return Ok(DecodeAnswer::Stream {
-                stream: DecodeStream::Http(HttpStream { reader, conn }),
+                stream: DecodeStream::Http(Box::new(HttpStream { reader })),
                 first,
                 content_type: ct,
             });
         }
-        let body = match tokio::time::timeout(deadlines.full, resp.into_body().collect()).await {
+        let body = match tokio::time::timeout(deadlines.full, conn.collect()).await {
             Err(_) => {
                 return Err(retry(
                     ErrorKind::FirstTokenTimeout,
@@ -272,7 +282,7 @@ impl HttpEngine {
                     &e,
                 ))
             }
-            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Ok(b)) => b,
         };
         conn.release();
         let body = match cached {
@@ -291,26 +301,24 @@ impl HttpEngine {
             return Sent::Unsent;
         };
         let r = conn.post_json(leg.kind.path(), body, leg.request_id, leg.trace);
-        let Ok(resp) = conn.send(r).await else {
+        let Ok(head) = conn.send(r).await else {
             return Sent::Cut;
         };
-        let status = resp.status();
-        if resp.into_body().collect().await.is_err() {
+        if conn.collect().await.is_err() {
             return Sent::Cut;
         }
         conn.release();
-        Sent::from_status(status)
+        Sent::from_status(head.status)
     }
 
     /// POST an empty body to `path`; the answer's status.
     pub async fn post_status(&self, leg: Leg<'_>, path: &str) -> Option<StatusCode> {
         let mut conn = self.upstream.acquire().await.ok()?;
         let req = conn.post_json(path, Bytes::new(), leg.request_id, leg.trace);
-        let resp = conn.send(req).await.ok()?;
-        let status = resp.status();
-        resp.into_body().collect().await.ok()?;
+        let head = conn.send(req).await.ok()?;
+        conn.collect().await.ok()?;
         conn.release();
-        Some(status)
+        Some(head.status)
     }
 
     /// GET `path`: the body of a 2xx answer.
@@ -318,14 +326,8 @@ impl HttpEngine {
         let fut = async {
             let mut conn = self.upstream.acquire().await.map_err(|e| e.to_string())?;
             let req = conn.get(path);
-            let resp = conn.send(req).await.map_err(|e| e.to_string())?;
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
+            let status = conn.send(req).await.map_err(|e| e.to_string())?.status;
+            let body = conn.collect().await.map_err(|e| e.to_string())?;
             conn.release();
             if status.is_success() {
                 Ok(body)

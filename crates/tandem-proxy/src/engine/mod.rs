@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use crate::front::Kind;
-use crate::relay::{Event, RelayError};
+use crate::relay::{Burst, Event, RelayError};
 use crate::trace::Outgoing;
 
 pub mod error;
@@ -106,8 +106,9 @@ pub enum DecodeAnswer {
 /// A decode leg's OpenAI events as they arrive.
 #[derive(Debug)]
 pub enum DecodeStream {
-    Http(http::HttpStream),
-    /// Boxed: the renderer and the tonic stream are large, and the HTTP variant is the hot path.
+    /// Both boxed: the connection with its read buffer, and the renderer with the tonic
+    /// stream, are large, and a stream is moved through several futures before it relays.
+    Http(Box<http::HttpStream>),
     Grpc(Box<grpc::GrpcStream>),
 }
 
@@ -117,6 +118,34 @@ impl DecodeStream {
         match self {
             DecodeStream::Http(s) => s.reader.next(wait).await,
             DecodeStream::Grpc(s) => s.next(wait).await,
+        }
+    }
+
+    /// Wait at most `wait` for at least one event, then take every one already arrived into
+    /// `burst` (one client write). Nothing in it afterwards: the stream is over.
+    pub async fn next_burst(
+        &mut self,
+        wait: Duration,
+        burst: &mut Burst,
+        want_usage: bool,
+    ) -> Result<(), RelayError> {
+        match self {
+            DecodeStream::Http(s) => s.reader.next_burst(wait, burst, want_usage).await,
+            DecodeStream::Grpc(s) => {
+                // The renderer makes each event's bytes itself; joined for one client write.
+                let Some(ev) = s.next(wait).await? else {
+                    return Ok(());
+                };
+                let mut next = Some(ev);
+                while let Some(ev) = next.take() {
+                    burst.push(ev, want_usage);
+                    if !burst.done {
+                        next = s.buffered();
+                    }
+                }
+                burst.join();
+                Ok(())
+            }
         }
     }
 

@@ -10,6 +10,7 @@
 
 mod link;
 mod output;
+mod pinned;
 mod reads;
 mod transfer;
 mod types;
@@ -230,6 +231,7 @@ pub fn spawn(
             faults: faults.clone(),
             link: link.clone(),
             block_bytes: cfg.kv_bytes_per_token * u64::from(cfg.sched.block_size),
+            nixl: cfg.nixl.clone(),
         },
         sample_ids: vocab.ids.clone(),
     };
@@ -280,8 +282,8 @@ struct Engine {
     link: link::LinkHandle,
     /// Host memory to GPU (PCIe), shared by concurrent host-tier loads.
     host_link: link::LinkHandle,
-    /// Decode role: compatibility hashes of remote engines already handshaken.
-    agents: HashMap<String, String>,
+    /// Decode role: remote engines already handshaken, by engine id.
+    agents: HashMap<String, transfer::KnownAgent>,
     /// Blocks held by the `exhaust_kv` fault.
     reserved: Vec<u32>,
     tx: mpsc::UnboundedSender<Command>,
@@ -368,6 +370,8 @@ impl Engine {
         let fingerprint = prompt_fingerprint(&req.prompt);
         let seed = req.params.seed.unwrap_or(self.cfg.seed);
         let (prefill, remote) = match &req.role {
+            // Without a connector vLLM ignores the params and prefills locally.
+            _ if self.cfg.no_kv_connector => (false, None),
             Role::Colocated => (false, None),
             Role::Prefill => (true, None),
             Role::Decode(r) => (false, Some(r.clone())),
@@ -421,7 +425,13 @@ impl Engine {
             // A decode-role request aborted before its KV arrived still tells the prefill engine
             // to free the blocks (vLLM enqueues an empty receive for the same reason).
             if let Some(remote) = &m.remote {
-                transfer::spawn_notify(remote.clone(), self.cfg.clone(), self.metrics.clone());
+                let known = self.agents.get(&remote.engine_id).cloned();
+                transfer::spawn_notify(
+                    remote.clone(),
+                    known,
+                    self.cfg.clone(),
+                    self.metrics.clone(),
+                );
             }
             self.record_finished(&m, FinishReason::Abort);
         }
@@ -479,13 +489,19 @@ impl Engine {
                 .expected_prompt_contents(t.id)
                 .expect("sequence is in the scheduler");
             let known = self.agents.get(&remote.engine_id).cloned();
+            let local_blocks = self
+                .sched
+                .blocks_of(t.id)
+                .map(|b| b.iter().copied().take(expected.len()).collect())
+                .unwrap_or_default();
             transfer::spawn_pull(
                 transfer::Pull {
                     seq: t.id,
                     remote,
                     local_hit_blocks: t.local_hit_blocks,
+                    local_blocks,
                     expected,
-                    known_hash: known,
+                    known,
                     prompt_len: m.prompt_len,
                 },
                 self.cfg.clone(),
@@ -560,10 +576,15 @@ impl Engine {
             let m = self.meta.remove(&o.id).expect("present above");
             let kv = f.pinned_blocks.map(|block_ids| {
                 let deadline = now + self.cfg.abort_timeout.as_secs_f64();
-                let contents = block_ids
+                let contents: HashMap<u32, [u8; 32]> = block_ids
                     .iter()
                     .map(|&b| (b, self.sched.block_content(b).unwrap_or([0; 32])))
                     .collect();
+                if let Some(n) = &self.cfg.nixl {
+                    // Into the registered region before the params leave this engine, so the
+                    // decode side's one-sided READ finds them.
+                    n.write_blocks(contents.iter().map(|(&b, &c)| (b, c)).collect());
+                }
                 self.reads.pin(&m.internal_id, contents);
                 self.pinned.insert(
                     m.internal_id.clone(),
@@ -579,7 +600,8 @@ impl Engine {
                 }
             });
             self.record_finished(&m, f.reason);
-            let _ = m.out.send(Event::Token {
+            let pinned = kv.is_some();
+            let event = Event::Token {
                 index: m.index,
                 token: o.token,
                 text: delta,
@@ -589,7 +611,21 @@ impl Engine {
                     kv,
                     cached_tokens: m.cached_tokens,
                 }),
-            });
+            };
+            match &self.cfg.nixl {
+                // A one-sided READ may come as soon as the params are out: they leave only once
+                // the blocks' bytes are in the registered region (vLLM's KV is computed by then).
+                Some(n) if pinned => {
+                    let (n, out) = (n.clone(), m.out.clone());
+                    tokio::spawn(async move {
+                        n.barrier().await;
+                        let _ = out.send(event);
+                    });
+                }
+                _ => {
+                    let _ = m.out.send(event);
+                }
+            }
         }
         self.flush_events();
         self.publish_gauges();
@@ -654,83 +690,16 @@ impl Engine {
         self.publish_gauges();
     }
 
-    fn expire_leases(&mut self) {
-        let now = self.clock.now();
-        let expired: Vec<String> = self
-            .pinned
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for id in expired {
-            let p = self.pinned.remove(&id).expect("listed above");
-            self.reads.unpin(&id);
-            self.sched.release_pinned(p.seq);
-            self.metrics.nixl_expired(1);
-            tracing::warn!(
-                request_id = %id,
-                "Releasing expired KV blocks for request {id} which were retrieved by 0 decode worker(s) within {} seconds.",
-                self.cfg.abort_timeout.as_secs()
-            );
-        }
-    }
-
-    fn side(&mut self, req: SideRequest) {
-        match req {
-            SideRequest::Read {
-                remote_request_id,
-                block_ids,
-                reply,
-            } => {
-                // Reads of pinned requests never get here (see `reads`); this one's lease ended.
-                if !self.pinned.contains_key(&remote_request_id) {
-                    // Real NIXL reads whatever the blocks hold now; the decode side's check
-                    // catches recycled content. vLLM logs the same worry on the notification.
-                    tracing::warn!(
-                        "KV read for unrecognized request {remote_request_id}; blocks may have expired"
-                    );
-                }
-                let mut blocks = Vec::with_capacity(block_ids.len());
-                for &b in &block_ids {
-                    if b >= self.sched.num_blocks() {
-                        let _ = reply.send(Err(format!("block id {b} out of range")));
-                        return;
-                    }
-                    let bytes = self.sched.block_content(b).unwrap_or([0; 32]);
-                    blocks.push(bytes.to_vec());
-                }
-                let _ = reply.send(Ok(blocks));
-            }
-            SideRequest::Notify {
-                remote_request_id,
-                world_size: _,
-                reply,
-            } => {
-                match self.pinned.remove(&remote_request_id) {
-                    Some(p) => {
-                        self.reads.unpin(&remote_request_id);
-                        self.sched.release_pinned(p.seq);
-                        self.publish_gauges();
-                    }
-                    None => tracing::warn!(
-                        "Potentially invalid KV blocks for unrecognized request {remote_request_id} were retrieved by a decode worker. They may have expired."
-                    ),
-                }
-                let _ = reply.send(Ok(()));
-            }
-        }
-    }
-
     fn transfer_done(&mut self, id: SeqId, result: Result<transfer::TransferStats, TransferError>) {
         if !self.sched.contains(id) {
             return; // aborted meanwhile
         }
         match result {
             Ok(stats) => {
-                if let Some(hash) = stats.handshake_hash {
+                if let Some(agent) = stats.handshake {
                     if let Some(m) = self.meta.get(&id) {
                         if let Some(r) = &m.remote {
-                            self.agents.insert(r.engine_id.clone(), hash);
+                            self.agents.insert(r.engine_id.clone(), agent);
                         }
                     }
                 }

@@ -17,16 +17,22 @@ use tokio::sync::{mpsc, oneshot};
 use super::link::LinkHandle;
 use super::Command;
 use crate::faults::Faults;
+use crate::nixl::KvNixl;
 use crate::side_channel::SideRequest;
 
 type Content = [u8; 32];
 /// One pinned request's blocks: block id to content.
 type Blocks = Arc<HashMap<u32, Content>>;
+/// Blocks a fault damaged in the NIXL region, by request id: (block id, content to restore).
+type Damaged = HashMap<String, Vec<(u32, Content)>>;
 
-/// The contents of pinned blocks by request id; written only by the engine task.
+/// The contents of pinned blocks by request id; written only by the engine task. With NIXL,
+/// also the blocks a corrupt-read fault damaged in the registered region, by request id, with
+/// the content to put back when that request is unpinned.
 #[derive(Clone, Debug, Default)]
 pub(super) struct PinnedReads {
     inner: Arc<Mutex<HashMap<String, Blocks>>>,
+    damaged: Arc<Mutex<Damaged>>,
 }
 
 impl PinnedReads {
@@ -39,8 +45,22 @@ impl PinnedReads {
         self.lock().insert(id.to_string(), Arc::new(blocks));
     }
 
-    pub(super) fn unpin(&self, id: &str) {
+    /// Forgets `id`'s blocks; returns those a fault damaged in the NIXL region (block id,
+    /// the content to write back).
+    pub(super) fn unpin(&self, id: &str) -> Vec<(u32, Content)> {
         self.lock().remove(id);
+        let mut damaged = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+        damaged.remove(id).unwrap_or_default()
+    }
+
+    /// Notes that `block` of `id` is about to be damaged, if `id` pins it (else there is no
+    /// known content to restore; an unpinned block is rewritten when next pinned anyway).
+    fn damage(&self, id: &str, block: u32) {
+        let content = self.lock().get(id).and_then(|b| b.get(&block).copied());
+        if let Some(c) = content {
+            let mut damaged = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+            damaged.entry(id.to_string()).or_default().push((block, c));
+        }
     }
 
     /// The contents of `block_ids` if all of them are pinned for `id`.
@@ -61,6 +81,8 @@ pub(super) struct ReadServing {
     pub link: LinkHandle,
     /// Modeled KV bytes of one block (what the NIC moves per block id read).
     pub block_bytes: u64,
+    /// The engine's NIXL agent, when KV moves over NIXL (`--kv-transport nixl`).
+    pub nixl: Option<KvNixl>,
 }
 
 /// Serve side-channel requests: reads here (module docs), notifications by the engine task.
@@ -74,6 +96,7 @@ pub(super) fn serve(
             let SideRequest::Read {
                 remote_request_id,
                 block_ids,
+                grant,
                 reply,
             } = r
             else {
@@ -88,6 +111,10 @@ pub(super) fn serve(
             }
             let corrupt = s.faults.take_kv_corrupt();
             let bytes = block_ids.len() as u64 * s.block_bytes;
+            if grant {
+                grant_read(&s, &remote_request_id, block_ids, corrupt, bytes, reply);
+                continue;
+            }
             let answer = match s.reads.read(&remote_request_id, &block_ids) {
                 Some(blocks) => Answer::Now(Ok(blocks)),
                 None => {
@@ -95,6 +122,7 @@ pub(super) fn serve(
                     let fwd = SideRequest::Read {
                         remote_request_id,
                         block_ids,
+                        grant: false,
                         reply: tx,
                     };
                     if cmd.send(Command::Side(fwd)).is_err() {
@@ -122,6 +150,38 @@ pub(super) fn serve(
                 let _ = reply.send(result);
             });
         }
+    });
+}
+
+/// A grant before a real NIXL READ: the blocks are already in the registered region (written
+/// when the request was pinned; the barrier waits for that write), so the answer only carries
+/// the faults and this NIC's modeled time. The corrupt fault flips a byte in the registered
+/// memory itself, so the decode side's NIXL READ brings real bad bytes; the block is written
+/// whole again when the request is unpinned.
+fn grant_read(
+    s: &ReadServing,
+    id: &str,
+    block_ids: Vec<u32>,
+    corrupt: bool,
+    bytes: u64,
+    reply: oneshot::Sender<Result<Vec<Vec<u8>>, String>>,
+) {
+    let Some(nixl) = s.nixl.clone() else {
+        let e = "this engine moves KV over tcp, not NIXL (start it with --kv-transport nixl)";
+        let _ = reply.send(Err(e.to_string()));
+        return;
+    };
+    let link = s.link.clone();
+    if corrupt {
+        if let Some(&b) = block_ids.first() {
+            s.reads.damage(id, b);
+            nixl.corrupt_block(b);
+        }
+    }
+    tokio::spawn(async move {
+        nixl.barrier().await;
+        link.transfer(bytes).await;
+        let _ = reply.send(Ok(Vec::new()));
     });
 }
 

@@ -64,6 +64,8 @@ fn engine(model: &str) -> EngineHandle {
             side_channel_timeout: Duration::from_secs(5),
             side_client: crate::side_channel::SideChannelClient::new(),
             kv_bytes_per_token: profile.kv_bytes_per_token(),
+            nixl: None,
+            no_kv_connector: false,
         },
         Arc::new(SimTokenizer::byte_level()),
         metrics,
@@ -204,6 +206,7 @@ async fn read(
     side.send(SideRequest::Read {
         remote_request_id: id.into(),
         block_ids: blocks.to_vec(),
+        grant: false,
         reply,
     })
     .await

@@ -9,6 +9,13 @@
 //! NIC shares its answers), plus the link's fixed `c_xfer` per transfer. Pulls start together
 //! and the notification that frees the prefill's blocks is sent without waiting for its answer,
 //! as vLLM's NixlConnector does (`send_notif` is one-way).
+//!
+//! With `--kv-transport nixl` the bytes are real (see [`crate::nixl`]): the handshake's agent
+//! metadata is loaded, the prefill side's grant (`tandem_grant`: its read faults and NIC time)
+//! takes the place of `tandem_read`, and a NIXL READ brings the blocks' stand-ins into this
+//! engine's own blocks for the request, checked byte for byte, with the notification attached
+//! to the READ as vLLM attaches it. A refused grant or a failed READ still notifies, so the
+//! prefill engine's blocks are freed rather than held to the abort timeout.
 
 use std::sync::Arc;
 
@@ -20,8 +27,10 @@ use crate::kv_cache::BlockDigest;
 use crate::metrics::EngineMetrics;
 use serde_json::Value;
 
+use crate::nixl::ReadFailure;
 use crate::scheduler::SeqId;
 use crate::side_channel::{self, SideChannelError};
+use tandem_nixl::RemoteLayout;
 
 /// The validated remote half of `kv_transfer_params` (vLLM NixlConnector, §1.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +145,17 @@ pub enum TransferError {
     },
     #[error("KV block {index} (remote block id {block_id}) does not hold the expected tokens")]
     Corrupt { index: usize, block_id: u32 },
+    #[error("NIXL agent of {addr}: {error}")]
+    NixlAgent { addr: String, error: String },
+    #[error("NIXL READ from {addr} failed: {error}")]
+    NixlRead { addr: String, error: String },
+}
+
+/// A remote engine already handshaken (hash and engine id checked), with its NIXL agent when
+/// KV moves over NIXL.
+#[derive(Debug, Clone)]
+pub(super) struct KnownAgent {
+    pub nixl: Option<RemoteLayout>,
 }
 
 #[derive(Debug)]
@@ -145,15 +165,17 @@ pub(super) struct TransferStats {
     pub bytes: u64,
     pub descriptors: u64,
     /// Set when this pull performed the handshake, to cache it.
-    pub handshake_hash: Option<String>,
+    pub handshake: Option<KnownAgent>,
 }
 
 pub(super) struct Pull {
     pub seq: SeqId,
     pub remote: RemoteKv,
     pub local_hit_blocks: usize,
+    /// This engine's blocks for the prompt, the NIXL READ's destination.
+    pub local_blocks: Vec<u32>,
     pub expected: Vec<BlockDigest>,
-    pub known_hash: Option<String>,
+    pub known: Option<KnownAgent>,
     pub prompt_len: usize,
 }
 
@@ -177,20 +199,34 @@ pub(super) fn spawn_pull(
     });
 }
 
-/// Tell the prefill engine to free a request's blocks without reading them.
-pub(super) fn spawn_notify(remote: RemoteKv, cfg: Arc<EngineConfig>, metrics: Arc<EngineMetrics>) {
+/// Tell the prefill engine to free a request's blocks without reading them: through NIXL
+/// (`send_notif`) when its agent is loaded, else on the side channel.
+pub(super) fn spawn_notify(
+    remote: RemoteKv,
+    known: Option<KnownAgent>,
+    cfg: Arc<EngineConfig>,
+    metrics: Arc<EngineMetrics>,
+) {
     tokio::spawn(async move {
-        if let Err(e) = cfg
-            .side_client
-            .notify(
-                &remote.host,
-                remote.port,
-                &remote.request_id,
-                cfg.tp_size,
-                cfg.side_channel_timeout,
-            )
-            .await
-        {
+        let nixl = cfg.nixl.as_ref().zip(known.and_then(|k| k.nixl));
+        let sent = match nixl {
+            Some((n, layout)) => {
+                let msg = format!("{}:{}", remote.request_id, cfg.tp_size).into_bytes();
+                n.notify(layout.agent, msg).await
+            }
+            None => cfg
+                .side_client
+                .notify(
+                    &remote.host,
+                    remote.port,
+                    &remote.request_id,
+                    cfg.tp_size,
+                    cfg.side_channel_timeout,
+                )
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = sent {
             metrics.nixl_failed_notification();
             tracing::warn!(
                 "NIXL send_notif failed for request {}: P worker blocks will be freed after timeout. ({e})",
@@ -214,30 +250,17 @@ async fn pull(
             got: r.block_ids.len(),
         });
     }
-    let mut handshake_hash = None;
-    if p.known_hash.is_none() {
-        let agent = cfg
-            .side_client
-            .handshake(&r.host, r.port, 0, cfg.side_channel_timeout)
-            .await
-            .map_err(|source| TransferError::Handshake {
-                addr: addr.clone(),
-                source,
-            })?;
-        let local = side_channel::compatibility_hash(&cfg.compat);
-        if agent.compatibility_hash != local {
-            return Err(TransferError::HashMismatch {
-                local,
-                remote: agent.compatibility_hash,
-            });
+    let mut handshake = None;
+    let known = match &p.known {
+        Some(k) => k.clone(),
+        None => {
+            let k = handshake_with(p, cfg, &addr).await?;
+            handshake = Some(k.clone());
+            k
         }
-        if agent.engine_id != r.engine_id {
-            return Err(TransferError::EngineIdMismatch {
-                expected: r.engine_id.clone(),
-                got: agent.engine_id,
-            });
-        }
-        handshake_hash = Some(agent.compatibility_hash);
+    };
+    if let (Some(n), Some(layout)) = (&cfg.nixl, &known.nixl) {
+        return pull_nixl(p, cfg, e, n, layout, &addr, handshake).await;
     }
     let to_read = &r.block_ids[p.local_hit_blocks..];
     let bs = cfg.sched.block_size as usize;
@@ -246,32 +269,14 @@ async fn pull(
     let started = clock.now();
     // The bytes cross both NICs at once: the read's answer comes through the prefill engine's
     // share of its link, and this engine's share of its own runs alongside.
-    let read = async {
-        let blocks = cfg
-            .side_client
-            .read_blocks(
-                &r.host,
-                r.port,
-                &r.request_id,
-                to_read,
-                cfg.side_channel_timeout,
-            )
-            .await;
-        (blocks, clock.now() - started)
-    };
-    let link = e.link.transfer(bytes);
-    tokio::pin!(read, link);
-    let mut moved = false;
-    let (blocks, post_s) = loop {
-        tokio::select! {
-            r = &mut read => break r,
-            () = &mut link, if !moved => moved = true,
-        }
-    };
-    // A failed read ends the pull at once; a good one waits for its bytes through this NIC.
-    if blocks.is_ok() && !moved {
-        link.await;
-    }
+    let read = cfg.side_client.read_blocks(
+        &r.host,
+        r.port,
+        &r.request_id,
+        to_read,
+        cfg.side_channel_timeout,
+    );
+    let (blocks, post_s) = alongside_link(read, e, bytes).await;
     let blocks = blocks.map_err(|source| TransferError::Read {
         addr: addr.clone(),
         source,
@@ -299,12 +304,216 @@ async fn pull(
         tokio::time::sleep(clock.real(cfg.link.c_xfer())).await;
     }
     // One-way, as NIXL's send_notif: the data is here whether or not the prefill side hears.
-    spawn_notify(r.clone(), cfg.clone(), e.metrics.clone());
+    spawn_notify(
+        r.clone(),
+        p.known.clone().or(handshake.clone()),
+        cfg.clone(),
+        e.metrics.clone(),
+    );
     Ok(TransferStats {
         xfer_s: clock.now() - started,
         post_s,
         bytes,
         descriptors: to_read.len() as u64,
-        handshake_hash,
+        handshake,
+    })
+}
+
+/// Runs `read` (the prefill side's answer, through its NIC) alongside this engine's share of
+/// its own NIC for `bytes`; a failed read ends at once, a good one waits for both. Returns the
+/// read's result and how long it took (simulated seconds).
+async fn alongside_link<T, E>(
+    read: impl std::future::Future<Output = Result<T, E>>,
+    e: &PullEdges,
+    bytes: u64,
+) -> (Result<T, E>, f64) {
+    let clock = e.clock;
+    let started = clock.now();
+    let read = async {
+        let r = read.await;
+        (r, clock.now() - started)
+    };
+    let link = e.link.transfer(bytes);
+    tokio::pin!(read, link);
+    let mut moved = false;
+    let (result, post_s) = loop {
+        tokio::select! {
+            r = &mut read => break r,
+            () = &mut link, if !moved => moved = true,
+        }
+    };
+    if result.is_ok() && !moved {
+        link.await;
+    }
+    (result, post_s)
+}
+
+/// vLLM's handshake with the prefill engine: hash and engine id checked; with NIXL, its agent
+/// metadata loaded into this engine's agent.
+async fn handshake_with(
+    p: &Pull,
+    cfg: &Arc<EngineConfig>,
+    addr: &str,
+) -> Result<KnownAgent, TransferError> {
+    let r = &p.remote;
+    {
+        let agent = cfg
+            .side_client
+            .handshake(&r.host, r.port, 0, cfg.side_channel_timeout)
+            .await
+            .map_err(|source| TransferError::Handshake {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let local = side_channel::compatibility_hash(&cfg.compat);
+        if agent.compatibility_hash != local {
+            return Err(TransferError::HashMismatch {
+                local,
+                remote: agent.compatibility_hash,
+            });
+        }
+        if agent.engine_id != r.engine_id {
+            return Err(TransferError::EngineIdMismatch {
+                expected: r.engine_id.clone(),
+                got: agent.engine_id,
+            });
+        }
+        let nixl = match &cfg.nixl {
+            None => None,
+            Some(n) => {
+                let name = n
+                    .load_remote(agent.agent_metadata.clone())
+                    .await
+                    .map_err(|error| TransferError::NixlAgent {
+                        addr: addr.to_string(),
+                        error: format!("cannot load its metadata ({error}); is it started with --kv-transport nixl?"),
+                    })?;
+                let block_len = agent.block_lens.first().copied().unwrap_or(0);
+                if agent.block_lens.iter().any(|&l| l != block_len) {
+                    return Err(TransferError::NixlAgent {
+                        addr: addr.to_string(),
+                        error: format!("uneven block_lens {:?}", agent.block_lens),
+                    });
+                }
+                Some(RemoteLayout {
+                    agent: name,
+                    base_addrs: agent.kv_caches_base_addr.clone(),
+                    block_len,
+                })
+            }
+        };
+        Ok(KnownAgent { nixl })
+    }
+}
+
+/// How a NIXL pull failed before it was checked.
+enum Failed {
+    Grant(SideChannelError),
+    Read(ReadFailure),
+}
+
+/// The NIXL pull (module docs): grant and READ alongside this engine's NIC share, check, and
+/// the notification rides on the READ.
+async fn pull_nixl(
+    p: &Pull,
+    cfg: &Arc<EngineConfig>,
+    e: &PullEdges,
+    nixl: &crate::nixl::KvNixl,
+    layout: &RemoteLayout,
+    addr: &str,
+    handshake: Option<KnownAgent>,
+) -> Result<TransferStats, TransferError> {
+    let clock = e.clock;
+    let r = &p.remote;
+    let known = Some(KnownAgent {
+        nixl: Some(layout.clone()),
+    });
+    let free_remote = || spawn_notify(r.clone(), known.clone(), cfg.clone(), e.metrics.clone());
+    let to_read = r.block_ids[p.local_hit_blocks..].to_vec();
+    let local = p
+        .local_blocks
+        .get(p.local_hit_blocks..)
+        .unwrap_or(&[])
+        .to_vec();
+    let bs = cfg.sched.block_size as usize;
+    let tokens = p.prompt_len.saturating_sub(p.local_hit_blocks * bs) as u64;
+    let modeled = tokens * cfg.kv_bytes_per_token;
+    let started = clock.now();
+    let notif = format!("{}:{}", r.request_id, cfg.tp_size).into_bytes();
+    let expected = p.expected[p.local_hit_blocks..].to_vec();
+    // The grant and the real READ run inside the modeled transfer, alongside this engine's NIC
+    // share, so the clock charges the modeled size; a real READ only shows on it if it takes
+    // longer than the model says the bytes do.
+    let moved = async {
+        cfg.side_client
+            .grant(
+                &r.host,
+                r.port,
+                &r.request_id,
+                &to_read,
+                cfg.side_channel_timeout,
+            )
+            .await
+            .map_err(Failed::Grant)?;
+        if to_read.is_empty() {
+            return Ok(None);
+        }
+        nixl.read_verified(
+            layout.clone(),
+            to_read.clone(),
+            local,
+            expected,
+            notif,
+            cfg.side_channel_timeout,
+        )
+        .await
+        .map(Some)
+        .map_err(Failed::Read)
+    };
+    let (moved, post_s) = alongside_link(moved, e, modeled).await;
+    let report = match moved {
+        Ok(Some(report)) => report,
+        Ok(None) => {
+            // A full local prefix hit reads nothing but still frees the prefill's blocks (vLLM).
+            free_remote();
+            return Ok(TransferStats {
+                xfer_s: clock.now() - started,
+                post_s,
+                bytes: 0,
+                descriptors: 0,
+                handshake,
+            });
+        }
+        Err(Failed::Grant(source)) => {
+            free_remote();
+            return Err(TransferError::Read {
+                addr: addr.to_string(),
+                source,
+            });
+        }
+        Err(Failed::Read(ReadFailure::Corrupt { index })) => {
+            // The notification went with the READ: the prefill side has freed the blocks.
+            return Err(TransferError::Corrupt {
+                index: p.local_hit_blocks + index,
+                block_id: to_read[index],
+            });
+        }
+        Err(Failed::Read(ReadFailure::Transfer(error))) => {
+            free_remote();
+            return Err(TransferError::NixlRead {
+                addr: addr.to_string(),
+                error,
+            });
+        }
+    };
+    if modeled > 0 {
+        tokio::time::sleep(clock.real(cfg.link.c_xfer())).await;
+    }
+    Ok(TransferStats {
+        xfer_s: clock.now() - started,
+        post_s,
+        bytes: report.bytes,
+        descriptors: report.descriptors,
+        handshake,
     })
 }

@@ -52,6 +52,12 @@ pub struct EngineConfig {
     pub side_client: crate::side_channel::SideChannelClient,
     /// Bytes actually moved per block on the side channel (a stand-in for the modeled size).
     pub kv_bytes_per_token: u64,
+    /// This engine's NIXL agent when KV moves over NIXL (`--kv-transport nixl`): decode pulls
+    /// READ through it, prefill pins write their blocks into its region.
+    pub nixl: Option<crate::nixl::KvNixl>,
+    /// Run as vLLM does without a KV connector: `kv_transfer_params` are ignored, every request
+    /// is prefilled locally, and a prefill returns no params.
+    pub no_kv_connector: bool,
 }
 
 /// Sampling and stopping parameters of one request.

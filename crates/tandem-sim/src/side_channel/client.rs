@@ -10,7 +10,7 @@ use zeromq::{ReqSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use super::{
     as_u32, from_msgpack, map_get, to_msgpack, RemoteAgent, SideChannelError, GET_META_MSG,
-    TANDEM_NOTIF_MSG, TANDEM_READ_MSG,
+    TANDEM_GRANT_MSG, TANDEM_NOTIF_MSG, TANDEM_READ_MSG,
 };
 
 /// `tcp://HOST:PORT` for zeromq's connect: `localhost` becomes `127.0.0.1` (the OS resolver may
@@ -189,6 +189,24 @@ impl SideChannelClient {
             .collect()
     }
 
+    /// The prefill side's grant before a real NIXL READ of `block_ids` (tandem sims only; see
+    /// the module docs of `side_channel`): `Ok` once the blocks may be read.
+    pub async fn grant(
+        &self,
+        host: &str,
+        port: u16,
+        remote_request_id: &str,
+        block_ids: &[u32],
+        timeout: Duration,
+    ) -> Result<(), SideChannelError> {
+        let request = to_msgpack(&Value::Array(vec![
+            Value::Binary(TANDEM_GRANT_MSG.to_vec()),
+            Value::from(remote_request_id),
+            Value::Array(block_ids.iter().map(|&b| Value::from(b)).collect()),
+        ]));
+        decode_ok(&self.call(host, port, request, timeout).await?).map(|_| ())
+    }
+
     /// Simulated NIXL notification `"{remote_request_id}:{world_size}"`: this consumer finished
     /// reading, so the producer may free the blocks once all `world_size` ranks notified.
     pub async fn notify(
@@ -258,6 +276,9 @@ fn decode_handshake(frame: &[u8]) -> Result<RemoteAgent, SideChannelError> {
         block_lens: u64_list(map_get(&meta, "block_lens"), "block_lens")?,
         kv_cache_layout: s(&meta, "kv_cache_layout")?,
         block_size: n(&meta, "block_size")?,
+        attn_backend_name: map_get(&meta, "attn_backend_name")
+            .and_then(Value::as_str)
+            .map(str::to_string),
     })
 }
 

@@ -18,7 +18,8 @@ use zeromq::{RouterSocket, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessa
 
 use super::{
     as_u32, compatibility_hash, from_msgpack, str_map, to_msgpack, HandshakeInfo, SideChannelError,
-    SideRequest, GET_META_MSG, KV_CACHE_LAYOUT, TANDEM_NOTIF_MSG, TANDEM_READ_MSG,
+    SideRequest, GET_META_MSG, KV_CACHE_LAYOUT, TANDEM_GRANT_MSG, TANDEM_NOTIF_MSG,
+    TANDEM_READ_MSG,
 };
 
 /// Synthetic device address of region 0 on rank 0; only its stability matters.
@@ -41,21 +42,25 @@ fn fail_reply(error: &str) -> Vec<u8> {
 }
 
 /// Map-encoded `NixlAgentMetadata` v2 for one rank, fields in declaration order as msgspec
-/// writes them. Addresses are synthetic but distinct per rank and region.
+/// writes them. With a real NIXL agent its metadata and region are advertised (one agent
+/// serves every rank); otherwise addresses are synthetic but distinct per rank and region.
 fn agent_metadata(info: &HandshakeInfo, tp_rank: u32) -> Vec<u8> {
     let regions = u64::from(info.factors.num_hidden_layers.max(1));
-    let region_bytes = u64::from(info.num_blocks) * info.block_len_bytes;
-    let rank_base = BASE_ADDR + u64::from(tp_rank) * regions * region_bytes;
-    let addrs = (0..regions)
-        .map(|r| Value::from(rank_base + r * region_bytes))
-        .collect();
-    let lens = (0..regions)
-        .map(|_| Value::from(info.block_len_bytes))
-        .collect();
-    let blob = format!("tandem-sim-nixl-agent:{}:{tp_rank}", info.engine_id);
+    let (blob, addrs, block_len) = match &info.nixl {
+        Some(n) => (n.agent_metadata.clone(), n.base_addrs.clone(), n.block_len),
+        None => {
+            let region_bytes = u64::from(info.num_blocks) * info.block_len_bytes;
+            let rank_base = BASE_ADDR + u64::from(tp_rank) * regions * region_bytes;
+            let addrs = (0..regions).map(|r| rank_base + r * region_bytes).collect();
+            let blob = format!("tandem-sim-nixl-agent:{}:{tp_rank}", info.engine_id);
+            (blob.into_bytes(), addrs, info.block_len_bytes)
+        }
+    };
+    let lens = addrs.iter().map(|_| Value::from(block_len)).collect();
+    let addrs = addrs.into_iter().map(Value::from).collect();
     to_msgpack(&str_map(vec![
         ("engine_id", Value::from(info.engine_id.as_str())),
-        ("agent_metadata", Value::Binary(blob.into_bytes())),
+        ("agent_metadata", Value::Binary(blob)),
         ("kv_caches_base_addr", Value::Array(addrs)),
         ("device_id", Value::from(tp_rank)),
         ("num_blocks", Value::from(info.num_blocks)),
@@ -93,6 +98,7 @@ pub(super) enum Request {
     Read {
         id: String,
         block_ids: Vec<u32>,
+        grant: bool,
     },
     Notify {
         id: String,
@@ -127,7 +133,7 @@ pub(super) fn parse_request(bytes: &[u8]) -> Result<Request, String> {
             }),
             _ => Err(bad("handshake")),
         },
-        TANDEM_READ_MSG => {
+        TANDEM_READ_MSG | TANDEM_GRANT_MSG => {
             let ids = items.get(2).and_then(Value::as_array);
             let block_ids = ids
                 .ok_or_else(|| bad("read"))?
@@ -137,6 +143,7 @@ pub(super) fn parse_request(bytes: &[u8]) -> Result<Request, String> {
             Ok(Request::Read {
                 id: str_at(1, "read")?,
                 block_ids,
+                grant: tag == TANDEM_GRANT_MSG,
             })
         }
         TANDEM_NOTIF_MSG => {
@@ -436,12 +443,17 @@ impl Server {
                 }
                 Some(ready(identity, frames))
             }
-            Ok(Request::Read { id, block_ids }) => Some(engine_call(
+            Ok(Request::Read {
+                id,
+                block_ids,
+                grant,
+            }) => Some(engine_call(
                 &self.to_engine,
                 identity,
                 |reply| SideRequest::Read {
                     remote_request_id: id,
                     block_ids,
+                    grant,
                     reply,
                 },
                 |blocks| {

@@ -35,6 +35,7 @@ fn info() -> HandshakeInfo {
         block_size: 16,
         block_len_bytes: 65536,
         factors: factors(),
+        nixl: None,
     }
 }
 
@@ -53,6 +54,7 @@ fn spawn_engine() -> (
                     remote_request_id: id,
                     block_ids,
                     reply,
+                    ..
                 } => {
                     let r = if id.starts_with("unknown") {
                         Err(format!("no blocks pinned for {id}"))
@@ -438,6 +440,20 @@ fn parses_requests_leniently_but_strictly_typed() {
     ]);
     assert!(parse_request(&read).is_err());
     assert!(parse_request(&[0x92]).is_err());
+    // The grant before a real NIXL READ is a read that wants no bytes back.
+    let grant = enc(vec![
+        Value::Binary(TANDEM_GRANT_MSG.to_vec()),
+        Value::from("r"),
+        Value::Array(vec![Value::from(4u32), Value::from(9u32)]),
+    ]);
+    assert_eq!(
+        parse_request(&grant),
+        Ok(Request::Read {
+            id: "r".into(),
+            block_ids: vec![4, 9],
+            grant: true
+        })
+    );
 }
 
 #[test]
