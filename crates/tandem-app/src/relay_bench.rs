@@ -568,7 +568,19 @@ fn stats(v: &mut [f64]) -> (f64, f64) {
 }
 
 pub async fn run(a: RelayArgs) -> Result<(), BoxError> {
-    raise_fd_limit();
+    let most = a
+        .hold
+        .iter()
+        .copied()
+        .chain([a.burst_streams])
+        .max()
+        .unwrap_or(0) as u64;
+    if let Some(limit) = fd_limit().filter(|&l| l < 2 * most + 256) {
+        eprintln!(
+            "warning: the open-file limit is {limit}; holding {most} streams needs about {} in the proxy (raise `ulimit -n`)",
+            2 * most + 256
+        );
+    }
     let dir = std::env::temp_dir().join(format!("tandem-bench-relay-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let nginx_bin = nginx_bin(&a);
@@ -848,16 +860,12 @@ async fn split_load(bases: &[String], streams: usize, requests: usize) -> Vec<Ru
     all
 }
 
-/// 10,000 held streams need more descriptors than the usual soft limit of 1,024.
-fn raise_fd_limit() {
-    // `ulimit -n` applies to children too; without libc, ask the shell's prlimit tool.
-    let _ = std::process::Command::new("prlimit")
-        .args([
-            "--nofile=65535:65535",
-            "--pid",
-            &std::process::id().to_string(),
-        ])
-        .status();
+/// This process's open-file limit (`ulimit -n`), which its children inherit: a proxy holding N
+/// streams needs about 2N descriptors, and this process N.
+fn fd_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ async fn engine(
             let (mut s, _) = listener.accept().await.expect("accept");
             accepted += 1;
             let mut req = Vec::new();
-            while let Some(writes) = answers.next() {
+            for writes in answers.by_ref() {
                 read_request(&mut s, &mut req).await;
                 for w in writes {
                     s.write_all(&w).await.expect("write");
