@@ -22,37 +22,9 @@ use crate::{EngineSpec, Feed, FleetConfig};
 /// Seed of Tandem's key chain (`tandem-proxy/src/prefix.rs` `KEY_SEED`).
 pub(crate) const KEY_SEED: u64 = 0;
 
-/// The proxy's measured prefill rate (`tandem-proxy/src/rate.rs`): decayed work over decayed
-/// busy time, in coordinator seconds.
-#[derive(Debug, Default, Clone, Copy)]
-struct Rate {
-    work: f64,
-    busy: f64,
-    active: u32,
-    last: Option<f64>,
-}
-
-const DECAY_SECS: f64 = 30.0;
-const MIN_BUSY_SECS: f64 = 0.25;
-
-impl Rate {
-    fn advance(&mut self, now: f64) {
-        if let Some(last) = self.last {
-            let dt = (now - last).max(0.0);
-            let decay = (-dt / DECAY_SECS).exp();
-            self.work *= decay;
-            self.busy *= decay;
-            if self.active > 0 {
-                self.busy += dt;
-            }
-        }
-        self.last = Some(self.last.map_or(now, |l| l.max(now)));
-    }
-
-    fn estimate(&self) -> Option<f64> {
-        (self.busy >= MIN_BUSY_SECS && self.work > 0.0).then(|| self.work / self.busy)
-    }
-}
+/// The proxy's measured prefill rate: the same estimator (`tandem_policy::RateEstimate`), in
+/// coordinator seconds.
+type Rate = tandem_policy::RateEstimate;
 
 /// One pool's prefix index and, for a precise feed, one key tracker per engine.
 #[derive(Debug)]
@@ -376,8 +348,7 @@ impl Coord {
         e.inflight += 1;
         e.queued_prefill_tokens += work;
         let r = &mut self.rates[p];
-        r.advance(now);
-        r.active += 1;
+        r.begin(now);
         e.prefill_tokens_per_sec = r.estimate();
     }
 
@@ -388,9 +359,7 @@ impl Coord {
         e.inflight = e.inflight.saturating_sub(1);
         e.queued_prefill_tokens = e.queued_prefill_tokens.saturating_sub(work);
         let r = &mut self.rates[p];
-        r.advance(now);
-        r.active = r.active.saturating_sub(1);
-        r.work += (computed + self.cfg.request_cost_tokens) as f64;
+        r.end(now, computed + self.cfg.request_cost_tokens);
         e.prefill_tokens_per_sec = r.estimate();
     }
 

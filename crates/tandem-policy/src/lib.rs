@@ -10,6 +10,7 @@ mod disagg;
 mod plan;
 mod policy;
 mod prefix;
+mod rate;
 mod snapshot;
 
 pub use capacity::{KvCapacity, KV_NEAR_TIE, KV_PLENTY};
@@ -20,4 +21,5 @@ pub use policy::{
     RandomPolicy, RoundRobin, RouteFacts, RouteReason,
 };
 pub use prefix::{PrefixParams, PrefixPolicy};
+pub use rate::{RateEstimate, DECAY_SECS, MIN_BUSY_SECS};
 pub use snapshot::{EngineView, Health, PoolKind, PoolSnapshot};

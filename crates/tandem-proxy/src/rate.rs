@@ -4,7 +4,7 @@
 //! prompt the engine had to compute (the prompt less the cached tokens the engine reports, host
 //! tier included; the caller adds the policy's per-request cost). The estimate is the work completed per second the engine was busy with
 //! Tandem's legs (at least one in flight), both decayed with a time constant of
-//! [`DECAY_SECS`], so a slow GPU, a busy host-memory link or a noisy neighbour shows within
+//! [`tandem_policy::DECAY_SECS`], so a slow GPU, a busy host-memory link or a noisy neighbour shows within
 //! seconds and is forgotten as fast once it passes. Busy time, not leg duration, is the
 //! denominator: with several legs in flight a leg's duration includes the others' work, so
 //! dividing by it would count the same second many times.
@@ -20,36 +20,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// Decay time constant of the work and busy-time sums.
-pub const DECAY_SECS: f64 = 30.0;
-/// Busy time needed before the estimate is used (the first legs of a cold engine say little).
-pub const MIN_BUSY_SECS: f64 = 0.25;
-
-#[derive(Debug, Default, Clone, Copy)]
-struct State {
-    /// Decayed tokens of prefill work completed.
-    work: f64,
-    /// Decayed seconds with at least one leg in flight.
-    busy: f64,
-    active: u32,
-    /// Time of the last event.
-    last: Option<f64>,
-}
-
-impl State {
-    fn advance(&mut self, now: f64) {
-        if let Some(last) = self.last {
-            let dt = (now - last).max(0.0);
-            let decay = (-dt / DECAY_SECS).exp();
-            self.work *= decay;
-            self.busy *= decay;
-            if self.active > 0 {
-                self.busy += dt;
-            }
-        }
-        self.last = Some(self.last.map_or(now, |l| l.max(now)));
-    }
-}
+use tandem_policy::RateEstimate as State;
 
 /// See the module docs.
 #[derive(Debug)]
@@ -68,12 +39,6 @@ impl Default for PrefillRate {
     }
 }
 
-impl State {
-    fn estimate(&self) -> Option<f64> {
-        (self.busy >= MIN_BUSY_SECS && self.work > 0.0).then(|| self.work / self.busy)
-    }
-}
-
 impl PrefillRate {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Every update leaves the numbers consistent, so a panicked holder changes nothing.
@@ -88,17 +53,14 @@ impl PrefillRate {
     /// A prefill leg starts at `now`.
     pub fn begin(&self, now: f64) {
         let mut s = self.lock();
-        s.advance(now);
-        s.active += 1;
+        s.begin(now);
         self.publish(&s);
     }
 
     /// A prefill leg that began ends at `now`, having computed `work_tokens` (0 if it failed).
     pub fn end(&self, now: f64, work_tokens: u64) {
         let mut s = self.lock();
-        s.advance(now);
-        s.active = s.active.saturating_sub(1);
-        s.work += work_tokens as f64;
+        s.end(now, work_tokens);
         self.publish(&s);
     }
 

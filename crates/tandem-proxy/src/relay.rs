@@ -262,23 +262,32 @@ impl EventReader {
             if !burst.parts.is_empty() || self.done {
                 return Ok(());
             }
-            let piece = match tokio::time::timeout(wait, self.conn.data()).await {
-                Err(_) => return Err(RelayError::Idle(wait)),
-                Ok(Err(e)) => return Err(RelayError::Broken(e.to_string())),
-                Ok(Ok(p)) => p,
-            };
-            match piece {
-                Some(d) => self.absorb(d),
-                None if self.partial.iter().all(u8::is_ascii_whitespace) => {
-                    return Err(RelayError::Truncated)
-                }
-                None => {
-                    // A last event without its blank line: deliver it as is.
-                    let raw = self.partial.split().freeze();
-                    self.done = true;
-                    burst.push(classify(raw, self.cached_override), want_usage);
-                    return Ok(());
-                }
+            if let Some(last) = self.fill(wait).await? {
+                burst.push(last, want_usage);
+                return Ok(());
+            }
+        }
+    }
+
+    /// Wait at most `wait` for the next piece of body and take it in. At the body's end, a
+    /// last event without its blank line is returned as is (and the stream is done); a body
+    /// that ends before `[DONE]` with nothing left is truncated.
+    async fn fill(&mut self, wait: Duration) -> Result<Option<Event>, RelayError> {
+        let piece = match tokio::time::timeout(wait, self.conn.data()).await {
+            Err(_) => return Err(RelayError::Idle(wait)),
+            Ok(Err(e)) => return Err(RelayError::Broken(e.to_string())),
+            Ok(Ok(p)) => p,
+        };
+        match piece {
+            Some(d) => {
+                self.absorb(d);
+                Ok(None)
+            }
+            None if self.partial.iter().all(u8::is_ascii_whitespace) => Err(RelayError::Truncated),
+            None => {
+                let raw = self.partial.split().freeze();
+                self.done = true;
+                Ok(Some(classify(raw, self.cached_override)))
             }
         }
     }
@@ -292,22 +301,8 @@ impl EventReader {
             if self.done {
                 return Ok(None);
             }
-            let piece = match tokio::time::timeout(wait, self.conn.data()).await {
-                Err(_) => return Err(RelayError::Idle(wait)),
-                Ok(Err(e)) => return Err(RelayError::Broken(e.to_string())),
-                Ok(Ok(p)) => p,
-            };
-            match piece {
-                Some(d) => self.absorb(d),
-                None if self.partial.iter().all(u8::is_ascii_whitespace) => {
-                    return Err(RelayError::Truncated)
-                }
-                None => {
-                    // A last event without its blank line: deliver it as is.
-                    let raw = self.partial.split().freeze();
-                    self.done = true;
-                    return Ok(Some(classify(raw, self.cached_override)));
-                }
+            if let Some(last) = self.fill(wait).await? {
+                return Ok(Some(last));
             }
         }
     }
