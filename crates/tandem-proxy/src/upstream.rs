@@ -154,14 +154,23 @@ impl Io {
         }
     }
 
-    /// An idle connection the engine has closed (or sent anything on) is not reused. Reading
-    /// consumes what arrived, which is fine: such a connection is dropped either way.
+    /// An idle connection the engine has closed is not reused, nor a plain one it sent
+    /// anything on. The socket is peeked, not read, without waiting. Under TLS, bytes on an
+    /// idle connection are normal (a TLS 1.3 server sends its session tickets after the
+    /// handshake, and rustls reads them with the next response), so only the close counts.
     fn is_stale(&self) -> bool {
-        let tcp = match self {
-            Io::Plain(s) => s,
-            Io::Tls(s) => s.get_ref().0,
+        let (tcp, tls) = match self {
+            Io::Plain(s) => (s, false),
+            Io::Tls(s) => (s.get_ref().0, true),
         };
-        !matches!(tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match tcp.poll_peek(&mut cx, &mut buf) {
+            std::task::Poll::Pending => false,
+            std::task::Poll::Ready(Ok(0)) | std::task::Poll::Ready(Err(_)) => true,
+            std::task::Poll::Ready(Ok(_)) => !tls,
+        }
     }
 }
 
