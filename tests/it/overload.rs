@@ -294,11 +294,12 @@ async fn open_loop(pool: &Pool, rate: f64, secs: f64, seed: u64) -> Report {
     }
 }
 
-async fn run(secs: f64, fixed_rate: Option<f64>) -> Report {
+/// `factor` times the measured capacity, unless `fixed_rate` is given.
+async fn run(secs: f64, fixed_rate: Option<f64>, factor: f64) -> Report {
     let pool = Pool::start().await;
     let rate = match fixed_rate {
         Some(r) => r,
-        None => 2.0 * capacity(&pool, 48, 5.0).await,
+        None => factor * capacity(&pool, 48, 5.0).await,
     };
     let report = open_loop(&pool, rate, secs, 7).await;
     eprintln!("overload: {}", report.summary());
@@ -327,11 +328,14 @@ async fn run(secs: f64, fixed_rate: Option<f64>) -> Report {
 }
 
 #[tokio::test]
-async fn twice_the_capacity_is_refused_cleanly_and_leaks_nothing() {
-    let r = run(5.0, None).await;
+async fn three_times_the_capacity_is_refused_cleanly_and_leaks_nothing() {
+    // Three times, not the acceptance run's two: the capacity is measured while the rest of the
+    // suite loads the same two cores, which underestimates the pool, and twice that estimate
+    // was sometimes served whole within the 64-request queue (no refusal to check).
+    let r = run(5.0, None, 3.0).await;
     assert!(
         r.answers.iter().any(|a| a.status == 503),
-        "twice the capacity must refuse some: {}",
+        "three times the capacity must refuse some: {}",
         r.summary()
     );
     assert!(r.goodput() > 0.0, "{}", r.summary());
@@ -347,5 +351,5 @@ async fn overload_report() {
     let rate = std::env::var("TANDEM_OVERLOAD_RATE")
         .ok()
         .and_then(|v| v.parse().ok());
-    run(secs, rate).await;
+    run(secs, rate, 2.0).await;
 }
