@@ -121,32 +121,51 @@ struct RunResult {
 }
 
 fn load_trace(a: &TraceArgs) -> Result<Trace, BoxError> {
+    let t = read_trace(
+        a.format,
+        a.file.as_deref(),
+        a.seed,
+        &ChatParams::default(),
+        a.requests,
+        a.max_prompt_tokens,
+    )?;
+    Ok(t.scaled(a.rate_scale)?)
+}
+
+/// A trace as `bench trace` and `tandem plan` both read it, so a plan is made for the requests
+/// a replay sends: the format's parser or generator (`chat` for the built-in chat), the first
+/// `requests`, and prompts over `max_prompt_tokens` left out. Not rate-scaled.
+pub(crate) fn read_trace(
+    format: Format,
+    file: Option<&std::path::Path>,
+    seed: u64,
+    chat: &ChatParams,
+    requests: Option<usize>,
+    max_prompt_tokens: u32,
+) -> Result<Trace, BoxError> {
     let open = || -> Result<std::io::BufReader<std::fs::File>, BoxError> {
-        let p = a
-            .file
-            .as_ref()
-            .ok_or("--file is required for this format")?;
+        let p = file.ok_or("--file is required for this format")?;
         Ok(std::io::BufReader::new(
             std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?,
         ))
     };
-    let t = match a.format {
+    let t = match format {
         Format::Mooncake => parse_mooncake(open()?)?,
         Format::Azure => parse_azure(open()?)?,
-        Format::Chat => synthetic_chat(&ChatParams::default(), a.seed)?,
-        Format::Conversation => synthetic_conversation(&ConversationParams::default(), a.seed)?,
+        Format::Chat => synthetic_chat(chat, seed)?,
+        Format::Conversation => synthetic_conversation(&ConversationParams::default(), seed)?,
     };
-    let t = match a.requests {
+    let t = match requests {
         Some(n) => t.head(n),
         None => t,
     };
     let kept: Vec<_> = t
         .requests
         .iter()
-        .filter(|r| r.input.len() <= a.max_prompt_tokens)
+        .filter(|r| r.input.len() <= max_prompt_tokens)
         .cloned()
         .collect();
-    Ok(Trace::new(t.name.clone(), kept, t.block_tokens).scaled(a.rate_scale)?)
+    Ok(Trace::new(t.name.clone(), kept, t.block_tokens))
 }
 
 /// Fresh engines for one run: kv events on when the precise feed needs them.

@@ -21,24 +21,12 @@ use std::path::PathBuf;
 use clap::Args;
 use tandem_fleet::EngineSpec;
 use tandem_sim::profile::{GpuKind, Profile};
-use tandem_workload::{
-    infinite_cache_hits, parse_azure, parse_mooncake, side_by_side, synthetic_chat,
-    synthetic_conversation, ChatParams, ConversationParams, Slo, Synthesizer, Trace,
-};
+use tandem_workload::{infinite_cache_hits, side_by_side, ChatParams, Slo, Synthesizer, Trace};
 
 use crate::harness::BoxError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// JSONL with timestamp, input_length, output_length, hash_ids (512-token blocks).
-    Mooncake,
-    /// CSV TIMESTAMP,ContextTokens,GeneratedTokens.
-    Azure,
-    /// Built-in multi-turn chat (no file).
-    Chat,
-    /// Built-in stand-in for the Mooncake conversation trace (no file).
-    Conversation,
-}
+/// The same trace formats as `tandem bench trace`.
+pub use crate::trace_bench::Format;
 
 #[derive(Debug, Clone, Args)]
 pub struct PlanArgs {
@@ -149,40 +137,20 @@ pub struct PlanArgs {
     pub scrape_interval_ms: u64,
 }
 
-/// The trace as `tandem bench trace` loads it (same parsers, same cut), before rate scaling.
+/// The trace as `tandem bench trace` reads it (`trace_bench::read_trace`), before rate scaling.
 pub fn load_trace(a: &PlanArgs) -> Result<Trace, BoxError> {
-    let open = || -> Result<std::io::BufReader<std::fs::File>, BoxError> {
-        let p = a
-            .file
-            .as_ref()
-            .ok_or("--file is required for this format")?;
-        Ok(std::io::BufReader::new(
-            std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?,
-        ))
+    let chat = ChatParams {
+        conversations: a.chat_conversations,
+        ..ChatParams::default()
     };
-    let t = match a.format {
-        Format::Mooncake => parse_mooncake(open()?)?,
-        Format::Azure => parse_azure(open()?)?,
-        Format::Chat => synthetic_chat(
-            &ChatParams {
-                conversations: a.chat_conversations,
-                ..ChatParams::default()
-            },
-            a.seed,
-        )?,
-        Format::Conversation => synthetic_conversation(&ConversationParams::default(), a.seed)?,
-    };
-    let t = match a.requests {
-        Some(n) => t.head(n),
-        None => t,
-    };
-    let kept: Vec<_> = t
-        .requests
-        .iter()
-        .filter(|r| r.input.len() <= a.max_prompt_tokens)
-        .cloned()
-        .collect();
-    Ok(Trace::new(t.name.clone(), kept, t.block_tokens))
+    crate::trace_bench::read_trace(
+        a.format,
+        a.file.as_deref(),
+        a.seed,
+        &chat,
+        a.requests,
+        a.max_prompt_tokens,
+    )
 }
 
 fn gpu(s: &str) -> Result<GpuKind, BoxError> {
