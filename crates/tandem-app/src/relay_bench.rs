@@ -132,6 +132,17 @@ async fn sim(args: &[&str]) -> Result<Proc, BoxError> {
     spawn_ready(cmd).await
 }
 
+/// `n` qwen3-0.6b engines with these flags.
+async fn sims(n: usize, args: &[&str]) -> Result<Vec<Proc>, BoxError> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut all = vec!["--model", "qwen3-0.6b"];
+        all.extend_from_slice(args);
+        out.push(sim(&all).await?);
+    }
+    Ok(out)
+}
+
 async fn tandem(engines: &[&Proc], dir: &std::path::Path) -> Result<Proc, BoxError> {
     let list: Vec<String> = engines.iter().map(|e| format!("\"{}\"", e.url)).collect();
     let cfg = format!(
@@ -601,20 +612,7 @@ pub async fn run(a: RelayArgs) -> Result<(), BoxError> {
     // 1. Throughput.
     if a.phase("throughput") {
         let ts = a.fast_time_scale.to_string();
-        let mut fast = Vec::new();
-        for _ in 0..a.engines {
-            fast.push(
-                sim(&[
-                    "--model",
-                    "qwen3-0.6b",
-                    "--time-scale",
-                    &ts,
-                    "--max-num-seqs",
-                    "1024",
-                ])
-                .await?,
-            );
-        }
+        let fast = sims(a.engines, &["--time-scale", &ts, "--max-num-seqs", "1024"]).await?;
         let fast_refs: Vec<&Proc> = fast.iter().collect();
         let t = tandem(&fast_refs, &dir).await?;
         eprintln!("  (tandem at {}, pid {})", t.url, t.pid());
@@ -702,23 +700,19 @@ pub async fn run(a: RelayArgs) -> Result<(), BoxError> {
             .unwrap_or(0);
         let per_engine = (most / a.engines.max(1) + 64).to_string();
         let blocks = (most / a.engines.max(1) * 300 / 16 + 10_000).to_string();
-        let mut slow = Vec::new();
-        for _ in 0..a.engines {
-            slow.push(
-                sim(&[
-                    "--model",
-                    "qwen3-0.6b",
-                    "--max-num-seqs",
-                    &per_engine,
-                    "--num-gpu-blocks-override",
-                    &blocks,
-                    // A token every second or so per stream: streams held open, not a load.
-                    "--time-scale",
-                    "0.05",
-                ])
-                .await?,
-            );
-        }
+        let slow = sims(
+            a.engines,
+            &[
+                "--max-num-seqs",
+                &per_engine,
+                "--num-gpu-blocks-override",
+                &blocks,
+                // A token every second or so per stream: streams held open, not a load.
+                "--time-scale",
+                "0.05",
+            ],
+        )
+        .await?;
         let slow_refs: Vec<&Proc> = slow.iter().collect();
         let settle = Duration::from_secs_f64(a.settle_secs);
         let mut mem = serde_json::Map::new();
