@@ -55,14 +55,25 @@ pub struct Burst {
 impl Burst {
     /// Count `ev` (its bytes are added by the caller).
     pub fn count(&mut self, ev: &Event, want_usage: bool) {
-        match ev {
-            Event::Content(_) => self.content += 1,
-            Event::Error(_) => self.error = true,
-            Event::Done(_) => self.done = true,
-            Event::Other(_) => {}
+        let kind = match ev {
+            Event::Content(_) => Kind::Content,
+            Event::Error(_) => Kind::Error,
+            Event::Done(_) => Kind::Done,
+            Event::Other(_) => Kind::Other,
+        };
+        self.tally(kind, ev.bytes(), want_usage);
+    }
+
+    /// Count an event of `kind` whose bytes (as the client gets them) are `bytes`.
+    fn tally(&mut self, kind: Kind, bytes: &[u8], want_usage: bool) {
+        match kind {
+            Kind::Content => self.content += 1,
+            Kind::Error => self.error = true,
+            Kind::Done => self.done = true,
+            Kind::Other => {}
         }
         if want_usage {
-            if let Some(u) = usage_of(ev.bytes()) {
+            if let Some(u) = usage_of(bytes) {
                 self.usage = Some(u);
             }
         }
@@ -208,18 +219,8 @@ impl EventReader {
             while let Some(i) = find_blank(&ready[pos..]) {
                 let end = pos + i + 2;
                 let (kind, rewritten) = judge(&ready[pos..end], self.cached_override);
-                match kind {
-                    Kind::Content => burst.content += 1,
-                    Kind::Error => burst.error = true,
-                    Kind::Done => burst.done = true,
-                    Kind::Other => {}
-                }
                 let bytes = rewritten.as_deref().unwrap_or(&ready[pos..end]);
-                if want_usage {
-                    if let Some(u) = usage_of(bytes) {
-                        burst.usage = Some(u);
-                    }
-                }
+                burst.tally(kind, bytes, want_usage);
                 if let Some(new) = rewritten {
                     // The run so far, then the new bytes.
                     if pos > run {
