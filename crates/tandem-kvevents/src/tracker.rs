@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
+
 use tandem_radix::chain_key;
 
 use crate::codec::KvEvent;
@@ -69,12 +71,14 @@ struct Held {
 pub struct KeyTracker {
     block_size: u32,
     seed: u64,
-    /// Engine block hash → key.
-    held: HashMap<u64, Held>,
+    /// Engine block hash → key. Both maps take a lookup per block of every event, so they use a
+    /// fast seeded hasher (foldhash) instead of SipHash: still randomized per process, since keys
+    /// are derived from client tokens.
+    held: HashMap<u64, Held, RandomState>,
     /// Key → stored copies over all hashes mapping to it; a key leaves the index only when this
     /// reaches zero (distinct hashes can share a key: Tandem's keys ignore vLLM's extra keys such
     /// as a LoRA name or a cache salt).
-    keys: HashMap<u64, u32>,
+    keys: HashMap<u64, u32, RandomState>,
     stats: TrackerStats,
 }
 
@@ -85,8 +89,8 @@ impl KeyTracker {
         KeyTracker {
             block_size,
             seed,
-            held: HashMap::new(),
-            keys: HashMap::new(),
+            held: HashMap::default(),
+            keys: HashMap::default(),
             stats: TrackerStats::default(),
         }
     }

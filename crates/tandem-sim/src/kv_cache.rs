@@ -10,7 +10,7 @@
 //! With KV offloading the pool also owns the host-memory tier ([`HostTier`]): blocks cached on
 //! the GPU are written through to it, and its events join the GPU's in the order they happen.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -28,6 +28,13 @@ pub type BlockDigest = [u8; 32];
 /// Index of a physical block, as sent in `remote_block_ids`.
 pub type BlockId = u32;
 
+/// "No block" in the free queue's links.
+const NIL: BlockId = BlockId::MAX;
+
+/// Maps keyed by block digests. The digests are SHA-256 outputs, so a fast seeded hasher is as
+/// good as SipHash here, at a fraction of its cost on every cache lookup and eviction.
+pub(crate) type DigestMap<V> = HashMap<BlockDigest, V, foldhash::fast::RandomState>;
+
 /// vLLM's `NONE_HASH` for a given `PYTHONHASHSEED` string: `sha256_cbor(seed)`.
 pub fn none_hash(seed: &str) -> BlockDigest {
     sha256_cbor(&seed)
@@ -37,14 +44,53 @@ pub fn none_hash(seed: &str) -> BlockDigest {
 ///
 /// Partial blocks are hashed the same way; their digest stands in for the block's KV content so a
 /// decode engine can verify that it received the right bytes for the tokens it expected.
+///
+/// The canonical CBOR document is written straight into the hasher, a few bytes at a time through
+/// a stack buffer: every prompt block is hashed twice on each engine it visits (its cache key and
+/// its content), so a serde round and a `Vec` per block were a quarter of a fleet simulation's time.
+/// `cbor_input_is_vllms_tuple_shape` and `the_streamed_encoding_equals_ciboriums` pin the bytes.
 pub fn hash_block(parent: &BlockDigest, tokens: &[u32]) -> BlockDigest {
-    #[derive(Serialize)]
-    struct Input<'a>(
-        #[serde(with = "serde_bytes")] &'a [u8],
-        &'a [u32],
-        Option<()>,
-    );
-    sha256_cbor(&Input(parent, tokens, None))
+    let mut h = Sha256::new();
+    let mut buf = [0u8; 256];
+    // array(3) [bytes(32) parent, array(n) tokens, null]
+    buf[..3].copy_from_slice(&[0x83, 0x58, 0x20]);
+    buf[3..35].copy_from_slice(parent);
+    let mut n = 35 + cbor_head(&mut buf[35..], 4, tokens.len() as u64);
+    for &t in tokens {
+        // A head is at most 9 bytes (5 for a u32), and the null needs one more.
+        if n + 10 > buf.len() {
+            h.update(&buf[..n]);
+            n = 0;
+        }
+        n += cbor_head(&mut buf[n..], 0, u64::from(t));
+    }
+    buf[n] = 0xf6;
+    h.update(&buf[..=n]);
+    h.finalize().into()
+}
+
+/// Writes a canonical (shortest) CBOR head of `major` type with argument `v`; returns its length.
+fn cbor_head(out: &mut [u8], major: u8, v: u64) -> usize {
+    let m = major << 5;
+    if v < 24 {
+        out[0] = m | v as u8;
+        1
+    } else if v <= u64::from(u8::MAX) {
+        out[..2].copy_from_slice(&[m | 24, v as u8]);
+        2
+    } else if v <= u64::from(u16::MAX) {
+        out[0] = m | 25;
+        out[1..3].copy_from_slice(&(v as u16).to_be_bytes());
+        3
+    } else if v <= u64::from(u32::MAX) {
+        out[0] = m | 26;
+        out[1..5].copy_from_slice(&(v as u32).to_be_bytes());
+        5
+    } else {
+        out[0] = m | 27;
+        out[1..9].copy_from_slice(&v.to_be_bytes());
+        9
+    }
 }
 
 fn sha256_cbor<T: Serialize>(value: &T) -> BlockDigest {
@@ -76,15 +122,31 @@ pub fn chain_digests(root: &BlockDigest, tokens: &[u32], block_size: usize) -> V
     out
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Block {
     ref_cnt: u32,
     /// Set once the block is full and registered in the prefix cache.
     hash: Option<BlockDigest>,
     /// Digest of the KV content currently written (full or partial block); `None` until written.
     content: Option<BlockDigest>,
-    /// Position in the free queue, when free.
-    free_seq: Option<u64>,
+    /// Whether the block is in the free queue, and its neighbours there (towards the head, the
+    /// next to be evicted, and towards the tail).
+    queued: bool,
+    prev: BlockId,
+    next: BlockId,
+}
+
+impl Default for Block {
+    fn default() -> Self {
+        Block {
+            ref_cnt: 0,
+            hash: None,
+            content: None,
+            queued: false,
+            prev: NIL,
+            next: NIL,
+        }
+    }
 }
 
 /// The block pool.
@@ -92,10 +154,13 @@ struct Block {
 pub struct BlockPool {
     block_size: usize,
     blocks: Vec<Block>,
-    /// LRU free queue: lowest sequence number is evicted first.
-    free: BTreeMap<u64, BlockId>,
-    next_free_seq: u64,
-    cached: HashMap<BlockDigest, BlockId>,
+    /// LRU free queue, vLLM's `FreeKVCacheBlockQueue`: a doubly linked list threaded through
+    /// `blocks`, evicted from the head, freed blocks appended at the tail, and a cached block
+    /// taken out of the middle when a prefix hit touches it, each in O(1) with no allocation.
+    free_head: BlockId,
+    free_tail: BlockId,
+    num_free: usize,
+    cached: DigestMap<BlockId>,
     pending_events: Vec<KvEvent>,
     /// The host-memory tier, when KV offloading is on.
     host: Option<HostTier>,
@@ -106,9 +171,10 @@ impl BlockPool {
         let mut pool = BlockPool {
             block_size: block_size as usize,
             blocks: vec![Block::default(); num_blocks as usize],
-            free: BTreeMap::new(),
-            next_free_seq: 0,
-            cached: HashMap::new(),
+            free_head: NIL,
+            free_tail: NIL,
+            num_free: 0,
+            cached: DigestMap::default(),
             pending_events: Vec::new(),
             host: None,
         };
@@ -143,7 +209,7 @@ impl BlockPool {
     }
 
     pub fn num_free(&self) -> usize {
-        self.free.len()
+        self.num_free
     }
 
     /// How many of `ids` are free (cached with no reference): touching them takes them out of
@@ -157,7 +223,7 @@ impl BlockPool {
         if self.blocks.is_empty() {
             return 0.0;
         }
-        1.0 - self.free.len() as f64 / self.blocks.len() as f64
+        1.0 - self.num_free as f64 / self.blocks.len() as f64
     }
 
     /// The longest run of leading full-block hashes already cached, as block ids.
@@ -172,26 +238,25 @@ impl BlockPool {
     pub fn touch(&mut self, ids: &[BlockId]) {
         for &id in ids {
             let b = &mut self.blocks[id as usize];
-            if b.ref_cnt == 0 {
-                if let Some(seq) = b.free_seq.take() {
-                    self.free.remove(&seq);
-                }
-            }
+            let queued = b.ref_cnt == 0 && b.queued;
             b.ref_cnt += 1;
+            if queued {
+                self.unlink_free(id);
+            }
         }
     }
 
     /// Allocate `n` fresh blocks, evicting cached free blocks in LRU order. `None` if not enough.
     pub fn allocate(&mut self, n: usize) -> Option<Vec<BlockId>> {
-        if self.free.len() < n {
+        if self.num_free < n {
             return None;
         }
         let mut out = Vec::with_capacity(n);
         let mut evicted = Vec::new();
         for _ in 0..n {
-            let (_, id) = self.free.pop_first().expect("checked length");
+            let id = self.free_head;
+            self.unlink_free(id);
             let b = &mut self.blocks[id as usize];
-            b.free_seq = None;
             b.ref_cnt = 1;
             b.content = None;
             if let Some(h) = b.hash.take() {
@@ -224,11 +289,42 @@ impl BlockPool {
         }
     }
 
+    /// Appends a block at the free queue's tail (the last to be evicted).
     fn push_free(&mut self, id: BlockId) {
-        let seq = self.next_free_seq;
-        self.next_free_seq += 1;
-        self.free.insert(seq, id);
-        self.blocks[id as usize].free_seq = Some(seq);
+        let tail = self.free_tail;
+        let b = &mut self.blocks[id as usize];
+        debug_assert!(!b.queued, "block {id} queued twice");
+        b.queued = true;
+        b.prev = tail;
+        b.next = NIL;
+        if tail == NIL {
+            self.free_head = id;
+        } else {
+            self.blocks[tail as usize].next = id;
+        }
+        self.free_tail = id;
+        self.num_free += 1;
+    }
+
+    /// Takes a queued block out of the free queue, wherever it is.
+    fn unlink_free(&mut self, id: BlockId) {
+        let b = &mut self.blocks[id as usize];
+        debug_assert!(b.queued, "block {id} is not in the free queue");
+        let (prev, next) = (b.prev, b.next);
+        b.queued = false;
+        b.prev = NIL;
+        b.next = NIL;
+        if prev == NIL {
+            self.free_head = next;
+        } else {
+            self.blocks[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.free_tail = prev;
+        } else {
+            self.blocks[next as usize].prev = prev;
+        }
+        self.num_free -= 1;
     }
 
     /// Record that KV for a block's tokens has been written (content digest).

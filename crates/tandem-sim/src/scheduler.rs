@@ -166,12 +166,15 @@ pub type Decide<'a> = dyn FnMut(SeqId, &[u32], usize) -> (u32, Option<FinishReas
 pub struct Scheduler {
     cfg: SchedulerConfig,
     pool: BlockPool,
-    seqs: HashMap<SeqId, Seq>,
+    /// Looked up several times per sequence per step: foldhash, not SipHash.
+    seqs: HashMap<SeqId, Seq, foldhash::fast::RandomState>,
     waiting: VecDeque<SeqId>,
     running: Vec<SeqId>,
     /// Prefill-role blocks held for a decode engine, by sequence id.
-    pinned: HashMap<SeqId, Vec<BlockId>>,
+    pinned: HashMap<SeqId, Vec<BlockId>, foldhash::fast::RandomState>,
     num_preemptions: u64,
+    /// [`content_root`], hashed once: every write of every step chains from it.
+    content_root: BlockDigest,
 }
 
 impl Scheduler {
@@ -181,11 +184,12 @@ impl Scheduler {
         Scheduler {
             cfg,
             pool,
-            seqs: HashMap::new(),
+            seqs: HashMap::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
-            pinned: HashMap::new(),
+            pinned: HashMap::default(),
             num_preemptions: 0,
+            content_root: content_root(),
         }
     }
 
@@ -537,7 +541,7 @@ impl Scheduler {
             seq.digests
                 .push(hash_block(&parent, &seq.tokens[i * bs..(i + 1) * bs]));
         }
-        let croot = content_root();
+        let croot = self.content_root;
         while seq.contents.len() < full {
             let i = seq.contents.len();
             let parent = if i == 0 { croot } else { seq.contents[i - 1] };
@@ -619,7 +623,7 @@ impl Scheduler {
     fn write_kv(&mut self, id: SeqId, from: usize, to: usize) {
         self.extend_digests(id);
         let bs = self.cfg.block_size as usize;
-        let root = content_root();
+        let root = self.content_root;
         let seq = &self.seqs[&id];
         let first = from / bs;
         let last = to.div_ceil(bs);
@@ -684,7 +688,7 @@ impl Scheduler {
     pub fn expected_prompt_contents(&self, id: SeqId) -> Option<Vec<BlockDigest>> {
         let seq = self.seqs.get(&id)?;
         Some(chain_digests(
-            &content_root(),
+            &self.content_root,
             &seq.tokens[..seq.prompt_len],
             self.cfg.block_size as usize,
         ))

@@ -109,6 +109,9 @@ fn release_remote(app: &AppState, remote: Option<RemoteKv>) {
 
 impl InferenceSvc {
     async fn accept(&self, req: Request<GenerateRequest>) -> Result<Accepted, Status> {
+        // c_req runs from arrival: the conversion below is part of what it models (as in
+        // `http::generate::handle`), so the overhead is slept to a deadline.
+        let received = tokio::time::Instant::now();
         let conn = req.extensions().get::<ConnInfo>().cloned();
         let rank = convert::data_parallel_rank(
             req.metadata().get(DATA_PARALLEL_RANK).map(|v| v.as_bytes()),
@@ -119,6 +122,8 @@ impl InferenceSvc {
         if slow > 0 {
             tokio::time::sleep(Duration::from_millis(slow)).await;
         }
+        // A slow accept (a fault) delays the request on top of c_req.
+        let ready_at = received + Duration::from_millis(slow) + app.engine.overhead();
         let remote = req
             .kv
             .as_ref()
@@ -156,7 +161,7 @@ impl InferenceSvc {
             // Accept and never answer; the client's cancel drops this future.
             std::future::pending::<()>().await;
         }
-        tokio::time::sleep(app.engine.overhead()).await;
+        tokio::time::sleep_until(ready_at).await;
         let clock = app.engine.clock();
         let arrival = clock.now() - clock.real_to_sim(app.engine.overhead());
         // vLLM's frontend hands the engine "{request_id}-{8 hex}"; NIXL and P's pinned KV use it.

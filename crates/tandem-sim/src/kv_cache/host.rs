@@ -9,11 +9,11 @@
 //! hits refreshes the blocks, and each store and eviction is a KV event with `medium` "CPU",
 //! the same block hashes as the GPU's events.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use tandem_kvevents::MEDIUM_CPU;
 
-use super::{external_hash, BlockDigest, StoredRuns};
+use super::{external_hash, BlockDigest, DigestMap, StoredRuns};
 use crate::kv_events::KvEvent;
 
 /// The tier: at most `capacity` blocks, keyed by their prefix-cache digest.
@@ -21,7 +21,7 @@ use crate::kv_events::KvEvent;
 pub struct HostTier {
     capacity: usize,
     /// Digest → its position in `lru`.
-    entries: HashMap<BlockDigest, u64>,
+    entries: DigestMap<u64>,
     /// Least recently used first.
     lru: BTreeMap<u64, BlockDigest>,
     next_seq: u64,
@@ -33,7 +33,7 @@ impl HostTier {
     pub fn new(capacity: usize) -> Self {
         HostTier {
             capacity,
-            entries: HashMap::new(),
+            entries: DigestMap::default(),
             lru: BTreeMap::new(),
             next_seq: 0,
         }
