@@ -10,6 +10,7 @@
 //! With KV offloading the pool also owns the host-memory tier ([`HostTier`]): blocks cached on
 //! the GPU are written through to it, and its events join the GPU's in the order they happen.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use serde::Serialize;
@@ -260,9 +261,13 @@ impl BlockPool {
             b.ref_cnt = 1;
             b.content = None;
             if let Some(h) = b.hash.take() {
-                if self.cached.get(&h) == Some(&id) {
-                    self.cached.remove(&h);
-                    evicted.push(external_hash(&h));
+                // One probe: the digest may map to another block (a duplicate computed
+                // concurrently keeps the first mapping), which stays.
+                if let Entry::Occupied(e) = self.cached.entry(h) {
+                    if *e.get() == id {
+                        e.remove();
+                        evicted.push(external_hash(&h));
+                    }
                 }
             }
             out.push(id);
