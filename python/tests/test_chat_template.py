@@ -10,7 +10,9 @@ arguments parsed from JSON, tools re-emitted by pydantic's `model_dump`).
 
 Tandem's `/tokenize` of the messages must give the ids of the reference text, and `/detokenize`
 of those ids must give the reference text back; the engine (the sim, which shares the renderer)
-must agree. A template that cannot render makes `tandem serve` / `tandem sim` exit at start-up.
+must agree. A real chat completion through Tandem (disaggregated) must give both engines the
+reference ids: each sim records the prompt ids it computed for every leg (`/admin/requests`).
+A template that cannot render makes `tandem serve` / `tandem sim` exit at start-up.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -304,3 +307,82 @@ def test_a_model_directory_whose_template_fails_start_up(tmp_path):
     done = run_to_exit([binary, "sim", "--port", "0", "--model", "qwen3-0.6b", "--tokenizer", str(model_dir)])
     assert done.returncode != 0, done
     assert "no_such_method" in done.stderr, done.stderr
+
+
+def engine_prompts(http: httpx.Client, base: str, request_id: str) -> list:
+    """The `prompt_token_ids` an engine recorded for each chat leg with this `x-request-id`
+    (the sim's `/admin/requests`: what it tokenized from the body it was sent)."""
+    r = http.get(f"{base}/admin/requests")
+    assert r.status_code == 200, r.text
+    return [
+        rec["prompt_token_ids"]
+        for rec in r.json()["requests"]
+        if rec["x_request_id"] == request_id and rec["path"] == "/v1/chat/completions"
+    ]
+
+
+def coordinator_record(http: httpx.Client, base: str, request_id: str) -> dict:
+    """Tandem's record of a finished request (written as the response ends: polled, bounded)."""
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        r = http.get(f"{base}/admin/requests")
+        assert r.status_code == 200, r.text
+        for rec in r.json():
+            if rec.get("request_id") == request_id and rec.get("outcome") is not None:
+                return rec
+        time.sleep(0.05)
+    raise AssertionError(f"no /admin/requests record for {request_id}")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_disaggregated_chat_gives_both_engines_the_reference_prompt_ids(qwen_cluster, case, stream):
+    # The ids each engine computed for a real chat completion through Tandem (mode "always"),
+    # not a side endpoint: a body Tandem altered on the way (tools, template kwargs or messages
+    # dropped or re-serialised) would give the engines another prompt.
+    spec = CASES[case]
+    add_gen = spec.get("add_generation_prompt", True)
+    ref = reference(
+        spec["messages"],
+        tools=spec.get("tools"),
+        add_generation_prompt=add_gen,
+        chat_template_kwargs=spec.get("chat_template_kwargs"),
+    )
+    model = qwen_cluster.model
+    request_id = f"template-{case}-{'sse' if stream else 'json'}"
+    body = {"model": model, "messages": spec["messages"], "add_generation_prompt": add_gen, "max_tokens": 2}
+    for key in ("tools", "chat_template_kwargs"):
+        if key in spec:
+            body[key] = spec[key]
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    with httpx.Client(timeout=30.0) as http:
+        want = post(http, f"{qwen_cluster.tandem}/tokenize", {"model": model, "prompt": ref, "add_special_tokens": False})
+        ref_ids = want["tokens"]
+        # The reference text's ids are the engine's own tokenization of it, too.
+        engine_ids = post(
+            http, f"{qwen_cluster.prefill}/tokenize", {"model": model, "prompt": ref, "add_special_tokens": False}
+        )["tokens"]
+        assert engine_ids == ref_ids
+        assert len(ref_ids) > 5, ref_ids
+
+        r = http.post(f"{qwen_cluster.tandem}/v1/chat/completions", json=body, headers={"x-request-id": request_id})
+        assert r.status_code == 200, r.text
+        if stream:
+            events = [line[len("data: ") :] for line in r.text.split("\n\n") if line.startswith("data: ")]
+            assert events[-1] == "[DONE]", r.text
+            usage = [json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage")]
+            assert len(usage) == 1, r.text
+            usage = usage[0]
+        else:
+            usage = r.json()["usage"]
+        assert usage["prompt_tokens"] == len(ref_ids), usage
+
+        # One prefill leg and one decode leg, each with exactly the reference prompt.
+        assert engine_prompts(http, qwen_cluster.prefill, request_id) == [[ref_ids]]
+        assert engine_prompts(http, qwen_cluster.decode, request_id) == [[ref_ids]]
+        rec = coordinator_record(http, qwen_cluster.tandem, request_id)
+        assert rec["route"] == "disaggregated", rec
+        assert rec["outcome"] == "ok", rec
+        assert rec["prompt_tokens"] == len(ref_ids), rec

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{read_sse, Sim, PROMPT};
+use crate::support::{read_sse, Sim, Tandem, PROMPT};
 
 #[tokio::test]
 async fn completions_json_and_sse_shapes() {
@@ -280,4 +280,89 @@ async fn the_chat_role_chunk_comes_with_the_first_token_as_in_vllm() {
     let first = text.split("\n\n").next().unwrap();
     assert!(first.contains("\"role\":\"assistant\""), "{first}");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}
+
+#[tokio::test]
+async fn through_tandem_the_chat_role_chunk_comes_with_the_first_token() {
+    use futures::StreamExt;
+    use std::time::{Duration, Instant};
+    let (p, d) = tokio::join!(Sim::start(&[]), Sim::start(&[]));
+    let t = Tandem::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n\
+         [pools.prefill]\nendpoints = [{:?}]\n\n\
+         [pools.decode]\nendpoints = [{:?}]\n\n\
+         [disaggregation]\nmode = \"always\"\n\n\
+         [health]\ninterval_ms = 100\n",
+        p.url, d.url
+    ))
+    .await;
+    // No KV on the decode engine: the decode leg waits there, after the prefill, with no token.
+    d.faults(json!({"exhaust_kv": true})).await;
+    let body = json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3,
+        "ignore_eos": true, "stream": true});
+    // The client runs on its own: each body chunk comes back with the instant it arrived.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let req = t
+        .client
+        .post(format!("{}/v1/chat/completions", t.url))
+        .header("x-request-id", "role-pd")
+        .json(&body);
+    let client = tokio::spawn(async move {
+        let resp = req.send().await.expect("sent");
+        assert_eq!(resp.status(), 200);
+        let mut chunks = resp.bytes_stream();
+        while let Some(b) = chunks.next().await {
+            let _ = tx.send((Instant::now(), b.expect("body chunk").to_vec()));
+        }
+    });
+    assert_eq!(
+        d.wait_metric("vllm:num_requests_waiting", &[], |v| v == 1.0)
+            .await,
+        1.0,
+        "the decode leg waits on the decode engine"
+    );
+    match tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        Err(_) => {}
+        Ok(Some((_, b))) => panic!(
+            "Tandem sent body bytes before the first token: {:?}",
+            String::from_utf8_lossy(&b)
+        ),
+        Ok(None) => panic!(
+            "the stream ended before the first token: {:?}",
+            client.await
+        ),
+    }
+    let released = Instant::now();
+    d.faults(json!({"exhaust_kv": false})).await;
+    let mut frames: Vec<(Instant, String)> = Vec::new();
+    let mut pending = String::new();
+    while let Some((at, bytes)) = rx.recv().await {
+        assert!(at >= released, "a body chunk arrived before the release");
+        pending.push_str(&String::from_utf8_lossy(&bytes));
+        while let Some(end) = pending.find("\n\n") {
+            frames.push((at, pending[..end].to_string()));
+            pending.drain(..end + 2);
+        }
+    }
+    client.await.expect("the client task");
+    assert_eq!(frames.last().map(|f| f.1.as_str()), Some("data: [DONE]"));
+    let json = |f: &str| -> Value { serde_json::from_str(&f["data: ".len()..]).expect("JSON") };
+    let first = json(&frames[0].1);
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant", "{first}");
+    let (content_at, content) = frames
+        .iter()
+        .find(|(_, f)| {
+            f != "data: [DONE]"
+                && json(f)["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+        })
+        .expect("a content chunk");
+    // The role chunk is not an early TTFT: it comes with the first token's chunk (vLLM sends
+    // both in the same iteration); the bound is generous for a loaded machine.
+    let gap = content_at.duration_since(frames[0].0);
+    assert!(
+        gap < Duration::from_millis(200),
+        "role chunk {gap:?} before the first token's chunk {content}"
+    );
 }

@@ -5,17 +5,20 @@ use serde_json::{json, Value};
 
 use crate::support::{Sim, Tandem, PROMPT};
 
-async fn cluster() -> (Sim, Sim, Tandem) {
-    let (p, d) = tokio::join!(Sim::start(&[]), Sim::start(&[]));
-    let conf = format!(
+fn conf(p: &Sim, d: &Sim) -> String {
+    format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n\
          [pools.prefill]\nendpoints = [{:?}]\n\n\
          [pools.decode]\nendpoints = [{:?}]\n\n\
          [disaggregation]\nmode = \"always\"\n\n\
          [health]\ninterval_ms = 100\n",
         p.url, d.url
-    );
-    let t = Tandem::start(&conf).await;
+    )
+}
+
+async fn cluster() -> (Sim, Sim, Tandem) {
+    let (p, d) = tokio::join!(Sim::start(&[]), Sim::start(&[]));
+    let t = Tandem::start(&conf(&p, &d)).await;
     (p, d, t)
 }
 
@@ -84,12 +87,64 @@ async fn version_and_ping_answer() {
     assert_eq!(r.status(), 200);
 }
 
+/// `tandem_engine_prefix_blocks_indexed` per engine, as `(pool, value)`, sorted (a metric
+/// family's series come out in no fixed order).
+fn indexed_gauges(metrics: &str) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("tandem_engine_prefix_blocks_indexed{"))
+        .map(|rest| {
+            let pool = rest
+                .split("pool=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .expect("a pool label")
+                .to_string();
+            let v = rest.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+            (pool, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// `usage.prompt_tokens_details.cached_tokens` of a completion.
+fn cached(v: &Value) -> u64 {
+    v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no cached_tokens in {v}"))
+}
+
 #[tokio::test]
 async fn reset_prefix_cache_resets_every_engine_and_both_indexes() {
-    let (_p, _d, t) = cluster().await;
+    // Prompt-token details on, as vLLM's `--enable-prompt-tokens-details`: Tandem reports the
+    // prefill engine's cached count to the client, so the engine's cache shows in the answer.
+    let (p, d) = tokio::join!(
+        Sim::start(&["--enable-prompt-tokens-details"]),
+        Sim::start(&["--enable-prompt-tokens-details"])
+    );
+    let t = Tandem::start(&conf(&p, &d)).await;
     let body = json!({"prompt": PROMPT.repeat(3), "max_tokens": 2});
-    let (status, _) = t.post_json("/v1/completions", &body, None).await;
-    assert_eq!(status, 200);
+    let (status, first) = t.post_json("/v1/completions", &body, None).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(cached(&first), 0, "a cold engine: {first}");
+    let (status, warm) = t.post_json("/v1/completions", &body, None).await;
+    assert_eq!(status, 200, "{warm}");
+    let prompt_tokens = warm["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        cached(&warm) >= prompt_tokens / 2,
+        "the repeat hits the prefill engine's cache: {warm}"
+    );
+    // The decode engine holds the pulled prompt too: a colocated request straight to it hits.
+    let (status, direct) = d.complete(&body).await;
+    assert_eq!(status, 200, "{direct}");
+    assert!(
+        cached(&direct) > 0,
+        "the decode engine caches the prompt: {direct}"
+    );
+    let hits_before = p.metric("vllm:prefix_cache_hits_total", &[]).await;
+    assert!(hits_before > 0.0);
+
     let indexed = |e: &Value| {
         e["engines"]
             .as_array()
@@ -103,6 +158,17 @@ async fn reset_prefix_cache_resets_every_engine_and_both_indexes() {
         before.iter().all(|&b| b > 0),
         "both indexes hold the prompt: {before:?}"
     );
+    let gauges = indexed_gauges(&t.metrics().await);
+    assert_eq!(
+        gauges
+            .iter()
+            .map(|(pool, _)| pool.as_str())
+            .collect::<Vec<_>>(),
+        ["decode", "prefill"],
+        "one gauge per engine: {gauges:?}"
+    );
+    assert!(gauges.iter().all(|&(_, v)| v > 0.0), "{gauges:?}");
+
     let (status, v) = t.post_json("/reset_prefix_cache", &json!({}), None).await;
     assert_eq!(status, 200, "{v}");
     let engines = v["engines"].as_array().unwrap();
@@ -110,4 +176,32 @@ async fn reset_prefix_cache_resets_every_engine_and_both_indexes() {
     assert!(engines.iter().all(|e| e["reset"] == true), "{v}");
     assert!(!v.to_string().contains("127.0.0.1"), "{v}");
     assert_eq!(indexed(&t.engines().await), vec![0, 0]);
+    let gauges = indexed_gauges(&t.metrics().await);
+    assert_eq!(gauges.len(), 2, "{gauges:?}");
+    assert!(
+        gauges.iter().all(|&(_, v)| v == 0.0),
+        "metrics show both indexes empty: {gauges:?}"
+    );
+
+    // The engines' caches are empty: the decode engine misses the prompt it held, and the same
+    // request through Tandem is cold again on the prefill engine.
+    let (status, direct) = d.complete(&body).await;
+    assert_eq!(status, 200, "{direct}");
+    assert_eq!(
+        cached(&direct),
+        0,
+        "the decode engine's cache was reset: {direct}"
+    );
+    let (status, again) = t.post_json("/v1/completions", &body, None).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        cached(&again),
+        0,
+        "the prefill engine's cache was reset: {again}"
+    );
+    assert_eq!(
+        p.metric("vllm:prefix_cache_hits_total", &[]).await,
+        hits_before,
+        "no prefix hit on the prefill engine after the reset"
+    );
 }

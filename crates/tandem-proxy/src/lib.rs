@@ -49,7 +49,7 @@ use tokio::net::TcpListener;
 
 pub use auth::AuthError;
 pub use error::ProxyError;
-pub use metrics::Metrics;
+pub use metrics::{Metrics, TTFT_BUCKETS};
 pub use pool::{Resolver, SystemResolver};
 pub use tandem_policy::{KV_NEAR_TIE, KV_PLENTY};
 pub use timing::RequestRecord;

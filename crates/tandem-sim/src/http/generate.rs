@@ -58,6 +58,16 @@ struct Job {
     max_tokens_param: u64,
 }
 
+impl Job {
+    /// The prefill engine's handle, for a decode-role request.
+    fn remote(&self) -> Option<RemoteKv> {
+        match &self.role {
+            Role::Decode(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+}
+
 pub(super) async fn completions(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -75,36 +85,46 @@ pub(super) async fn chat_completions(
 }
 
 async fn handle(s: Arc<AppState>, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
+    // The modeled per-request overhead (c_req: HTTP, tokenisation, scheduling) runs from here:
+    // the sim's own parsing is part of what it models, so it is slept to a deadline rather than
+    // after the parse, or every request would pay its real CPU time on top of the model (a
+    // 15k-token prompt's JSON costs a few ms of it, doubled at `--time-scale 2`).
+    let received = tokio::time::Instant::now();
+    // Prepared before it is recorded, so the record carries the prompt ids; a slow accept
+    // still delays the answer, not the record.
+    let prepared = prepare(&s, &headers, &body, kind);
     s.seen.push(
         match kind {
             Kind::Completion => "/v1/completions",
             Kind::Chat => "/v1/chat/completions",
         },
         &headers,
+        prepared.as_ref().ok().map(|j| &j.prompts[..]),
     );
     let slow = s.faults.slow_accept_ms();
     if slow > 0 {
         tokio::time::sleep(Duration::from_millis(slow)).await;
     }
-    // The role is read first so that a rejected decode-role request still frees the prefill
-    // engine's pinned blocks (vLLM's `_with_kv_transfer_rejection_cleanup`).
-    let remote = peek_remote(&body);
-    let job = match prepare(&s, &headers, &body, kind) {
+    // A slow accept (a fault) delays the request on top of c_req.
+    let ready_at = received + Duration::from_millis(slow) + s.engine.overhead();
+    let job = match prepared {
         Ok(job) => job,
         Err(e) => {
-            release_remote(&s, remote);
+            // A rejected decode-role request still frees the prefill engine's pinned blocks
+            // (vLLM's `_with_kv_transfer_rejection_cleanup`), so its role is read on its own.
+            release_remote(&s, peek_remote(&body));
             return e.into_response();
         }
     };
     if s.faults.take_fail() {
-        release_remote(&s, remote);
+        release_remote(&s, job.remote());
         return ApiError::internal("Internal server error (fault injection)").into_response();
     }
     if s.faults.take_stall() {
         // Accept and never answer; the client's disconnect drops this future.
         std::future::pending::<()>().await;
     }
-    tokio::time::sleep(s.engine.overhead()).await;
+    tokio::time::sleep_until(ready_at).await;
     run(s, job).await
 }
 

@@ -63,14 +63,16 @@ pub struct AppState {
     pub seen: Seen,
 }
 
-/// The headers of the last [`Seen::CAP`] generation requests, oldest first.
+/// The headers of the last [`Seen::CAP`] generation requests, oldest first, with the prompt
+/// token ids the engine computed for each (`null` for a request it refused): what a test reads
+/// to see the exact prompt a coordinator's leg gave this engine.
 #[derive(Debug, Default)]
 pub struct Seen(Mutex<std::collections::VecDeque<Value>>);
 
 impl Seen {
     const CAP: usize = 256;
 
-    fn push(&self, path: &str, h: &HeaderMap) {
+    fn push(&self, path: &str, h: &HeaderMap, prompts: Option<&[Arc<[u32]>]>) {
         let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
         let mut q = self.0.lock().expect("seen lock");
         if q.len() == Self::CAP {
@@ -81,6 +83,7 @@ impl Seen {
             "x_request_id": get("x-request-id"),
             "traceparent": get("traceparent"),
             "tracestate": get("tracestate"),
+            "prompt_token_ids": prompts.map(|p| p.iter().map(|i| &i[..]).collect::<Vec<_>>()),
         }));
     }
 }
