@@ -20,6 +20,7 @@ mod openai_fields;
 mod otel;
 mod outlier;
 mod overload;
+mod policy_pairs;
 mod pd;
 mod priority;
 mod protocols;

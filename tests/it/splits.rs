@@ -211,3 +211,115 @@ async fn a_group_with_no_healthy_engine_falls_back_to_default() {
         .await;
     assert_eq!(fallback, 2.0, "half the split asked for the canary");
 }
+
+/// Acceptance 4 at its own scale: of 10,000 cheap requests (one token, 32 at a time) through a
+/// colocated pool with a 5 % canary group, 5 % ± 1 % land on the canary engine, counted by the
+/// engines themselves and matched by Tandem's per-group counters; a header match then sends one
+/// request there. `TANDEM_CANARY_REQUESTS` may lower the count for a quick local run.
+#[tokio::test]
+async fn a_five_percent_canary_gets_five_percent_of_ten_thousand_requests() {
+    let n: usize = std::env::var("TANDEM_CANARY_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let (stable, canary) = tokio::join!(Sim::start(&["--seed", "5"]), Sim::start(&["--seed", "6"]));
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n\
+         [pools]\ngroups = {{ default = 95, canary = 5 }}\n\n\
+         [pools.prefill]\nendpoints = []\n\n\
+         [pools.decode]\nendpoints = [\"{}\", {{ url = \"{}\", group = \"canary\" }}]\n\n\
+         [disaggregation]\nmode = \"never\"\n\n[health]\ninterval_ms = 100\n",
+        stable.url, canary.url
+    );
+    let t = Tandem::start(&config).await;
+    assert!(
+        t.wait_engines("decode", |e| e["state"] == "healthy").await,
+        "{}",
+        t.engines().await
+    );
+    let served = |s: &Sim| {
+        let url = s.url.clone();
+        let client = s.client.clone();
+        async move {
+            let text = client
+                .get(format!("{url}/metrics"))
+                .send()
+                .await
+                .expect("sim metrics")
+                .text()
+                .await
+                .expect("metrics text");
+            crate::support::metric_in(&text, "vllm:request_success_total", &[])
+        }
+    };
+    let body = json!({"model": MODEL, "prompt": "hi", "max_tokens": 1});
+    let started = std::time::Instant::now();
+    let peer: &Peer = &t;
+    let body = &body;
+    let failed: Vec<(usize, u16)> = futures::stream::iter(0..n)
+        .map(|i| async move {
+            let resp = peer
+                .client
+                .post(format!("{}/v1/completions", peer.url))
+                .json(body)
+                .send()
+                .await
+                .expect("request sent");
+            let status = resp.status().as_u16();
+            let _ = resp.bytes().await;
+            (i, status)
+        })
+        .buffer_unordered(32)
+        .filter(|(_, s)| futures::future::ready(*s != 200))
+        .collect()
+        .await;
+    let elapsed = started.elapsed();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+
+    let (on_canary, on_stable) = (served(&canary).await, served(&stable).await);
+    eprintln!(
+        "canary: {on_canary} of {n} requests ({:.2} %) in {:.1} s ({:.0} req/s)",
+        100.0 * on_canary / n as f64,
+        elapsed.as_secs_f64(),
+        n as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(on_canary + on_stable, n as f64, "every request served once");
+    let (lo, hi) = (0.04 * n as f64, 0.06 * n as f64);
+    assert!(
+        (lo..=hi).contains(&on_canary),
+        "the canary served {on_canary} of {n}, outside 5 % ± 1 %"
+    );
+    let m = t.metrics().await;
+    let metric = |name: &str, labels: &[(&str, &str)]| crate::support::metric_in(&m, name, labels);
+    let selected = "tandem_group_selected_total";
+    assert_eq!(
+        metric(selected, &[("group", "canary"), ("reason", "split")]),
+        on_canary
+    );
+    assert_eq!(
+        metric(selected, &[("group", "default"), ("reason", "split")]),
+        on_stable
+    );
+    assert_eq!(metric(selected, &[("reason", "fallback")]), 0.0);
+    let ok = |g| metric("tandem_requests_total", &[("group", g), ("outcome", "ok")]);
+    assert_eq!((ok("canary"), ok("default")), (on_canary, on_stable));
+
+    // A header match goes to the canary whatever the split would have chosen.
+    for i in 0..3 {
+        let (s, v) = send(
+            &t,
+            "",
+            &format!("header-{i}"),
+            &[("x-tandem-group", "canary")],
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    assert_eq!(served(&canary).await, on_canary + 3.0);
+    assert_eq!(served(&stable).await, on_stable);
+}

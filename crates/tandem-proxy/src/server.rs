@@ -154,7 +154,11 @@ async fn check_headers(AxState(st): AxState<Arc<State>>, req: Request, next: Nex
 }
 
 /// The whole request body, within `server.max_body_bytes` and `server.body_read_timeout_ms`.
-async fn read_body(s: &ServerConfig, h: &HeaderMap, body: Body) -> Result<Bytes, ProxyError> {
+pub(crate) async fn read_body(
+    s: &ServerConfig,
+    h: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, ProxyError> {
     let limit = s.max_body_bytes;
     let declared = h
         .get(header::CONTENT_LENGTH)

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State as AxState;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::join_all;
@@ -44,8 +44,16 @@ async fn max_model_len(st: &State) -> Option<u64> {
 }
 
 /// `POST /tokenize`: `{prompt}` or `{messages}` → `{count, max_model_len, tokens, token_strs}`.
-pub(crate) async fn tokenize(AxState(st): AxState<Arc<State>>, raw: Bytes) -> Response {
+///
+/// The body is read as the generation routes read theirs (size limit, read timeout, and a
+/// broken or short upload answered in vLLM's error shape, not the framework's plain text).
+pub(crate) async fn tokenize(
+    AxState(st): AxState<Arc<State>>,
+    h: HeaderMap,
+    raw: Body,
+) -> Response {
     let run = async {
+        let raw = crate::server::read_body(&st.cfg.server, &h, raw).await?;
         let body = body_map(&raw)?;
         check_model(&st, &body)?;
         let tok = &st.tokenizer;
@@ -92,7 +100,15 @@ pub(crate) async fn tokenize(AxState(st): AxState<Arc<State>>, raw: Bytes) -> Re
 }
 
 /// `POST /detokenize`: `{tokens}` → `{prompt}`.
-pub(crate) async fn detokenize(AxState(st): AxState<Arc<State>>, raw: Bytes) -> Response {
+pub(crate) async fn detokenize(
+    AxState(st): AxState<Arc<State>>,
+    h: HeaderMap,
+    raw: Body,
+) -> Response {
+    let raw = match crate::server::read_body(&st.cfg.server, &h, raw).await {
+        Ok(raw) => raw,
+        Err(e) => return e.into_response(),
+    };
     let run = || -> Result<Value, ProxyError> {
         let body = body_map(&raw)?;
         check_model(&st, &body)?;
