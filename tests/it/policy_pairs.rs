@@ -102,7 +102,7 @@ fn config_check_accepts_or_refuses_every_policy_pair_cleanly() {
     // decode engine, or to `enforce`'s refusal), so none is refused today.
     assert_eq!(accepted, POLICIES.len() * POLICIES.len() * 2);
 
-    // A name that is no policy is refused, naming the key and the name.
+    // A name that is no policy is refused, naming the key, the name and the choices.
     for (pool, bad, text) in [
         (
             "prefill",
@@ -118,7 +118,8 @@ fn config_check_accepts_or_refuses_every_policy_pair_cleanly() {
         assert!(
             stderr.starts_with("error: ")
                 && stderr.contains(&format!("pools.{pool}.policy"))
-                && stderr.contains(bad),
+                && stderr.contains(bad)
+                && stderr.contains("one of: prefix, kv-capacity, least-loaded"),
             "{pool}: {stderr}"
         );
     }

@@ -65,6 +65,18 @@ pub fn check(cmd: ConfigCommand) -> Result<(), String> {
         let name = p.policy_or(default);
         let what = match name {
             PolicyName::Prefix => tandem_proxy::prefix_params(&cfg.routing).describe(),
+            // On the prefill pool the same formula picks where the prompt is computed and held
+            // until the pull, at arrival; with no room the request runs on a decode engine alone
+            // (or is refused, under `enforce`).
+            PolicyName::KvCapacity if pool == "prefill" => format!(
+                "decided at arrival over the prefill engines' KV; free(e) = num_gpu_blocks(e) − used \
+                 at last scrape − reserved since, need = ceil((prompt_tokens + min(max_tokens, {})) \
+                 / block_size); engines with spare ≥ {}: the fewest in-flight(e)/weight(e); \
+                 otherwise the most weight(e)·spare(e); no engine with free ≥ need: run on a decode \
+                 engine alone (refused with 503 under disaggregation.enforce)",
+                cfg.routing.expected_output_tokens,
+                tandem_proxy::KV_PLENTY,
+            ),
             PolicyName::KvCapacity => format!(
                 "decided at the handoff; free(e) = num_gpu_blocks(e) − used at last scrape − reserved \
                  since, spare(e) = (free(e) − need)/num_gpu_blocks(e) over engines with free ≥ need, \

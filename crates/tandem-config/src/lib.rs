@@ -140,10 +140,29 @@ fn environment(env: Option<HashMap<String, String>>) -> Environment {
 fn finish(builder: ConfigBuilder<DefaultState>) -> Result<Config, ConfigError> {
     let raw = builder.build()?;
     require_pools(&raw)?;
+    known_policies(&raw)?;
     let mut cfg: Config = raw.try_deserialize()?;
     normalize(&mut cfg);
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Serde names an unknown policy as "enum PolicyName does not have variant constructor …",
+/// which names neither the choices nor the spelling they take; say both.
+fn known_policies(raw: &config::Config) -> Result<(), ConfigError> {
+    for key in ["pools.prefill.policy", "pools.decode.policy"] {
+        let Ok(value) = raw.get::<String>(key) else {
+            continue;
+        };
+        if !PolicyName::ALL.iter().any(|p| p.as_str() == value) {
+            let choices: Vec<&str> = PolicyName::ALL.iter().map(|p| p.as_str()).collect();
+            return Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                reason: format!("unknown policy \"{value}\"; one of: {}", choices.join(", ")),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Serde would report a missing pool as "missing field `prefill`" without

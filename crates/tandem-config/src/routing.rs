@@ -22,6 +22,16 @@ pub enum PolicyName {
 }
 
 impl PolicyName {
+    pub const ALL: [PolicyName; 7] = [
+        PolicyName::Prefix,
+        PolicyName::KvCapacity,
+        PolicyName::LeastLoaded,
+        PolicyName::LeastRequests,
+        PolicyName::PowerOfTwo,
+        PolicyName::RoundRobin,
+        PolicyName::Random,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PolicyName::Prefix => "prefix",

@@ -664,3 +664,26 @@ fn error_messages_name_the_key() {
         "invalid value for `pools.decode.endpoints[1]`: must have an explicit port"
     );
 }
+
+#[test]
+fn an_unknown_policy_names_the_key_and_every_choice() {
+    let text = "[pools.prefill]\nendpoints = [\"http://127.0.0.1:8101\"]\npolicy = \"kv_capacity\"\n[pools.decode]\nendpoints = [\"http://127.0.0.1:8201\"]\n";
+    match from_toml_str(text) {
+        Err(ConfigError::Invalid { key, reason }) => {
+            assert_eq!(key, "pools.prefill.policy");
+            assert!(reason.contains("\"kv_capacity\""), "{reason}");
+            for p in PolicyName::ALL {
+                assert!(reason.contains(p.as_str()), "{reason} lacks {}", p.as_str());
+            }
+        }
+        other => panic!("expected an invalid policy, got {other:?}"),
+    }
+    // Every spelling listed loads.
+    for p in PolicyName::ALL {
+        let text = format!(
+            "[pools.prefill]\nendpoints = [\"http://127.0.0.1:8101\"]\n[pools.decode]\nendpoints = [\"http://127.0.0.1:8201\"]\npolicy = \"{}\"\n",
+            p.as_str()
+        );
+        assert_eq!(from_toml_str(&text).unwrap().pools.decode.policy, Some(p));
+    }
+}
