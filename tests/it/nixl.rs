@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{decode_leg, prefill_leg, read_sse, Sim, PROMPT};
+use crate::support::{decode_leg, prefill_leg, read_sse, temp_dir, Sim, PROMPT};
 
 /// Bytes of one block in one layer region on the sims below, and qwen3-0.6b's layer count.
 const BLOCK_BYTES: f64 = 256.0;
@@ -191,4 +191,43 @@ async fn a_nixl_decode_engine_recomputes_when_the_prefill_has_no_nixl_agent() {
         d.metric("vllm:nixl_xfer_time_seconds_count", &[]).await,
         0.0
     );
+}
+
+/// `tandem bench nixl` starts its own prefill and decode sim processes; each handoff is exactly
+/// one READ, and the decode sim's metrics count its real bytes and descriptors exactly (32
+/// layers × 1 MiB-per-block prompts of 8-token blocks: S MiB is S × 32 descriptors) and its real,
+/// non-zero duration.
+#[tokio::test]
+async fn bench_nixl_counts_the_real_bytes_of_each_read_between_two_sim_processes() {
+    let json = temp_dir("bench-nixl").join("nixl.json");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "bench",
+            "nixl",
+            "--sizes",
+            "1,4",
+            "--iterations",
+            "2",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .await
+        .expect("run tandem bench nixl");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let sizes = v["sizes"].as_array().expect("sizes");
+    assert_eq!(sizes.len(), 2, "{v}");
+    for (s, mib) in sizes.iter().zip([1.0, 4.0]) {
+        assert_eq!(s["bytes"].as_f64(), Some(mib * 1048576.0), "{s}");
+        assert_eq!(s["descriptors"].as_f64(), Some(mib * 32.0), "{s}");
+        let xfer: Vec<f64> = serde_json::from_value(s["xfer_s"].clone()).unwrap();
+        assert_eq!(xfer.len(), 2, "{s}");
+        assert!(xfer.iter().all(|&t| t > 0.0 && t < 30.0), "{s}");
+    }
 }

@@ -69,6 +69,9 @@ pub enum BenchCommand {
     /// Relay cost against nginx and direct: tokens/s, CPU and writes per token, memory per held
     /// stream, memory after bursts, added TTFT.
     Relay(crate::relay_bench::RelayArgs),
+    /// NIXL READ bandwidth between a prefill and a decode sim process over the real P/D path
+    /// (feature `nixl`).
+    Nixl(crate::nixl_bench::NixlArgs),
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<(), Box<dyn std::error::Error>> {
@@ -77,6 +80,7 @@ pub async fn run(cmd: BenchCommand) -> Result<(), Box<dyn std::error::Error>> {
         BenchCommand::Trace(a) => crate::trace_bench::run(a).await,
         BenchCommand::Balance(a) => crate::balance_bench::run(a).await,
         BenchCommand::Relay(a) => crate::relay_bench::run(a).await,
+        BenchCommand::Nixl(a) => crate::nixl_bench::run(a).await,
     }
 }
 

@@ -11,6 +11,7 @@ mod bench;
 mod demo;
 mod harness;
 mod kv_probe;
+mod nixl_bench;
 #[cfg(feature = "otel")]
 mod otel;
 mod plan;

@@ -97,9 +97,15 @@ impl Agent {
                 })
             })
             .unwrap_or_default();
-        let region = HostRegion {
-            data: vec![0u8; bytes].into_boxed_slice(),
-        };
+        let mut data = vec![0u8; bytes].into_boxed_slice();
+        // A zeroed allocation this large is mapped lazily, so the first READ into a page would
+        // pay its page fault inside the timed transfer. vLLM's KV cache is allocated and zeroed
+        // up front (`torch.zeros`), so touch every page now; `black_box` keeps the stores of a
+        // value the allocator already wrote from being optimised away.
+        for page in data.chunks_mut(4096) {
+            page[0] = std::hint::black_box(0);
+        }
+        let region = HostRegion { data };
         let mut args = OptArgs::new().map_err(sys("opt args"))?;
         args.add_backend(&backend).map_err(sys("opt args"))?;
         let registration = agent
@@ -280,18 +286,21 @@ impl Agent {
             args.set_notification_message(msg)
                 .map_err(sys("opt args"))?;
         }
-        let started = Instant::now();
+        let created = Instant::now();
         let req = self
             .agent
             .create_xfer_req(XferOp::Read, &local, &far, &remote.agent, Some(&args))
             .map_err(sys("create READ request"))?;
+        // The transfer's time runs from its post to its completion, as NIXL's own transfer
+        // telemetry (`xferDuration`, which vLLM's `nixl_xfer_time_seconds` reports) counts it;
+        // preparing the descriptor lists and the request comes before.
         let posted = Instant::now();
         let mut in_progress = self
             .agent
             .post_xfer_req(&req, None)
             .map_err(sys("post READ"))?;
         let post = posted.elapsed();
-        let deadline = started + timeout;
+        let deadline = created + timeout;
         // Spin briefly (most READs here finish within microseconds), then back off so a slow
         // transfer does not hold a core.
         let mut polls = 0u32;
@@ -321,7 +330,7 @@ impl Agent {
             bytes: descriptors * l.block_len as u64,
             descriptors,
             post,
-            elapsed: started.elapsed(),
+            elapsed: posted.elapsed(),
         })
     }
 

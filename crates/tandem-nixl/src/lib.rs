@@ -74,9 +74,10 @@ pub struct RemoteLayout {
 pub struct ReadReport {
     pub bytes: u64,
     pub descriptors: u64,
-    /// Time to post the request.
+    /// Time of the post call (NIXL's `postDuration`).
     pub post: Duration,
-    /// Time from creating the request to its completion.
+    /// Wall-clock time from posting the request to seeing it complete (NIXL's
+    /// `xferDuration`); creating the request comes before and is not counted.
     pub elapsed: Duration,
 }
 

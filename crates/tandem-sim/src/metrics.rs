@@ -503,7 +503,10 @@ impl EngineMetrics {
         }
     }
 
-    /// One successful NIXL read (decode side).
+    /// One successful NIXL read (decode side). With `--kv-transport nixl` the times and bytes are
+    /// the real READ's (wall-clock seconds, as vLLM takes them from NIXL's transfer telemetry);
+    /// over the TCP stand-in the times are the modeled transfer's, in simulated seconds, and the
+    /// bytes its modeled size.
     pub fn nixl_transfer(&self, xfer_s: f64, post_s: f64, bytes: u64, descriptors: u64) {
         self.observe(H::NixlXferTime, xfer_s);
         self.observe(H::NixlPostTime, post_s);

@@ -7,7 +7,10 @@
 //! pins them; a decode engine READs them into its own blocks for the request, checks every byte
 //! against the digests of its own prompt, and the notification attached to the READ frees the
 //! prefill's blocks. The timing model is untouched: the modeled transfer is charged as with the
-//! TCP stand-in; the real one is only checked.
+//! TCP stand-in; the real one is checked, and measured: `vllm:nixl_xfer_time_seconds` and
+//! `vllm:nixl_post_time_seconds` report the real READ's wall-clock time (post to completion, and
+//! the post call), as vLLM reports NIXL's own telemetry of its transfers, beside its real bytes in
+//! `vllm:nixl_bytes_transferred`. Those are real seconds, not scaled by `--time-scale`.
 //!
 //! [`KvNixl`] exists in every build so the engine has one code path; without feature `nixl` it
 //! is never constructed and `--kv-transport nixl` is refused at start.

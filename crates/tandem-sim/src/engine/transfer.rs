@@ -509,9 +509,12 @@ async fn pull_nixl(
     if modeled > 0 {
         tokio::time::sleep(clock.real(cfg.link.c_xfer())).await;
     }
+    // vLLM's xfer and post times come from NIXL's telemetry of the real transfer: report the
+    // real READ's (wall clock, post to completion), beside its real bytes; the modeled transfer
+    // stays on the simulated clock only.
     Ok(TransferStats {
-        xfer_s: clock.now() - started,
-        post_s,
+        xfer_s: report.elapsed.as_secs_f64(),
+        post_s: report.post.as_secs_f64(),
         bytes: report.bytes,
         descriptors: report.descriptors,
         handshake,

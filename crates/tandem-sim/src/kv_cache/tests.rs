@@ -38,7 +38,11 @@ fn the_streamed_encoding_equals_ciboriums() {
     // Every CBOR integer width (1, 2, 3 and 5 bytes), array heads of 1 and 2 bytes, and enough
     // tokens to flush the stack buffer more than once.
     #[derive(Serialize)]
-    struct Input<'a>(#[serde(with = "serde_bytes")] &'a [u8], &'a [u32], Option<()>);
+    struct Input<'a>(
+        #[serde(with = "serde_bytes")] &'a [u8],
+        &'a [u32],
+        Option<()>,
+    );
     let parent = none_hash("42");
     let values = [0, 1, 23, 24, 255, 256, 65_535, 65_536, 151_642, u32::MAX];
     for len in [0usize, 1, 16, 23, 24, 100, 300] {
