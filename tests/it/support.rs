@@ -72,7 +72,11 @@ impl Sim {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
         cmd.args(["sim", "--port", &port.to_string()])
             .args(args)
-            .env("RUST_LOG", "error");
+            // `TANDEM_TEST_SIM_LOG=warn` shows the sims' warnings when a test needs them.
+            .env(
+                "RUST_LOG",
+                std::env::var("TANDEM_TEST_SIM_LOG").unwrap_or_else(|_| "error".into()),
+            );
         let (child, ready, peer) = spawn_ready(cmd, "tandem-sim").await;
         Sim {
             _child: child,

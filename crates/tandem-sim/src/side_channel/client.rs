@@ -113,7 +113,10 @@ impl SideChannelClient {
         let deadline = tokio::time::Instant::now() + timeout;
         if let Some(mut sock) = self.take(&endpoint) {
             match tokio::time::timeout_at(deadline, exchange(&mut sock, request.clone())).await {
-                Err(_) => return Err(SideChannelError::Timeout),
+                Err(_) => {
+                    tracing::debug!("side-channel: timed out on a pooled connection to {endpoint}");
+                    return Err(SideChannelError::Timeout);
+                }
                 Ok(Ok(frames)) => {
                     self.put(endpoint, sock);
                     return Ok(frames);
@@ -127,14 +130,21 @@ impl SideChannelClient {
                 Ok(Err(e)) => return Err(e),
             }
         }
+        let mut connected = false;
         let fresh = async {
             let mut sock = connect(&endpoint).await?;
+            connected = true;
             let frames = exchange(&mut sock, request).await?;
             Ok::<_, SideChannelError>((sock, frames))
         };
         let (sock, frames) = tokio::time::timeout_at(deadline, fresh)
             .await
-            .map_err(|_| SideChannelError::Timeout)??;
+            .map_err(|_| {
+                tracing::debug!(
+                    "side-channel: timed out on a fresh connection to {endpoint} (connected: {connected})"
+                );
+                SideChannelError::Timeout
+            })??;
         self.put(endpoint, sock);
         Ok(frames)
     }

@@ -338,17 +338,23 @@ impl Server {
                     Err(e) => tracing::warn!("side-channel recv error: {e}"),
                 },
                 Some((identity, frames)) = pending.next(), if !pending.is_empty() => {
+                    tracing::trace!(peer = ?identity, "side-channel: reply");
                     send_reply(&mut router, identity.clone(), frames).await;
                     let state = self.touch(identity);
                     state.inflight = state.inflight.saturating_sub(1);
                     self.reap(&router);
                 }
-                Some(event) = monitor.next() => {
-                    if let SocketEvent::Accepted(_, peer) = event {
+                Some(event) = monitor.next() => match event {
+                    SocketEvent::Accepted(_, peer) => {
                         self.touch(Bytes::from(peer));
                         self.reap(&router);
                     }
-                }
+                    // The crate dropped a peer whose connection ended (the client closed it).
+                    SocketEvent::Disconnected(peer) => {
+                        self.peers.remove(&Bytes::from(peer));
+                    }
+                    _ => {}
+                },
             }
         }
         // Unbind so the port is closed once `shutdown` returns.
@@ -364,12 +370,12 @@ impl Server {
         state
     }
 
-    /// Works around the zeromq crate's ROUTER never forgetting a peer whose connection the client
-    /// closed cleanly: it drops the read half at EOF but keeps the write half, so every closed
-    /// connection would pin a CLOSE_WAIT socket (one file descriptor per fresh-connection call,
-    /// without bound). The server cannot see which peers are gone, so it keeps at most
-    /// `max_idle_peers` idle ones and disconnects the least recently active beyond that, through
-    /// the crate's public `MultiPeerBackend::peer_disconnected`. A live client whose idle
+    /// Bounds the connections the server keeps. The zeromq crate's ROUTER before 0.5 never forgot
+    /// a peer whose connection the client closed cleanly (every closed connection pinned a
+    /// CLOSE_WAIT socket); 0.7 drops such a peer at EOF (and the monitor's `Disconnected` removes
+    /// it here), so this is now the guard against clients that keep idle connections open: at
+    /// most `max_idle_peers` idle ones stay, and the least recently active beyond that are
+    /// disconnected through the crate's public `MultiPeerBackend::peer_disconnected`. A live client whose idle
     /// connection is closed this way sees an error on its next use and reconnects (libzmq sockets
     /// do so on their own, [`super::SideChannelClient`] retries once).
     fn reap(&mut self, router: &RouterSocket) {
@@ -378,6 +384,11 @@ impl Server {
         if victims.is_empty() {
             return;
         }
+        tracing::debug!(
+            peers = self.peers.len(),
+            reaped = victims.len(),
+            "side-channel: reaping idle peers"
+        );
         let backend = router.backend();
         for id in victims {
             self.peers.remove(&id);
@@ -401,6 +412,7 @@ impl Server {
             return None;
         }
         let identity = identity.clone();
+        tracing::trace!(peer = ?identity, peers = self.peers.len(), "side-channel: request");
         let reply = self.reply_for(identity.clone(), body);
         let state = self.touch(identity);
         match &reply {
