@@ -4,6 +4,7 @@
 //! never for a fixed time.
 
 mod batch;
+mod bench_trace;
 mod coordinator;
 mod engine_surface;
 mod fault_suite;

@@ -205,3 +205,38 @@ async fn reset_prefix_cache_resets_every_engine_and_both_indexes() {
         "no prefix hit on the prefill engine after the reset"
     );
 }
+
+/// With `--enable-prompt-tokens-details`, a streamed completion's final usage chunk reports the
+/// cached prompt tokens as the full response does (vLLM sets `prompt_tokens_details` on the
+/// final usage of both), and Tandem passes it through when it serves a request on one engine
+/// (`mode = "never"`), which is what `tandem bench trace --prefill 0` reads its hit rate from.
+#[tokio::test]
+async fn a_streamed_usage_chunk_reports_cached_tokens_through_a_colocated_pool() {
+    let d = Sim::start(&["--enable-prompt-tokens-details"]).await;
+    let conf = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n\
+         [pools.prefill]\nendpoints = []\n\n\
+         [pools.decode]\nendpoints = [{:?}]\n\n\
+         [disaggregation]\nmode = \"never\"\n\n\
+         [health]\ninterval_ms = 100\n",
+        d.url
+    );
+    let t = Tandem::start(&conf).await;
+    let body = json!({"prompt": PROMPT.repeat(3), "max_tokens": 2});
+    let (status, full) = d.complete(&body).await;
+    assert_eq!(status, 200, "{full}");
+    assert_eq!(cached(&full), 0, "a cold engine: {full}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let sse = crate::support::read_sse(t.post("/v1/completions", &streamed, None).await).await;
+    assert!(sse.done, "{:?}", sse.events);
+    let last = sse.events.last().expect("a usage chunk");
+    assert_eq!(last["choices"], json!([]), "{last}");
+    let prompt_tokens = full["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(last["usage"]["prompt_tokens"], prompt_tokens, "{last}");
+    // The repeat finds every full block of the first: the same count the full response gives.
+    let (_, again) = d.complete(&body).await;
+    assert!(cached(last) >= prompt_tokens / 2, "{last}");
+    assert_eq!(cached(last), cached(&again), "{last} against {again}");
+}

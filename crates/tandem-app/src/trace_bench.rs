@@ -64,6 +64,10 @@ pub struct TraceArgs {
     /// Simulated seconds per real second, for engines and arrivals alike.
     #[arg(long, default_value_t = 4.0)]
     time_scale: f64,
+    /// Prefill engines; 0 replays colocated serving (`mode = "never"`): the `--decode` engines
+    /// serve whole requests, routed by each compared policy (no `:DECODE` part then), and take
+    /// the prefill-side options (`--feed`, `--prefill-kv-blocks`, `--prefill-kv-offloading-gib`),
+    /// as `tandem plan`'s colocated baseline has them.
     #[arg(long, default_value_t = 8)]
     prefill: usize,
     #[arg(long, default_value_t = 8)]
@@ -240,8 +244,17 @@ async fn run_one(
     spec: &str,
     bound: f64,
 ) -> Result<RunResult, BoxError> {
+    let colocated = a.prefill == 0;
     let (p_name, d_name) = match spec.split_once(':') {
+        Some(_) if colocated => {
+            return Err(format!(
+            "--prefill 0 replays colocated engines, one pool with one policy: `{spec}` names two"
+        )
+            .into())
+        }
         Some((p, d)) => (parse_policy(p)?, parse_policy(d)?),
+        // Colocated, the one pool routes by the policy given.
+        None if colocated => (parse_policy(spec)?, parse_policy(spec)?),
         None => (parse_policy(spec)?, PolicyName::KvCapacity),
     };
     let gpu = GpuKind::parse(&a.gpu).ok_or_else(|| format!("unknown GPU `{}`", a.gpu))?;
@@ -261,10 +274,25 @@ async fn run_one(
         a.prefill_kv_offloading_gib,
     )
     .await?;
-    let decode = start_pool(a, gpu, a.decode, false, 2000, None, None).await?;
+    let decode = if colocated {
+        // These engines prefill: they take the prefill side's cache options and feed.
+        start_pool(
+            a,
+            gpu,
+            a.decode,
+            events,
+            2000,
+            a.prefill_kv_blocks,
+            a.prefill_kv_offloading_gib,
+        )
+        .await?
+    } else {
+        start_pool(a, gpu, a.decode, false, 2000, None, None).await?
+    };
+    let prefilling = if colocated { &decode } else { &prefill };
     // The host tier holds what the GPU caches and more (written through), so an engine's reach
     // is the larger of the two.
-    let engine_blocks = prefill.first().map_or(0, |(s, _)| {
+    let engine_blocks = prefilling.first().map_or(0, |(s, _)| {
         u64::from(s.num_gpu_blocks.max(s.num_host_blocks))
     });
     let capacity = engine_blocks * 16;
@@ -282,9 +310,9 @@ async fn run_one(
     }
     // Room for every block the engines can report, GPU and host tiers (a quarter spare for
     // both copies of blocks in flight between tiers).
-    let reportable = engine_blocks * a.prefill as u64;
+    let reportable = engine_blocks * prefilling.len() as u64;
     pp.prefix_index.max_blocks = pp.prefix_index.max_blocks.max(reportable + reportable / 4);
-    let dp = PoolConfig {
+    let mut dp = PoolConfig {
         endpoints: decode
             .iter()
             .map(|(s, _)| endpoint(s, a.protocol))
@@ -293,8 +321,15 @@ async fn run_one(
         policy: Some(d_name),
         ..PoolConfig::default()
     };
+    if colocated {
+        dp.prefix_index = pp.prefix_index.clone();
+    }
     let mut cfg = Config::new(PoolsConfig::new(pp, dp));
-    cfg.disaggregation.mode = DisaggregationMode::Always;
+    cfg.disaggregation.mode = if colocated {
+        DisaggregationMode::Never
+    } else {
+        DisaggregationMode::Always
+    };
     cfg.health.interval_ms = 100;
     cfg.health.scrape_interval_ms = 100;
     cfg.server.recent_requests = trace.requests.len().max(1);
@@ -405,7 +440,7 @@ async fn run_one(
         duration_s,
     )
     .with_hit_bound(bound)
-    .with_engines(&urls(&prefill), &urls(&decode));
+    .with_engines(&urls(prefilling), &urls(&decode));
     let (prefill_urls, decode_urls) = (urls(&prefill), urls(&decode));
     drop(coordinator);
     for (_, s) in prefill.into_iter().chain(decode) {
@@ -529,11 +564,13 @@ pub async fn run(a: TraceArgs) -> Result<(), BoxError> {
     // the same bound for Mooncake, and the only one for traces without ids.
     let bt = trace.block_tokens.or(Some(16));
     let inf = infinite_cache_hits(&trace, bt)?;
-    let rr = lru_cache_hits(&trace, bt, a.prefill, None, Assignment::RoundRobin)?;
+    // The engines that prefill hold the caches: the decode engines themselves when colocated.
+    let caches = if a.prefill == 0 { a.decode } else { a.prefill };
+    let rr = lru_cache_hits(&trace, bt, caches, None, Assignment::RoundRobin)?;
     eprintln!(
         "prefix-hit upper bound (one infinite cache): {:.1} % of prompt tokens; round-robin over {} infinite caches: {:.1} %",
         inf.token_fraction() * 100.0,
-        a.prefill,
+        caches,
         rr.total.token_fraction() * 100.0
     );
     let synth = Synthesizer::new(a.seed, 0..256)?;
@@ -552,33 +589,27 @@ pub async fn run(a: TraceArgs) -> Result<(), BoxError> {
     let lp = lru_cache_hits(
         &trace,
         bt,
-        a.prefill,
+        caches,
         Some(capacity),
         Assignment::LongestPrefix,
     )?;
-    let lrr = lru_cache_hits(
-        &trace,
-        bt,
-        a.prefill,
-        Some(capacity),
-        Assignment::RoundRobin,
-    )?;
+    let lrr = lru_cache_hits(&trace, bt, caches, Some(capacity), Assignment::RoundRobin)?;
     // One LRU as large as the whole pool: what routing could keep if the pool's caches held no
     // block twice and every request found its history (a reference, not a proof of optimum).
     let pooled = lru_cache_hits(
         &trace,
         bt,
         1,
-        Some(capacity.saturating_mul(a.prefill as u64)),
+        Some(capacity.saturating_mul(caches as u64)),
         Assignment::RoundRobin,
     )?;
     eprintln!(
         "with {} LRU caches of {} tokens (each prefill engine's KV, host tier included): longest-prefix {:.1} %, round-robin {:.1} % of prompt tokens; one LRU of all {} tokens: {:.1} %",
-        a.prefill,
+        caches,
         capacity,
         lp.total.token_fraction() * 100.0,
         lrr.total.token_fraction() * 100.0,
-        capacity.saturating_mul(a.prefill as u64),
+        capacity.saturating_mul(caches as u64),
         pooled.total.token_fraction() * 100.0
     );
     let cols: Vec<(&str, &Summary)> = results.iter().map(|(n, s)| (n.as_str(), s)).collect();

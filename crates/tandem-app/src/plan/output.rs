@@ -89,6 +89,41 @@ pub fn verdict(r: &PlanResult) -> String {
 }
 
 /// The winner: the better of the best P/D and the best colocated configuration.
+/// The `tandem bench trace` command that replays `c` at the rate the search found for it, in
+/// real time; `None` for what it cannot replay (`conditional` mode) or a configuration the
+/// search found no rate for.
+pub fn replay_command(a: &PlanArgs, c: &Evaluated) -> Option<String> {
+    let scale = c.found.rate_scale?;
+    let k = &c.config;
+    let (prefill, compare) = match k.mode {
+        Mode::Conditional(_) => return None,
+        Mode::Colocated => (0, k.prefill_policy.as_str().to_string()),
+        Mode::Always if k.decode_policy == PolicyName::KvCapacity => {
+            (k.prefill, k.prefill_policy.as_str().to_string())
+        }
+        Mode::Always => (
+            k.prefill,
+            format!("{}:{}", k.prefill_policy.as_str(), k.decode_policy.as_str()),
+        ),
+    };
+    let mut cmd = String::from("tandem bench trace");
+    if let Some(f) = &a.file {
+        let _ = write!(cmd, " --file {}", f.display());
+    }
+    let _ = write!(
+        cmd,
+        " --format {} --rate-scale {scale:.4} --time-scale 1 --prefill {prefill} --decode {} --compare {compare} --feed precise --model {} --gpu {}",
+        format!("{:?}", a.format).to_lowercase(),
+        k.decode,
+        a.model,
+        a.gpu
+    );
+    if k.host_tier_gib > 0.0 {
+        let _ = write!(cmd, " --prefill-kv-offloading-gib {}", k.host_tier_gib);
+    }
+    Some(cmd)
+}
+
 pub fn winner(r: &PlanResult) -> Option<&Evaluated> {
     let pd = r.best.map(|i| &r.configs[i]);
     let co = r.best_colocated.map(|i| &r.configs[i]);
@@ -243,29 +278,21 @@ pub fn print(a: &PlanArgs, hw: &Hardware, r: &PlanResult) -> Result<(), BoxError
             kustomize(&w.config)
         );
     }
-    // The best P/D configuration as `tandem bench trace` replays it (that command runs
-    // `mode = "always"` with a `kv-capacity` decode pool only).
-    if let Some(p) = r.best.map(|i| &r.configs[i]) {
-        if let (Mode::Always, Some(scale)) = (p.config.mode, p.found.rate_scale) {
-            let file = a
-                .file
-                .as_ref()
-                .map(|f| format!(" --file {}", f.display()))
-                .unwrap_or_default();
-            let host = if p.config.host_tier_gib > 0.0 {
-                format!(" --prefill-kv-offloading-gib {}", p.config.host_tier_gib)
-            } else {
-                String::new()
-            };
-            println!(
-                "# replay the best P/D configuration in real time:\n# tandem bench trace{file} --format {} --rate-scale {scale:.4} --prefill {} --decode {} --compare {} --model {} --gpu {}{host}",
-                format!("{:?}", a.format).to_lowercase(),
-                p.config.prefill,
-                p.config.decode,
-                p.config.prefill_policy.as_str(),
-                a.model,
-                a.gpu
-            );
+    // The chosen configuration as `tandem bench trace` replays it (`mode = "always"` with a
+    // `kv-capacity` decode pool, or colocated with `--prefill 0`; it cannot replay
+    // `conditional`), and the best P/D one too when the chosen one is not P/D.
+    let chosen = winner(r);
+    let best_pd = r.best.map(|i| &r.configs[i]);
+    let mut replays: Vec<(&str, &Evaluated)> = Vec::new();
+    if let Some(w) = chosen {
+        replays.push(("the chosen configuration", w));
+    }
+    if let Some(p) = best_pd.filter(|p| chosen.is_none_or(|w| !std::ptr::eq(*p, w))) {
+        replays.push(("the best P/D configuration", p));
+    }
+    for (what, c) in replays {
+        if let Some(cmd) = replay_command(a, c) {
+            println!("# replay {what} in real time:\n# {cmd}");
         }
     }
     eprintln!(
@@ -310,6 +337,7 @@ pub fn curve(r: &PlanResult) -> tandem_plot::SplitCurve {
 
 #[cfg(test)]
 mod tests {
+    use super::super::search::Found;
     use super::*;
 
     fn cand(mode: Mode, p: u32, policy: PolicyName, host: f64) -> Candidate {
@@ -368,5 +396,66 @@ mod tests {
                 "{k}"
             );
         }
+    }
+
+    /// The printed replay command is one `tandem bench trace` accepts, colocated as
+    /// `--prefill 0` with the one policy, P/D with its decode policy when it is not the default,
+    /// and none for `conditional`, which `bench trace` cannot replay.
+    #[test]
+    fn the_replay_command_is_one_bench_trace_accepts() {
+        use clap::Parser;
+        let cli = crate::Cli::try_parse_from(["tandem", "plan", "--file", "t.jsonl"]).unwrap();
+        let crate::Command::Plan(a) = cli.command else {
+            panic!("not plan")
+        };
+        let found = Found {
+            rate_scale: Some(2.5),
+            max_rate_req_s: 10.0,
+            summary: None,
+            probes: Vec::new(),
+            capped: false,
+        };
+        let eval = |config: Candidate| Evaluated {
+            config,
+            label: String::new(),
+            gpus: 16,
+            found: found.clone(),
+            goodput_per_gpu: 1.0,
+        };
+        let mut pd_both = cand(Mode::Always, 6, PolicyName::Prefix, 0.0);
+        pd_both.decode_policy = PolicyName::LeastLoaded;
+        let cases = [
+            (
+                cand(Mode::Colocated, 0, PolicyName::Prefix, 200.0),
+                "--prefill 0 --decode 16 --compare prefix ",
+            ),
+            (
+                cand(Mode::Always, 13, PolicyName::Prefix, 0.0),
+                "--prefill 13 --decode 3 --compare prefix ",
+            ),
+            (
+                pd_both,
+                "--prefill 6 --decode 10 --compare prefix:least-loaded ",
+            ),
+        ];
+        for (c, want) in cases {
+            let host = c.host_tier_gib;
+            let cmd = replay_command(&a, &eval(c)).expect("replayable");
+            assert!(cmd.contains(want), "{cmd}");
+            assert!(cmd.contains("--rate-scale 2.5000 --time-scale 1"), "{cmd}");
+            assert_eq!(
+                cmd.contains("--prefill-kv-offloading-gib 200"),
+                host == 200.0,
+                "{cmd}"
+            );
+            let argv = std::iter::once("tandem").chain(cmd.split_whitespace().skip(1));
+            let parsed = crate::Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}\n{cmd}"));
+            assert!(matches!(parsed.command, crate::Command::Bench(_)), "{cmd}");
+        }
+        let cond = cand(Mode::Conditional(1024), 13, PolicyName::Prefix, 0.0);
+        assert_eq!(replay_command(&a, &eval(cond)), None);
+        let mut none = eval(cand(Mode::Always, 8, PolicyName::Prefix, 0.0));
+        none.found.rate_scale = None;
+        assert_eq!(replay_command(&a, &none), None);
     }
 }

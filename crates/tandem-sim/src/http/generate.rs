@@ -548,6 +548,7 @@ fn stream_response(
     let n = job.n as usize;
     let num_prompts = streams.len();
     let die = s.faults.die_after_tokens();
+    let details_on = s.info.enable_prompt_tokens_details;
     let body = async_stream::stream! {
         let head = json!({"id": job.response_id, "object": job.kind.object(true), "created": job.created, "model": job.model});
         let chunk = |choices: Value, usage: Option<Value>| {
@@ -577,6 +578,8 @@ fn stream_response(
         let mut states: Vec<ChoiceState> = (0..n * num_prompts).map(|_| ChoiceState::default()).collect();
         let mut open = n * num_prompts;
         let mut completion_tokens = 0u64;
+        // Cached prompt tokens, summed over the prompts as the full response sums them.
+        let mut cached = 0u64;
         let mut failed = None;
         while open > 0 {
             let Some((p, ev)) = merged.next().await else {
@@ -601,6 +604,9 @@ fn stream_response(
                     }
                     let i = p * n + index as usize;
                     states[i].note(token);
+                    if let Some(f) = finish.as_ref().filter(|_| index == 0) {
+                        cached += f.cached_tokens as u64;
+                    }
                     // vLLM skips chunks with no text unless they carry the finish (the
                     // token's logprobs then ride on the next chunk).
                     if text.is_empty() && finish.is_none() { continue; }
@@ -624,7 +630,13 @@ fn stream_response(
         if job.include_usage {
             let mut c = head.clone();
             c["choices"] = json!([]);
-            c["usage"] = json!({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens, "completion_tokens": completion_tokens});
+            // The final usage chunk is serialized without its unset fields, as vLLM's is
+            // (`exclude_none`); `prompt_tokens_details` is set as in the full response.
+            let mut u = usage(prompt_tokens, completion_tokens, details_on.then_some(cached));
+            if u["prompt_tokens_details"].is_null() {
+                u.as_object_mut().expect("usage is an object").remove("prompt_tokens_details");
+            }
+            c["usage"] = u;
             yield Ok(sse(&c));
         }
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
