@@ -432,8 +432,8 @@ async fn metrics_of(ctx: &Ctx, url: &str) -> Result<String, String> {
     resp.text().await.map_err(|e| format!("{url}/metrics: {e}"))
 }
 
-/// Sum of the samples of `name` (any labels).
-fn metric(text: &str, name: &str) -> f64 {
+/// Sum of the samples of `name` (any labels) in a Prometheus text exposition.
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {

@@ -30,6 +30,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::harness::{pct, BoxError};
+use crate::kv_probe::metric;
 
 const MODEL: &str = "llama-3.1-8b";
 
@@ -170,18 +171,6 @@ impl Counters {
             post_s: after.post_s - self.post_s,
         })
     }
-}
-
-/// Sum of the samples of `name` (any labels) in a Prometheus text exposition.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// A `tandem sim` child, killed on drop, with every line it printed but its ready line (its
