@@ -218,6 +218,8 @@ impl<'a> Fleet<'a> {
                         root_hash: root,
                         enable_prefix_caching: e.enable_prefix_caching,
                         num_host_blocks: e.host_blocks(),
+                        // No KV bytes move in virtual time: nothing reads block contents.
+                        kv_content: false,
                     }),
                     kv_bytes_per_token: e.profile.kv_bytes_per_token(),
                     block_size: e.block_size as usize,

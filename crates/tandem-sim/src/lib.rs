@@ -385,6 +385,8 @@ pub async fn start(
                 root_hash: kv_cache::none_hash(&hash_seed),
                 enable_prefix_caching: cfg.enable_prefix_caching,
                 num_host_blocks,
+                // The side channel and NIXL serve these contents and the decode side checks them.
+                kv_content: true,
             },
             time_scale: cfg.time_scale,
             seed: cfg.seed,

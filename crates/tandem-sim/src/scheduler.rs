@@ -31,6 +31,11 @@ pub struct SchedulerConfig {
     pub enable_prefix_caching: bool,
     /// Blocks of the host-memory KV tier (vLLM's KV offloading); 0 = none.
     pub num_host_blocks: u32,
+    /// Keep each block's KV content digest (the stand-in for its bytes, which the side channel
+    /// and NIXL serve and the decode side verifies). Nothing the scheduler decides depends on
+    /// it, so a simulation that moves no KV bytes (the virtual-time fleet) turns it off and saves
+    /// a second hash chain per block and a hash per decoded token.
+    pub kv_content: bool,
 }
 
 /// Why a sequence finished. `Abort` comes from [`Scheduler::abort`], never from sampling.
@@ -541,6 +546,9 @@ impl Scheduler {
             seq.digests
                 .push(hash_block(&parent, &seq.tokens[i * bs..(i + 1) * bs]));
         }
+        if !self.cfg.kv_content {
+            return;
+        }
         let croot = self.content_root;
         while seq.contents.len() < full {
             let i = seq.contents.len();
@@ -626,7 +634,11 @@ impl Scheduler {
         let root = self.content_root;
         let seq = &self.seqs[&id];
         let first = from / bs;
-        let last = to.div_ceil(bs);
+        let last = if self.cfg.kv_content {
+            to.div_ceil(bs)
+        } else {
+            first
+        };
         let mut writes = Vec::with_capacity(last - first);
         for j in first..last {
             let end = ((j + 1) * bs).min(to);
@@ -649,11 +661,13 @@ impl Scheduler {
         if full > seq.num_cached_blocks {
             let from_b = seq.num_cached_blocks;
             let parent = (from_b > 0).then(|| seq.digests[from_b - 1]);
-            let blocks = seq.blocks[from_b..full].to_vec();
-            let digests = seq.digests[from_b..full].to_vec();
-            let tokens = seq.tokens[from_b * bs..full * bs].to_vec();
-            self.pool
-                .cache_full_blocks(&blocks, &digests, parent.as_ref(), &tokens);
+            // `seqs` and `pool` are disjoint fields: the slices are lent, not copied.
+            self.pool.cache_full_blocks(
+                &seq.blocks[from_b..full],
+                &seq.digests[from_b..full],
+                parent.as_ref(),
+                &seq.tokens[from_b * bs..full * bs],
+            );
             self.seqs
                 .get_mut(&id)
                 .expect("seq exists")

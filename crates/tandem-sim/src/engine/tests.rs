@@ -39,6 +39,7 @@ fn engine(model: &str) -> EngineHandle {
                 root_hash: crate::kv_cache::none_hash("0"),
                 enable_prefix_caching: true,
                 num_host_blocks: 0,
+                kv_content: true,
             },
             time_scale: 1.0,
             seed: 1,

@@ -11,6 +11,7 @@ fn config(blocks: u32, budget: usize, max_seqs: usize) -> SchedulerConfig {
         root_hash: none_hash("0"),
         enable_prefix_caching: true,
         num_host_blocks: 0,
+        kv_content: true,
     }
 }
 
@@ -380,4 +381,38 @@ fn abort_frees_blocks_wherever_the_sequence_is() {
     assert!(!s.abort(1));
     assert_eq!(s.kv_usage(), 0.0);
     assert_eq!(s.num_running(), 0);
+}
+
+/// Without KV content (the fleet's setting) a scheduler decides exactly as with it: the same
+/// plans, outputs and KV events over prefix hits, chunking and decode; only the content digests
+/// (the stand-in for bytes, which the side channel serves) are not kept.
+#[test]
+fn kv_content_changes_nothing_the_scheduler_decides() {
+    let mut with = sched(40, 12, 4);
+    let mut without = Scheduler::new(SchedulerConfig {
+        kv_content: false,
+        ..config(40, 12, 4)
+    });
+    let shared: Vec<u32> = (0..18).collect();
+    for s in [&mut with, &mut without] {
+        s.add(seq(1, shared.clone(), 3));
+        s.add(seq(2, [shared.clone(), vec![90, 91, 92]].concat(), 5));
+        s.add(seq(3, (50..61).collect(), 2));
+    }
+    let mut written = 0;
+    for _ in 0..40 {
+        let (pa, oa) = run_step(&mut with);
+        let (pb, ob) = run_step(&mut without);
+        assert_eq!(format!("{pa:?}"), format!("{pb:?}"));
+        assert_eq!(format!("{oa:?}"), format!("{ob:?}"));
+        assert_eq!(
+            format!("{:?}", with.take_events()),
+            format!("{:?}", without.take_events())
+        );
+        for b in 0..40 {
+            written += usize::from(with.block_content(b).is_some());
+            assert_eq!(without.block_content(b), None);
+        }
+    }
+    assert!(written > 0, "the scheduler with content wrote some");
 }
