@@ -375,9 +375,9 @@ impl Server {
     /// CLOSE_WAIT socket); 0.7 drops such a peer at EOF (and the monitor's `Disconnected` removes
     /// it here), so this is now the guard against clients that keep idle connections open: at
     /// most `max_idle_peers` idle ones stay, and the least recently active beyond that are
-    /// disconnected through the crate's public `MultiPeerBackend::peer_disconnected`. A live client whose idle
-    /// connection is closed this way sees an error on its next use and reconnects (libzmq sockets
-    /// do so on their own, [`super::SideChannelClient`] retries once).
+    /// disconnected through the crate's public `MultiPeerBackend::peer_disconnected`. A live
+    /// client whose idle connection is closed this way sees an error on its next use and
+    /// reconnects (libzmq sockets do so on their own, [`super::SideChannelClient`] retries once).
     fn reap(&mut self, router: &RouterSocket) {
         let stall_on = self.stall.load(Ordering::Relaxed);
         let victims = reap_candidates(&self.peers, self.max_idle_peers, stall_on);
