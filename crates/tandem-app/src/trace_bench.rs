@@ -254,7 +254,10 @@ async fn run_one(
         }
         Some((p, d)) => (parse_policy(p)?, parse_policy(d)?),
         // Colocated, the one pool routes by the policy given.
-        None if colocated => (parse_policy(spec)?, parse_policy(spec)?),
+        None if colocated => {
+            let p = parse_policy(spec)?;
+            (p, p)
+        }
         None => (parse_policy(spec)?, PolicyName::KvCapacity),
     };
     let gpu = GpuKind::parse(&a.gpu).ok_or_else(|| format!("unknown GPU `{}`", a.gpu))?;

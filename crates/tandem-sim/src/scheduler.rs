@@ -631,27 +631,20 @@ impl Scheduler {
     fn write_kv(&mut self, id: SeqId, from: usize, to: usize) {
         self.extend_digests(id);
         let bs = self.cfg.block_size as usize;
-        let root = self.content_root;
-        let seq = &self.seqs[&id];
-        let first = from / bs;
-        let last = if self.cfg.kv_content {
-            to.div_ceil(bs)
-        } else {
-            first
-        };
-        let mut writes = Vec::with_capacity(last - first);
-        for j in first..last {
-            let end = ((j + 1) * bs).min(to);
-            let content = if end == (j + 1) * bs {
-                seq.contents[j]
-            } else {
-                let parent = if j == 0 { root } else { seq.contents[j - 1] };
-                hash_block(&parent, &seq.tokens[j * bs..end])
-            };
-            writes.push((seq.blocks[j], content));
-        }
-        for (b, c) in writes {
-            self.pool.write(b, c);
+        if self.cfg.kv_content {
+            let root = self.content_root;
+            // `seqs` and `pool` are disjoint fields: each content is written as it is found.
+            let seq = &self.seqs[&id];
+            for j in from / bs..to.div_ceil(bs) {
+                let end = ((j + 1) * bs).min(to);
+                let content = if end == (j + 1) * bs {
+                    seq.contents[j]
+                } else {
+                    let parent = if j == 0 { root } else { seq.contents[j - 1] };
+                    hash_block(&parent, &seq.tokens[j * bs..end])
+                };
+                self.pool.write(seq.blocks[j], content);
+            }
         }
         if !self.cfg.enable_prefix_caching {
             return;
