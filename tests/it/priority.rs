@@ -163,6 +163,8 @@ struct Answer {
     done: bool,
     ttft: Option<f64>,
     error_ok: bool,
+    /// Refused because a newcomer of a higher class took its place (the message says so).
+    shed: bool,
 }
 
 async fn one(client: &reqwest::Client, url: &str, tenant: usize, prompt: String) -> Answer {
@@ -175,6 +177,7 @@ async fn one(client: &reqwest::Client, url: &str, tenant: usize, prompt: String)
         done: false,
         ttft: None,
         error_ok: false,
+        shed: false,
     };
     let Ok(resp) = client
         .post(format!("{url}/v1/completions"))
@@ -190,6 +193,9 @@ async fn one(client: &reqwest::Client, url: &str, tenant: usize, prompt: String)
         let text = resp.text().await.unwrap_or_default();
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         a.error_ok = v["error"]["code"] == a.status && !text.contains("127.0.0.1");
+        a.shed = v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("higher priority class took this one's place"));
         return a;
     }
     let mut stream = resp.bytes_stream();
@@ -277,6 +283,10 @@ impl Report {
         self.of(t).iter().filter(|a| a.status == 503).count()
     }
 
+    fn shed(&self, t: usize) -> usize {
+        self.of(t).iter().filter(|a| a.shed).count()
+    }
+
     fn ttft_p(&self, t: usize, p: f64) -> f64 {
         let mut v: Vec<f64> = self.of(t).iter().filter_map(|a| a.ttft).collect();
         v.sort_by(f64::total_cmp);
@@ -312,11 +322,12 @@ impl Report {
         for (t, (name, _, _, _)) in TENANTS.iter().enumerate() {
             let (class, weight) = (class_of(t), weight_of(t));
             s += &format!(
-                " {name} ({class}, weight {weight}): {} sent, {} ok, {} refused, TTFT \
-                 p50/p90/p99 {:.2}/{:.2}/{:.2} s;",
+                " {name} ({class}, weight {weight}): {} sent, {} ok, {} refused ({} shed), \
+                 TTFT p50/p90/p99 {:.2}/{:.2}/{:.2} s;",
                 self.of(t).len(),
                 self.ok(t),
                 self.refused(t),
+                self.shed(t),
                 self.ttft_p(t, 0.5),
                 self.ttft_p(t, 0.9),
                 self.ttft_p(t, 0.99),
@@ -491,10 +502,13 @@ fn check(r: &Report) {
         "a full queue sheds batch for the higher classes: {summary}"
     );
     // Within the batch class, weighted-fair: weight 3 is admitted ahead of weight 1, so it
-    // waits less and more of it is served (the queue left at the end is drained whole, so the
-    // served ratio stays under 3:1 in a short run).
+    // waits less, and a full queue sheds the flow whose virtual finish reaches furthest (weight
+    // 1's grows three times as fast per waiter), so weight 1 is shed more. Served counts are
+    // not compared: arrivals are split at random and `queue_full` refusals of a batch newcomer
+    // (nobody lower to shed) fall on whoever arrives, so they follow the arrival split, not
+    // the weights (CI once saw 81 bulk against 63 bulk3 arrivals).
     assert!(
-        r.ok(bulk3) > r.ok(bulk) && r.ttft_p(bulk3, 0.5) < r.ttft_p(bulk, 0.5),
+        r.ttft_p(bulk3, 0.5) < r.ttft_p(bulk, 0.5) && r.shed(bulk) > r.shed(bulk3),
         "weights within a class: {summary}"
     );
 }
