@@ -128,11 +128,8 @@ fn case(rng: &mut ChaCha8Rng) -> (&'static str, Vec<u8>) {
             }
         }
     }
-    // A chat request that names no usable token count generates to the context limit (as vLLM
-    // does): valid, but minutes long. Bound those; `max_tokens` itself stays fuzzed.
-    let small = |k: &str| m.get(k).and_then(Value::as_u64).is_some_and(|n| n <= 16);
-    if chat && !small("max_completion_tokens") && !small("max_tokens") {
-        m.insert("max_completion_tokens".into(), json!(8));
+    if chat {
+        bound(&mut m);
     }
     let mut bytes = serde_json::to_vec(&Value::Object(m)).expect("serialises");
     match rng.random_range(0..10) {
@@ -148,7 +145,31 @@ fn case(rng: &mut ChaCha8Rng) -> (&'static str, Vec<u8>) {
         3 => bytes = b"[1,2,3]".to_vec(),
         _ => {}
     }
+    if chat {
+        bytes = rebound(bytes);
+    }
     (PATHS[usize::from(chat)], bytes)
+}
+
+/// A chat request that names no usable token count generates to the context limit (as vLLM
+/// does): valid, but minutes long. Bound it; `max_tokens` itself stays fuzzed.
+fn bound(m: &mut Map<String, Value>) {
+    let small = |k: &str| m.get(k).and_then(Value::as_u64).is_some_and(|n| n <= 16);
+    if !small("max_completion_tokens") && !small("max_tokens") {
+        m.insert("max_completion_tokens".into(), json!(8));
+    }
+}
+
+/// [`bound`] again after the byte mutations: a flipped byte in the bounding key's name
+/// (`"max_tPkens"`) leaves valid JSON that generates to the limit (CI: a 30 s client timeout).
+fn rebound(bytes: Vec<u8>) -> Vec<u8> {
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(mut m)) => {
+            bound(&mut m);
+            serde_json::to_vec(&Value::Object(m)).expect("serialises")
+        }
+        _ => bytes,
+    }
 }
 
 /// Check one answer; `Err` says what is wrong with it.
@@ -460,10 +481,9 @@ fn side_body(rng: &mut ChaCha8Rng, path: &str) -> Vec<u8> {
             m.insert(key.into(), any_value(rng, 0));
         }
     }
-    // As in the body fuzzer: a chat request with no small token count would run to the limit.
-    let small = |k: &str| m.get(k).and_then(Value::as_u64).is_some_and(|n| n <= 16);
-    if path == "/v1/chat/completions" && !small("max_completion_tokens") && !small("max_tokens") {
-        m.insert("max_completion_tokens".into(), json!(8));
+    let chat = path == "/v1/chat/completions";
+    if chat {
+        bound(&mut m);
     }
     let mut bytes = serde_json::to_vec(&Value::Object(m)).expect("serialises");
     match rng.random_range(0..12) {
@@ -474,6 +494,9 @@ fn side_body(rng: &mut ChaCha8Rng, path: &str) -> Vec<u8> {
         }
         2 => bytes = b"\xff\xfe{}".to_vec(),
         _ => {}
+    }
+    if chat {
+        bytes = rebound(bytes);
     }
     bytes
 }
