@@ -286,8 +286,9 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
         }
         yield Ok::<Bytes, std::io::Error>(first.bytes().clone());
         let want_usage = fin.wants_usage();
+        let mut burst = Burst::default();
         loop {
-            let mut burst = Burst::default();
+            burst.clear();
             let next = tokio::select! {
                 r = stream.next_burst(idle, &mut burst, want_usage) => Some(r),
                 () = &mut grace_over => None,
@@ -312,7 +313,7 @@ pub(crate) fn stream_response(st: &Arc<State>, parts: StreamParts, mut fin: Fini
                     if burst.error {
                         fin.finish("engine_error");
                     }
-                    for part in burst.parts {
+                    for part in burst.parts.drain(..) {
                         yield Ok(part);
                     }
                     if burst.done {

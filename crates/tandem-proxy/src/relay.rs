@@ -53,6 +53,15 @@ pub struct Burst {
 }
 
 impl Burst {
+    /// Ready for the next burst, keeping the parts' room (one burst per write to the client).
+    pub fn clear(&mut self) {
+        self.parts.clear();
+        self.content = 0;
+        self.error = false;
+        self.done = false;
+        self.usage = None;
+    }
+
     /// Count `ev` (its bytes are added by the caller).
     pub fn count(&mut self, ev: &Event, want_usage: bool) {
         let kind = match ev {
@@ -145,6 +154,17 @@ pub struct EventReader {
     /// Replace `usage.prompt_tokens_details.cached_tokens` with this (the prefill side's count).
     cached_override: Option<u64>,
     done: bool,
+    /// The idle deadline, armed once and moved on only when it fires: a timer registered and
+    /// cancelled around every read cost more than the read's own bookkeeping.
+    idle: Option<Idle>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    wait: Duration,
+    /// When the last piece of body arrived.
+    last: tokio::time::Instant,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl EventReader {
@@ -156,6 +176,7 @@ impl EventReader {
             partial: BytesMut::new(),
             cached_override,
             done: false,
+            idle: None,
         }
     }
 
@@ -274,18 +295,39 @@ impl EventReader {
     /// last event without its blank line is returned as is (and the stream is done); a body
     /// that ends before `[DONE]` with nothing left is truncated.
     async fn fill(&mut self, wait: Duration) -> Result<Option<Event>, RelayError> {
-        let piece = match tokio::time::timeout(wait, self.conn.data()).await {
-            Err(_) => return Err(RelayError::Idle(wait)),
-            Ok(Err(e)) => return Err(RelayError::Broken(e.to_string())),
-            Ok(Ok(p)) => p,
+        let now = tokio::time::Instant::now();
+        let idle = match &mut self.idle {
+            Some(i) if i.wait == wait => i,
+            slot => slot.insert(Idle {
+                wait,
+                last: now,
+                sleep: Box::pin(tokio::time::sleep_until(now + wait)),
+            }),
         };
+        let piece = loop {
+            tokio::select! {
+                biased;
+                r = self.conn.data() => break r,
+                () = idle.sleep.as_mut() => {
+                    let due = idle.last + wait;
+                    if due <= tokio::time::Instant::now() {
+                        return Err(RelayError::Idle(wait));
+                    }
+                    idle.sleep.as_mut().reset(due);
+                }
+            }
+        };
+        idle.last = tokio::time::Instant::now();
         match piece {
-            Some(d) => {
+            Err(e) => Err(RelayError::Broken(e.to_string())),
+            Ok(Some(d)) => {
                 self.absorb(d);
                 Ok(None)
             }
-            None if self.partial.iter().all(u8::is_ascii_whitespace) => Err(RelayError::Truncated),
-            None => {
+            Ok(None) if self.partial.iter().all(u8::is_ascii_whitespace) => {
+                Err(RelayError::Truncated)
+            }
+            Ok(None) => {
                 let raw = self.partial.split().freeze();
                 self.done = true;
                 Ok(Some(classify(raw, self.cached_override)))
@@ -329,25 +371,38 @@ fn rfind_blank(b: &[u8]) -> Option<usize> {
         .map(|i| i - 1)
 }
 
-/// Byte patterns looked for in every event, each searcher built once.
-struct Needles {
-    usage: memchr::memmem::Finder<'static>,
-    index: memchr::memmem::Finder<'static>,
-    tool_calls: memchr::memmem::Finder<'static>,
-    text: memchr::memmem::Finder<'static>,
-    content: memchr::memmem::Finder<'static>,
-    completion_tokens: memchr::memmem::Finder<'static>,
+/// Where the keys the relay judges an event by sit, from one pass over its quotes. A key is a
+/// quote followed by its name and `":`; inside a string every quote is escaped (`\"`), so a
+/// quoted name in generated text never matches (as a substring search for `"name":` would not).
+#[derive(Debug, Default, PartialEq)]
+struct Keys {
+    /// `"index":` occurrences: more than one means several choices.
+    index: u32,
+    tool_calls: bool,
+    /// Offsets just past the first `"text":`, the first `"content":` and the first `"usage":`.
+    text: Option<usize>,
+    content: Option<usize>,
+    usage: Option<usize>,
 }
 
-/// Immutable, built on first use: a searcher costs more to build than one event takes to scan.
-static NEEDLES: std::sync::LazyLock<Needles> = std::sync::LazyLock::new(|| Needles {
-    usage: memchr::memmem::Finder::new(b"\"usage\":"),
-    index: memchr::memmem::Finder::new(b"\"index\":"),
-    tool_calls: memchr::memmem::Finder::new(b"\"tool_calls\":[{"),
-    text: memchr::memmem::Finder::new(b"\"text\":"),
-    content: memchr::memmem::Finder::new(b"\"content\":"),
-    completion_tokens: memchr::memmem::Finder::new(b"\"completion_tokens\""),
-});
+fn keys(payload: &[u8]) -> Keys {
+    let mut k = Keys::default();
+    for i in memchr::memchr_iter(b'"', payload) {
+        let rest = &payload[i + 1..];
+        let at = |name: &[u8]| rest.starts_with(name) && rest[name.len()..].starts_with(b"\":");
+        match rest.first() {
+            Some(b'i') if at(b"index") => k.index += 1,
+            Some(b't') if k.text.is_none() && at(b"text") => k.text = Some(i + 7),
+            Some(b't') if at(b"tool_calls") => {
+                k.tool_calls |= rest[12..].starts_with(b"[{");
+            }
+            Some(b'c') if k.content.is_none() && at(b"content") => k.content = Some(i + 10),
+            Some(b'u') if k.usage.is_none() && at(b"usage") => k.usage = Some(i + 8),
+            _ => {}
+        }
+    }
+    k
+}
 
 fn classify(raw: Bytes, cached_override: Option<u64>) -> Event {
     let (kind, rewritten) = judge(&raw, cached_override);
@@ -384,13 +439,11 @@ fn judge(raw: &[u8], cached_override: Option<u64>) -> (Kind, Option<Bytes>) {
     if payload.starts_with(b"{\"error\"") {
         return (Kind::Error, None);
     }
-    // Most events are token chunks without usage: decide those with byte scans and leave the
-    // JSON parse to the rare usage chunk (and to chunks whose text the scan cannot judge).
-    let usage = NEEDLES
-        .usage
-        .find(payload)
-        .is_some_and(|i| !payload[i + 8..].starts_with(b"null"));
-    let content = match quick_content(payload) {
+    // Most events are token chunks without usage: decide those from one scan of their keys
+    // and leave the JSON parse to the rare usage chunk (and to chunks the scan cannot judge).
+    let k = keys(payload);
+    let usage = k.usage.is_some_and(|i| !payload[i..].starts_with(b"null"));
+    let content = match quick_content(payload, &k) {
         Some(c) if !usage => c,
         _ => {
             let Ok(chunk) = serde_json::from_slice::<ChunkLite>(payload) else {
@@ -413,23 +466,17 @@ fn judge(raw: &[u8], cached_override: Option<u64>) -> (Kind, Option<Bytes>) {
     (kind, rewritten)
 }
 
-/// Whether a single-choice chunk carries text, judged from its bytes: `"text":"` or
+/// Whether a single-choice chunk carries text, judged from its keys: `"text":"` or
 /// `"content":"` followed by anything but the closing quote. `None` when the scan cannot tell
 /// (several choices, or neither key), and the caller parses.
-fn quick_content(payload: &[u8]) -> Option<bool> {
+fn quick_content(payload: &[u8], k: &Keys) -> Option<bool> {
     // A tool-call delta has no `"content"` but is content (and its `"index"`es are not
     // choices'); a chat chunk's logprobs hold `"content":[` after the delta: let the parse judge.
-    let n = &*NEEDLES;
-    if n.index.find_iter(payload).nth(1).is_some() || n.tool_calls.find(payload).is_some() {
+    if k.index > 1 || k.tool_calls {
         return None;
     }
-    for key in [&n.text, &n.content] {
-        if let Some(i) = key.find(payload) {
-            let rest = &payload[i + key.needle().len()..];
-            return Some(rest.starts_with(b"\"") && !rest.starts_with(b"\"\""));
-        }
-    }
-    None
+    let rest = &payload[k.text.or(k.content)?..];
+    Some(rest.starts_with(b"\"") && !rest.starts_with(b"\"\""))
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
@@ -482,10 +529,14 @@ struct UsageLite {
     completion_tokens: u64,
 }
 
+/// Built once: a searcher costs more to build than one event takes to scan.
+static COMPLETION_TOKENS: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"completion_tokens\""));
+
 /// `(prompt_tokens, completion_tokens)` from an SSE event or a whole response body that carries
 /// usage; `None` for anything else (judged by a byte scan first: most events have none).
 pub fn usage_of(bytes: &[u8]) -> Option<(u64, u64)> {
-    NEEDLES.completion_tokens.find(bytes)?;
+    COMPLETION_TOKENS.find(bytes)?;
     let payload = trim_ascii(bytes.strip_prefix(b"data: ").unwrap_or(bytes));
     let u = serde_json::from_slice::<WithUsage>(payload).ok()?.usage?;
     Some((u.prompt_tokens, u.completion_tokens))
@@ -564,6 +615,21 @@ mod tests {
             let ev = classify(Bytes::from([b"data: ", payload, b"\n\n"].concat()), None);
             assert_eq!(matches!(ev, Event::Content(_)), want, "{}", String::from_utf8_lossy(payload));
         }
+    }
+
+    #[test]
+    fn keys_are_found_outside_strings_only() {
+        let p = br#"{"choices":[{"index":0,"text":" \"index\":1 \"usage\":{","logprobs":null}],"usage":null}"#;
+        let k = keys(p);
+        assert_eq!(k.index, 1, "the quoted names in the text are not keys");
+        assert_eq!(&p[k.text.unwrap()..k.text.unwrap() + 2], b"\" ");
+        assert!(p[k.usage.unwrap()..].starts_with(b"null}"));
+        assert_eq!((k.content, k.tool_calls), (None, false));
+        let t = keys(br#"{"delta":{"tool_calls":[{"index":0}],"content":"x"}}"#);
+        assert!(t.tool_calls);
+        assert_eq!(t.text, None);
+        assert!(t.content.is_some());
+        assert!(!keys(br#"{"tool_calls":[],"content":"x"}"#).tool_calls);
     }
 
     #[test]
