@@ -138,9 +138,9 @@ impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
             request_cost_tokens: 256,
-            cache_weight: 2.0,
+            cache_weight: 5.0,
             release_ratio: 1.5,
-            release_slack_tokens: 65_536,
+            release_slack_tokens: 131_072,
             expected_output_tokens: 256,
             session_affinity: true,
         }

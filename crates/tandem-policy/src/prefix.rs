@@ -31,7 +31,7 @@
 //! overhead) is not taken for a slow one.
 //!
 //! Defaults: `c = 256` tokens per in-flight request (vLLM's fixed per-request cost, ~10 ms on an
-//! 8B H100, is about 300 tokens of prefill), `w = 2`, `r = 1.5`, `s = 65536` tokens (~2.5 s of
+//! 8B H100, is about 300 tokens of prefill), `w = 5`, `r = 1.5`, `s = 131072` tokens (~5 s of
 //! 8B H100 prefill). The KV transfer to the decode engine is the same whichever prefill engine
 //! runs the prompt, so it is left out of the comparison.
 //!
@@ -51,13 +51,18 @@
 //! well inside what matters: an A100 is 3.4× slower than an H100 in compute, a PCIe link
 //! saturated by host-tier loads halves a prefill engine's rate.
 //!
-//! Why `w = 2`: recomputing a cached prefix elsewhere costs twice. The request waits for it, and
-//! so does every request queued behind it on that engine, whose load grows by the same tokens;
-//! the prefix also ends up cached twice, in capacity a longer-lived prefix would have used. With
-//! `w = 1` the policy is greedy for each request's own finish time and gives away hits the pool
-//! pays for later (on the Mooncake synthetic trace, `benches/prefix_policy_model.py`, a queueing
-//! model of 8 engines, loses 3–4 points of hit rate and 2–4 % of p90 TTFT against `w = 2`; the
-//! measured runs are in benches/README.md).
+//! Why `w = 5`: recomputing a cached prefix elsewhere costs more than once. The request waits
+//! for it, and so does every request queued behind it on that engine, whose load grows by the
+//! same tokens; the prefix also ends up cached twice, in capacity a longer-lived prefix would
+//! have used; and on conversation traffic the next turn of the same session, minutes later, finds
+//! its history on neither engine's hot end. With `w = 1` the policy is greedy for each request's
+//! own finish time and gives away hits the pool pays for later. The figure is measured, not
+//! derived: in the virtual-time fleet (`tandem plan --fixed 8:8`, 8P+8D 8B H100, 2× rate; sweep
+//! in benches/README.md) `w` from 2 to 5 with `s = 131072` raised the hit rate on the
+//! conversation workload with 200 GiB host tiers from 86.1 % to 91.2 % of the infinite-cache
+//! bound and on the Mooncake synthetic trace from 92.5 % to 94.8 %, with TTFT p50 / p90 / p99
+//! within 3 % or better on all four trace × tier cases and prefill tokens at most 1.13× the mean;
+//! past 6 the queue balance starts to give (1.21–1.25× on Mooncake with host tiers).
 //!
 //! Session affinity, a tie-breaker: when the client names its conversation (`x-session-id`, or
 //! the body's `user`), the engine the key hashes to ([`crate::affinity`]) takes the request if it
@@ -73,7 +78,8 @@
 //! engine that would serve it first. `s` is large because a release throws the cached prefix
 //! away: the released request recomputes all of it, so a small `s` turns every long cached
 //! conversation that meets a busy engine into the longest prefill of the hour (16,384 lost ~8
-//! points of hit rate on the Mooncake synthetic trace).
+//! points of hit rate on the Mooncake synthetic trace; 65,536 against 131,072 lost 1–3 points on
+//! the conversation workload, where prompts average 12k tokens and reach 100k).
 
 use rand::RngCore;
 
@@ -98,9 +104,9 @@ impl Default for PrefixParams {
     fn default() -> Self {
         PrefixParams {
             request_cost_tokens: 256,
-            cache_weight: 2.0,
+            cache_weight: 5.0,
             release_ratio: 1.5,
-            release_slack_tokens: 65_536,
+            release_slack_tokens: 131_072,
         }
     }
 }
@@ -318,14 +324,14 @@ mod tests {
     fn overlap_wins_while_it_saves_more_than_the_extra_queue() {
         let p = PrefixPolicy::new(PrefixParams::default());
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        // Engine 1 holds 8,000 of 10,000 tokens and has 5,000 queued: cost 5,000 + 2·2,000 = 9,000
-        // vs 2·10,000 = 20,000.
+        // Engine 1 holds 8,000 of 10,000 tokens and has 5,000 queued: cost 5,000 + 5·2,000 =
+        // 15,000 vs 5·10,000 = 50,000.
         let es = [e(0, 0), e(1, 5_000)];
         let c = p.choose(&[&es[0], &es[1]], facts(&[(1, 8_000)]), &mut rng);
         assert_eq!(c.unwrap().index, 1);
         assert_eq!(c.unwrap().reason, RouteReason::PrefixHit);
-        // With 17,000 queued the saving no longer pays: cost 21,000 vs 20,000.
-        let es = [e(0, 0), e(1, 17_000)];
+        // With 45,000 queued the saving no longer pays: cost 55,000 vs 50,000.
+        let es = [e(0, 0), e(1, 45_000)];
         let c = p.choose(&[&es[0], &es[1]], facts(&[(1, 8_000)]), &mut rng);
         assert_eq!(c.unwrap().index, 0);
         assert_eq!(c.unwrap().reason, RouteReason::PrefixMiss);
@@ -335,17 +341,17 @@ mod tests {
     fn a_hot_prefix_is_released_to_the_least_loaded_engine() {
         let p = PrefixPolicy::new(PrefixParams::default());
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        // A 100k-token cached document: cost says engine 1 even at 100k queued (100,000 vs
-        // 10,000 + 2·100,000), but that is past 1.5·10,000 + 65,536.
+        // A 100k-token cached document: cost says engine 1 even at 150k queued (150,000 vs
+        // 10,000 + 5·100,000), but that is past 1.5·10,000 + 131,072.
         let f = RouteFacts {
             prompt_tokens: 100_000,
             ..facts(&[(1, 100_000)])
         };
-        let es = [e(0, 10_000), e(1, 100_000)];
+        let es = [e(0, 10_000), e(1, 150_000)];
         let c = p.choose(&[&es[0], &es[1]], f, &mut rng).unwrap();
         assert_eq!((c.index, c.reason), (0, RouteReason::LoadRelease));
-        // 75k queued is within 80,536: the cache keeps it.
-        let es = [e(0, 10_000), e(1, 75_000)];
+        // 140k queued is within 146,072: the cache keeps it.
+        let es = [e(0, 10_000), e(1, 140_000)];
         let c = p.choose(&[&es[0], &es[1]], f, &mut rng).unwrap();
         assert_eq!((c.index, c.reason), (1, RouteReason::PrefixHit));
     }
@@ -387,7 +393,7 @@ mod tests {
             ..e(0, 8_000)
         };
         let small = e(1, 3_000);
-        // big: (8,000 + 2·10,000)/2 = 14,000; small: 3,000 + 2·10,000 = 23,000.
+        // big: (8,000 + 5·10,000)/2 = 29,000; small: 3,000 + 5·10,000 = 53,000.
         let c = p.choose(&[&big, &small], facts(&[]), &mut rng).unwrap();
         assert_eq!((c.index, c.reason), (0, RouteReason::PrefixMiss));
     }
